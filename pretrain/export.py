@@ -1,0 +1,137 @@
+"""Export: trainable weights (safetensors) + config.json, the only thing eval reads.
+
+    python -m pretrain.export RUN_DIR OUT_DIR [--dtype fp32|bf16]
+
+``load_export`` rebuilds the trainable model from an export without importing
+the trainer; eval checks ``config.json["encoder"]["weights_hash"]`` against
+the encoder it loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pretrain.checkpoint import CheckpointError, load_checkpoint, read_latest
+from pretrain.model.predictor import FuturePredictor, ModelSpec
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "video-pretrain-export/1"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def code_version() -> str:
+    """Package version, plus the git commit when running from a checkout."""
+    try:
+        version = metadata.version("video-pretrain")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        return f"{version}+g{commit}"
+    except (OSError, subprocess.SubprocessError):
+        return version
+
+
+def export_config(meta: dict[str, Any], config: dict[str, Any], step: int) -> dict[str, Any]:
+    return {
+        "format": EXPORT_FORMAT,
+        "step": step,
+        "model_spec": meta["model_spec"],
+        "encoder": meta["encoder"],
+        "objective": config["objective"],
+        "data": meta.get("data_summary", {}),
+        "config": config,
+        "code_version": code_version(),
+    }
+
+
+def write_export(model_state: dict[str, torch.Tensor], export_cfg: dict[str, Any], out_dir: Path, dtype: str) -> Path:
+    """Write model.safetensors + config.json into out_dir atomically."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
+    try:
+        tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model_state.items()}
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": EXPORT_FORMAT})
+        (tmp / "config.json").write_text(json.dumps({**export_cfg, "dtype": dtype}, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32") -> Path:
+    """Export the latest checkpoint of a run."""
+    latest = read_latest(Path(run_dir))
+    if latest is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint to export (expected {run_dir}/checkpoints/latest)")
+    state, config = load_checkpoint(latest)
+    export_cfg = export_config(state["meta"], config, state["trainer"]["step"])
+    return write_export(state["model"], export_cfg, out_dir, dtype)
+
+
+def load_export(export_dir: Path, device: str | torch.device = "cpu") -> tuple[FuturePredictor, dict[str, Any]]:
+    """Rebuild the trainable model from an export: (model in eval mode, config.json dict)."""
+    export_dir = Path(export_dir)
+    cfg_path, weights_path = export_dir / "config.json", export_dir / "model.safetensors"
+    for path in (cfg_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"export is missing {path}")
+    export_cfg = json.loads(cfg_path.read_text())
+    if export_cfg.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{cfg_path}: format {export_cfg.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    spec = ModelSpec(**export_cfg["model_spec"])
+    model = FuturePredictor(spec)
+    state = {k: v.float() for k, v in load_file(weights_path).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights_path} does not match its model_spec: missing {missing}, unexpected {unexpected}")
+    return model.to(device).eval(), export_cfg
+
+
+def spec_dict(spec: ModelSpec) -> dict[str, Any]:
+    return dataclasses.asdict(spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    args = parser.parse_args(argv)
+    try:
+        out = export_run(args.run_dir, args.out_dir, args.dtype)
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

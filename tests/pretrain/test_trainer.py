@@ -134,3 +134,46 @@ def test_mismatched_export_weights(tmp_path: Path) -> None:
     (export_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="does not match"):
         load_export(export_dir)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
+    """2 micro-batches of 1 accumulated == 1 micro-batch of 2: same gradients (same clips, no visible tokens)."""
+    grads = []
+    for micro, accum in ((2, 1), (1, 2)):
+        cfg = load_config(
+            "tiny-cpu",
+            tiny_overrides(
+                tmp_path / f"m{micro}",
+                f"--train.micro_batch_size={micro}",
+                f"--train.grad_accum={accum}",
+                "--objective.visible_fraction=0.0",
+                "--train.grad_clip=0.0",
+            ),
+        )
+        trainer = Trainer(cfg)
+        torch.nn.init.normal_(trainer.model.head.weight, std=0.02)
+        fixed = trainer.sampler.next_batch(2)
+        slices = iter([fixed] if micro == 2 else [_slice(fixed, 0), _slice(fixed, 1)])
+        trainer.sampler.next_batch = lambda n, it=slices: next(it)
+        captured = {}
+
+        def record(captured=captured, model=trainer.model):
+            captured.update({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+
+        trainer.optimizer.step = record
+        trainer.train_step()
+        grads.append(captured)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for key in grads[0]:
+        torch.testing.assert_close(grads[0][key], grads[1][key], rtol=1e-4, atol=1e-7, msg=key)
+
+
+def _slice(batch, i: int):
+    from pretrain.data import ClipBatch
+
+    return ClipBatch(
+        *(
+            t[i : i + 1]
+            for t in (batch.source_BSND, batch.target_tokens_BKND, batch.target_frames_BKCHW, batch.offsets_BK)
+        )
+    )

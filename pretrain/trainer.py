@@ -11,6 +11,7 @@ returns normally.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -346,6 +347,20 @@ class Trainer:
         export_cfg = export_config(self.meta(), config_to_dict(self.cfg), self.state.step)
         result.export_dir = write_export(self.model.state_dict(), export_cfg, self.run_dir / "export", "fp32")
         plot = write_loss_curve(self.state.history, self.run_dir / "loss_curve.png")
+        report = self.run_dir / "heldout.json"
+        report.write_text(
+            json.dumps(
+                {
+                    "step": self.state.step,
+                    "metric": "masked-token L1 vs layer-normed frozen features, held-out windows",
+                    "pretrained": [dataclasses.asdict(r) for r in result.heldout],
+                    "untrained": [dataclasses.asdict(r) for r in result.heldout_untrained],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        self.logger.log_artifact(report)
         self.logger.log_artifact(self.run_dir / "config.json")
         self.logger.log_artifact(result.export_dir, artifact_path="export")
         if plot is not None:
@@ -389,7 +404,14 @@ def write_loss_curve(history: list[tuple[int, float]], path: Path) -> Path | Non
 
     steps, losses = zip(*history, strict=True)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses, lw=1)
+    ax.plot(steps, losses, lw=0.8, alpha=0.35, label="per step")
+    # Per-step losses mix target offsets of very different difficulty; a running mean shows the trend.
+    smoothed, ema = [], losses[0]
+    for loss in losses:
+        ema = 0.95 * ema + 0.05 * loss if math.isfinite(loss) else ema
+        smoothed.append(ema)
+    ax.plot(steps, smoothed, lw=1.6, label="running mean")
+    ax.legend(loc="upper right")
     ax.set_xlabel("step")
     ax.set_ylabel("masked L1 (train)")
     ax.grid(alpha=0.3)

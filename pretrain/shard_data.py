@@ -1,0 +1,169 @@
+"""Training batches from clip shards or feature shards (data.source = 'clips' | 'features').
+
+Shape legend: B clips, T = S + max offset sampled frames, S source frames,
+K target frames, N patches, D encoder width, C=3, H=W=image_size.
+
+Both sources turn a loader batch into the same ``ClipBatch`` the in-memory
+path produces, so the objective and the trainer do not care where clips come
+from. A clip of T frames at data.frame_stride is sampled by the loader; the
+first S frames are the sources and the targets sit at the drawn offsets after
+the last source frame. In clip mode only the S + K frames that are used get
+encoded. In feature mode there are no pixels, so there are no visible target
+tokens (the config requires objective.visible_fraction = 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from data_shards import FeatureBatch, LoaderConfig, VideoBatch, clip_loader, feature_loader
+from pretrain.config import Config
+from pretrain.data import ClipBatch
+from pretrain.encoder import FrozenEncoder
+
+
+def loader_config(cfg: Config, shards: str, *, evaluation: bool = False) -> LoaderConfig:
+    """Map the project config onto the loader's; evaluation reads every clip once, unaugmented."""
+    frames = cfg.objective.clip_frames
+    if evaluation:
+        return LoaderConfig(
+            shards=shards,
+            batch_size=cfg.train.micro_batch_size,
+            frames=frames,
+            frame_stride=cfg.data.frame_stride,
+            image_size=cfg.encoder.image_size,
+            crop_scale=(1.0, 1.0),
+            crop_ratio=(1.0, 1.0),
+            hflip_prob=0.0,
+            num_workers=0,
+            shuffle_buffer=1,
+            seed=cfg.run.seed,
+            shard_mode="split",
+        )
+    return LoaderConfig(
+        shards=shards,
+        batch_size=cfg.train.micro_batch_size,
+        frames=frames,
+        frame_stride=cfg.data.frame_stride,
+        image_size=cfg.encoder.image_size,
+        crop_scale=(cfg.data.crop_scale_min, 1.0),
+        hflip_prob=cfg.data.hflip_prob,
+        crop_grid=cfg.data.crop_grid,
+        num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        samples_per_epoch=cfg.data.samples_per_epoch,
+        seed=cfg.run.seed,
+    )
+
+
+def draw_offsets(cfg: Config, batch: int, generator: torch.Generator) -> Tensor:
+    """targets_per_clip sorted offsets per clip from objective.target_offsets, (B, K) int64."""
+    offsets = torch.tensor(cfg.objective.target_offsets)
+    k = cfg.objective.targets_per_clip
+    picks = [offsets[torch.randperm(len(offsets), generator=generator)[:k]].sort().values for _ in range(batch)]
+    return torch.stack(picks)
+
+
+def _target_index(cfg: Config, offsets_BK: Tensor) -> Tensor:
+    return cfg.objective.source_frames - 1 + offsets_BK
+
+
+def clip_batch_from_frames(
+    cfg: Config, encoder: FrozenEncoder, frames_BTCHW: Tensor, offsets_BK: Tensor, device: torch.device
+) -> ClipBatch:
+    """Encode the source frames and the target frames a batch uses; keep target pixels for visible tokens."""
+    S = cfg.objective.source_frames
+    frames_BTCHW = frames_BTCHW.to(device, non_blocking=True)
+    offsets_BK = offsets_BK.to(device)
+    index_BK = _target_index(cfg, offsets_BK)
+    gather = index_BK[:, :, None, None, None].expand(-1, -1, *frames_BTCHW.shape[2:])
+    targets_BKCHW = frames_BTCHW.gather(1, gather)
+    source_BSND = encoder.encode(frames_BTCHW[:, :S])
+    target_tokens_BKND = encoder.encode(targets_BKCHW)
+    return ClipBatch(source_BSND, target_tokens_BKND, targets_BKCHW, offsets_BK)
+
+
+def clip_batch_from_tokens(cfg: Config, tokens_BTND: Tensor, offsets_BK: Tensor, device: torch.device) -> ClipBatch:
+    """Split stored tokens into sources and targets; no pixels (no visible target tokens)."""
+    S = cfg.objective.source_frames
+    tokens_BTND = tokens_BTND.to(device, non_blocking=True).float()
+    offsets_BK = offsets_BK.to(device)
+    index_BK = _target_index(cfg, offsets_BK)
+    gather = index_BK[:, :, None, None].expand(-1, -1, *tokens_BTND.shape[2:])
+    B, K = offsets_BK.shape
+    no_pixels = torch.zeros(B, K, 3, 0, 0, dtype=torch.uint8, device=device)
+    return ClipBatch(tokens_BTND[:, :S], tokens_BTND.gather(1, gather), no_pixels, offsets_BK)
+
+
+class ShardBatchSource:
+    """Draws training batches from a shard loader; resumable (loader position + offset RNG)."""
+
+    def __init__(self, cfg: Config, encoder: FrozenEncoder, device: torch.device, rank: int, world_size: int) -> None:
+        self.cfg = cfg
+        self.encoder = encoder
+        self.device = device
+        self.features = cfg.data.source == "features"
+        loader_cfg = loader_config(cfg, cfg.data.shards)
+        if self.features:
+            self.loader = feature_loader(loader_cfg, rank, world_size, expected_encoder_hash=encoder.weights_hash)
+        else:
+            self.loader = clip_loader(loader_cfg, rank, world_size)
+        self._iter: Iterator[Any] | None = None
+        self.generator = torch.Generator().manual_seed(cfg.run.seed + 2)
+
+    @property
+    def skipped_samples(self) -> int:
+        return self.loader.corrupt_count
+
+    def state_dict(self) -> dict[str, Any]:
+        # Batches are fetched one at a time, right before they are trained on, so the
+        # loader's state after the last fetch is exactly what has been consumed.
+        return {"loader": self.loader.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.generator.set_state(state["generator"])
+        self._iter = None
+
+    def next_batch(self, batch_size: int) -> ClipBatch:
+        if batch_size != self.loader.cfg.batch_size:
+            raise ValueError(f"shard loader batches hold {self.loader.cfg.batch_size} clips, asked for {batch_size}")
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        batch = next(self._iter)
+        if self.features:
+            assert isinstance(batch, FeatureBatch)
+            offsets = draw_offsets(self.cfg, batch.tokens_BTND.shape[0], self.generator)
+            return clip_batch_from_tokens(self.cfg, batch.tokens_BTND, offsets, self.device)
+        assert isinstance(batch, VideoBatch)
+        offsets = draw_offsets(self.cfg, batch.frames_BTCHW.shape[0], self.generator)
+        return clip_batch_from_frames(self.cfg, self.encoder, batch.frames_BTCHW, offsets, self.device)
+
+
+def eval_batches(cfg: Config, encoder: FrozenEncoder, device: torch.device, offset: int) -> Iterator[ClipBatch]:
+    """Every clip of data.eval_shards once, unaugmented, with one target at ``offset``."""
+    loader_cfg = loader_config(cfg, cfg.data.eval_shards, evaluation=True)
+    if cfg.data.source == "features":
+        loader = feature_loader(loader_cfg, 0, 1, expected_encoder_hash=encoder.weights_hash)
+    else:
+        loader = clip_loader(loader_cfg, 0, 1)
+    for batch in loader.iter_epoch():
+        if isinstance(batch, FeatureBatch):
+            offsets = torch.full((batch.tokens_BTND.shape[0], 1), offset, dtype=torch.long)
+            yield clip_batch_from_tokens(cfg, batch.tokens_BTND, offsets, device)
+        else:
+            offsets = torch.full((batch.frames_BTCHW.shape[0], 1), offset, dtype=torch.long)
+            yield clip_batch_from_frames(cfg, encoder, batch.frames_BTCHW, offsets, device)
+
+
+def shard_summary(cfg: Config, loader: Any) -> dict[str, Any]:
+    return {
+        "source": cfg.data.source,
+        "shards": cfg.data.shards,
+        "shard_mode": loader.mode,
+        "samples_per_epoch": loader.samples_per_epoch,
+    }

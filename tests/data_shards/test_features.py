@@ -1,0 +1,198 @@
+"""Feature shards: a lossless bf16 round trip of the frozen encoder's tokens, the hash guard, the loader.
+
+Shape legend: B clips, T frames, N = gh * gw tokens, D encoder width.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from data_shards.features import (
+    FEATURES_FORMAT,
+    EncoderMismatchError,
+    FeatureBatch,
+    encode_clip_shards,
+    feature_dir,
+    feature_loader,
+    frames_for_encoding,
+    main_encode,
+    tokens_from_bytes,
+)
+from data_shards.loader import LoaderConfig
+from pretrain.encoder import FrozenEncoder, load_encoder
+from tests.data_shards.shard_fixtures import FixtureClip, real_clips, synthetic_frames, write_clip_shards
+
+IMAGE_SIZE = 56
+
+
+@pytest.fixture(scope="module")
+def encoder() -> FrozenEncoder:
+    return load_encoder("random", arch="vit_test", image_size=IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 shards: carphone and bikes clips of 6 frames, one shard with a garbage sample."""
+    directory = tmp_path_factory.mktemp("clips")
+    carphone = real_clips("carphone", clip_frames=6, num_clips=4)
+    bikes = real_clips("bikes", clip_frames=6, num_clips=3)
+    bad = FixtureClip(synthetic_frames(6, 32, 48, seed=0), source="bad", clip_index=0, mp4_override=b"not a video")
+    write_clip_shards(directory, [carphone[:2], carphone[2:], bikes[:2], [bikes[2], bad]])
+    return directory
+
+
+@pytest.fixture(scope="module")
+def feature_root(tmp_path_factory: pytest.TempPathFactory, clip_dir: Path, encoder: FrozenEncoder) -> Path:
+    root = tmp_path_factory.mktemp("features")
+    encode_clip_shards(clip_dir, root, encoder, batch_clips=3)
+    return root
+
+
+def _samples(directory: Path, prefix: str) -> list[dict]:
+    urls = [str(p) for p in sorted(directory.glob(f"{prefix}-*.tar"))]
+    return list(wds.WebDataset(urls, shardshuffle=False))
+
+
+def test_round_trip_is_bit_exact_in_bf16(clip_dir: Path, feature_root: Path, encoder: FrozenEncoder) -> None:
+    out = feature_dir(feature_root, encoder.weights_hash)
+    features = {s["__key__"]: s for s in _samples(out, "features")}
+    clips = [s for s in _samples(clip_dir, "clips") if s["__key__"] in features]
+    assert len(clips) == len(features) == 7
+    for clip in clips:
+        frames_TCHW = frames_for_encoding(clip["mp4"], IMAGE_SIZE)
+        direct_TND = encoder.encode(frames_TCHW[None])[0].to(torch.bfloat16)
+        stored = features[clip["__key__"]]
+        tokens_TND = tokens_from_bytes(stored["safetensors"])
+        assert tokens_TND.dtype == torch.bfloat16
+        assert tokens_TND.shape == (6, encoder.num_tokens, encoder.embed_dim)
+        assert torch.equal(tokens_TND.view(torch.int16), direct_TND.view(torch.int16))
+        meta = json.loads(stored["json"])
+        assert meta["encoder_hash"] == encoder.weights_hash
+        assert meta["grid"] == [encoder.grid, encoder.grid] and meta["embed_dim"] == encoder.embed_dim
+        assert meta["clip_index"] == json.loads(clip["json"])["clip_index"]
+
+
+def test_tokens_are_stored_as_raw_bf16(feature_root: Path, encoder: FrozenEncoder) -> None:
+    """The safetensors header says BF16: no fp16 (lossy) conversion on the way to disk."""
+    blob = _samples(feature_dir(feature_root, encoder.weights_hash), "features")[0]["safetensors"]
+    header_len = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8 : 8 + header_len])
+    assert header["tokens"]["dtype"] == "BF16"
+
+
+def test_manifest_records_the_encoder(feature_root: Path, encoder: FrozenEncoder) -> None:
+    manifest = json.loads((feature_dir(feature_root, encoder.weights_hash) / "manifest.json").read_text())
+    assert manifest["format"] == FEATURES_FORMAT
+    assert manifest["encoder"] == encoder.identity()
+    assert manifest["grid"] == [encoder.grid, encoder.grid]
+    assert manifest["clips"] == 7 == sum(s["samples"] for s in manifest["shards"])
+    assert [s["name"] for s in manifest["shards"]] == [f"features-{i:06d}.tar" for i in range(4)]
+    assert manifest["skipped"] == {"decode_error": 1}
+
+
+def test_encoding_in_groups_changes_no_token(
+    clip_dir: Path, feature_root: Path, encoder: FrozenEncoder, tmp_path: Path
+) -> None:
+    single = encode_clip_shards(clip_dir, tmp_path, encoder, batch_clips=1)
+    grouped = feature_dir(feature_root, encoder.weights_hash)
+    for a, b in zip(_samples(single, "features"), _samples(grouped, "features"), strict=True):
+        assert a["__key__"] == b["__key__"]
+        assert a["safetensors"] == b["safetensors"]
+
+
+def test_existing_output_is_reused(clip_dir: Path, feature_root: Path, encoder: FrozenEncoder) -> None:
+    out = feature_dir(feature_root, encoder.weights_hash)
+    before = (out / "manifest.json").stat().st_mtime_ns
+    assert encode_clip_shards(clip_dir, feature_root, encoder) == out
+    assert (out / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_encode_with_unexpected_hash_names_both(clip_dir: Path, encoder: FrozenEncoder, tmp_path: Path) -> None:
+    with pytest.raises(EncoderMismatchError) as info:
+        encode_clip_shards(clip_dir, tmp_path, encoder, expected_encoder_hash="f" * 64)
+    assert encoder.weights_hash in str(info.value) and "f" * 64 in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_loader_with_mismatched_hash_names_both(feature_root: Path, encoder: FrozenEncoder) -> None:
+    cfg = LoaderConfig(shards=str(feature_dir(feature_root, encoder.weights_hash)), num_workers=0)
+    with pytest.raises(EncoderMismatchError) as info:
+        feature_loader(cfg, 0, 1, expected_encoder_hash="0" * 64)
+    assert encoder.weights_hash in str(info.value) and "0" * 64 in str(info.value)
+    with pytest.raises(FileNotFoundError, match=encoder.weights_hash[:16]):
+        feature_loader(LoaderConfig(shards=str(feature_root), num_workers=0), 0, 1, expected_encoder_hash="0" * 64)
+
+
+def test_two_encoders_live_side_by_side(clip_dir: Path, feature_root: Path, encoder: FrozenEncoder) -> None:
+    other = load_encoder("random", arch="vit_test", image_size=IMAGE_SIZE, seed=1)
+    assert other.weights_hash != encoder.weights_hash
+    encode_clip_shards(clip_dir, feature_root, other)
+    for enc in (encoder, other):
+        loader = feature_loader(LoaderConfig(shards=str(feature_root), num_workers=0), 0, 1, enc.weights_hash)
+        assert loader.manifest["encoder"]["weights_hash"] == enc.weights_hash
+
+
+def test_feature_loader_batches_and_grid_augmentation(feature_root: Path, encoder: FrozenEncoder) -> None:
+    """Each batch equals the stored tokens, subsampled in time, cropped and flipped as its meta reports."""
+    cfg = LoaderConfig(
+        shards=str(feature_root), batch_size=3, frames=3, frame_stride=2, crop_grid=3, num_workers=2, shuffle_buffer=3
+    )
+    stored = {
+        s["__key__"]: tokens_from_bytes(s["safetensors"])
+        for s in _samples(feature_dir(feature_root, encoder.weights_hash), "features")
+    }
+    loader = feature_loader(cfg, 0, 1, encoder.weights_hash)
+    keys, flips = [], set()
+    g, D = encoder.grid, encoder.embed_dim
+    for batch in loader.iter_epoch():
+        assert isinstance(batch, FeatureBatch)
+        B = len(batch.keys)
+        assert batch.tokens_BTND.shape == (B, 3, 9, D) and batch.tokens_BTND.dtype == torch.bfloat16
+        assert batch.grid_hw == (3, 3)
+        for b, (key, meta) in enumerate(zip(batch.keys, batch.meta, strict=True)):
+            top, left, h, w = meta["grid_crop"]
+            grid_TGGD = stored[key][batch.frame_index_BT[b]].view(3, g, g, D)[:, top : top + h, left : left + w]
+            if meta["flip"]:
+                grid_TGGD = grid_TGGD.flip(2)
+            assert torch.equal(batch.tokens_BTND[b], grid_TGGD.reshape(3, 9, D))
+            flips.add(meta["flip"])
+        keys += batch.keys
+    assert sorted(keys) == sorted(stored) and flips == {True, False}
+
+
+def test_feature_loader_split_and_resume(feature_root: Path, encoder: FrozenEncoder) -> None:
+    cfg = LoaderConfig(shards=str(feature_root), batch_size=1, frames=2, num_workers=2, shuffle_buffer=2)
+    rank_keys = [
+        {k for b in feature_loader(cfg, r, 2, encoder.weights_hash).iter_epoch() for k in b.keys} for r in range(2)
+    ]
+    assert not rank_keys[0] & rank_keys[1] and len(rank_keys[0] | rank_keys[1]) == 7
+
+    def run(loader: object, n: int) -> list[tuple[str, float]]:
+        return [(b.keys[0], b.tokens_BTND.float().sum().item()) for _, b in zip(range(n), loader, strict=False)]
+
+    uninterrupted = run(feature_loader(cfg, 0, 1, encoder.weights_hash), 10)
+    first = feature_loader(cfg, 0, 1, encoder.weights_hash)
+    head = run(first, 3)
+    resumed = feature_loader(cfg, 0, 1, encoder.weights_hash, state=first.state_dict())
+    assert head + run(resumed, 7) == uninterrupted
+
+
+def test_crop_grid_larger_than_grid_is_an_error(feature_root: Path, encoder: FrozenEncoder) -> None:
+    with pytest.raises(ValueError, match="crop_grid=5"):
+        feature_loader(LoaderConfig(shards=str(feature_root), crop_grid=5), 0, 1, encoder.weights_hash)
+
+
+def test_encode_command(clip_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--shards", str(clip_dir), "--out", str(tmp_path), "--encoder", "random", "--arch", "vit_test"]
+    assert main_encode([*argv, "--image-size", "28", "--batch", "2"]) == 0
+    out = Path(capsys.readouterr().out.strip())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert out.parent == tmp_path and out.name == manifest["encoder"]["weights_hash"][:16]
+    assert manifest["image_size"] == 28 and manifest["grid"] == [2, 2] and manifest["clips"] == 7
+    assert manifest["args"]["batch"] == 2

@@ -1,0 +1,88 @@
+"""Training from clip shards and from feature shards, end to end, with exact resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_shards import encode_clip_shards
+from pretrain.config import ConfigError, load_config
+from pretrain.encoder import load_encoder
+from pretrain.trainer import Trainer
+from tests.conftest import tiny_overrides
+from tests.data_shards.shard_fixtures import FixtureClip, real_clips, write_clip_shards
+
+
+def _shards(directory: Path) -> Path:
+    # 4 shards of 6 real carphone clips, 64 px short side, 10 frames each (window = 4 + 4 frames).
+    clips = real_clips("carphone", clip_frames=10, num_clips=6, short_side=64)
+    write_clip_shards(directory, [clips[i::4] for i in range(4)])
+    return directory
+
+
+def _shard_overrides(tmp: Path, source: str, shards: Path, eval_shards: Path, *extra: str) -> list[str]:
+    return tiny_overrides(
+        tmp,
+        f"--data.source={source}",
+        f"--data.shards={shards}",
+        f"--data.eval_shards={eval_shards}",
+        "--data.num_workers=1",
+        "--data.shuffle_buffer=4",
+        *extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def clip_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _shards(tmp_path_factory.mktemp("clips"))
+
+
+def test_train_from_clip_shards_resumes_exactly(tmp_path: Path, clip_shards: Path) -> None:
+    args = ("clips", clip_shards, clip_shards)
+    straight = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "a", *args)))
+    result = straight.train()
+    assert result.step == 6 and {r.offset for r in result.heldout} == {1, 2, 4}
+    assert all(r.windows == 6 for r in result.heldout)
+
+    first = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "b", *args)))
+    first.train(stop_at=3)
+    resumed = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "b", *args)))
+    resumed.train(finalize=False)
+    assert resumed.state.history == straight.state.history
+    for key, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_corrupt_samples_are_counted_not_fatal(tmp_path: Path) -> None:
+    clips = real_clips("carphone", clip_frames=10, num_clips=4, short_side=64)
+    bad = FixtureClip(clips[0].frames_THWC, source="broken", clip_index=0, mp4_override=b"\x00" * 500)
+    shards = tmp_path / "shards"
+    write_clip_shards(shards, [[*clips[:2], bad], clips[2:]])
+    trainer = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path, "clips", shards, shards, "--train.steps=4")))
+    trainer.train(finalize=False)
+    assert trainer.sampler.skipped_samples >= 1
+
+
+def test_train_from_feature_shards(tmp_path: Path, clip_shards: Path) -> None:
+    encoder = load_encoder("random", arch="vit_test", image_size=56, seed=0)
+    features = encode_clip_shards(clip_shards, tmp_path / "features", encoder)
+    overrides = _shard_overrides(tmp_path, "features", features, features, "--objective.visible_fraction=0")
+    result = Trainer(load_config("tiny-cpu", overrides)).train()
+    assert result.step == 6 and len(result.heldout) == 3
+
+
+def test_feature_shards_of_another_encoder_are_refused(tmp_path: Path, clip_shards: Path) -> None:
+    other = load_encoder("random", arch="vit_test", image_size=56, seed=1)
+    features = encode_clip_shards(clip_shards, tmp_path / "features", other)
+    overrides = _shard_overrides(tmp_path, "features", features, features, "--objective.visible_fraction=0")
+    with pytest.raises(ValueError, match="encoder hash"):
+        Trainer(load_config("tiny-cpu", overrides))
+
+
+def test_feature_mode_needs_no_visible_tokens(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"objective\.visible_fraction"):
+        load_config("tiny-cpu", [f"--run.out_dir={tmp_path}", "--data.source=features", "--data.shards=x"])
+    with pytest.raises(ConfigError, match=r"data\.shards"):
+        load_config("tiny-cpu", [f"--run.out_dir={tmp_path}", "--data.source=clips"])

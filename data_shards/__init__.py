@@ -1,5 +1,9 @@
 """Everything between video files and training batches (no model code)."""
 
+from data_shards.build import BuildArgs, BuildResult, build_shards
+from data_shards.features import EncoderMismatchError, FeatureBatch, encode_clip_shards, feature_loader
+from data_shards.loader import CorruptSampleError, LoaderConfig, ShardLoader, VideoBatch, clip_loader
+from data_shards.procedural import GroundTruth, generate_dataset, generate_video
 from data_shards.scenes import cut_free_windows, detect_scene_cuts
 from data_shards.video import (
     DECODE_ERROR_REASONS,
@@ -14,12 +18,27 @@ from data_shards.video import (
 
 __all__ = [
     "DECODE_ERROR_REASONS",
+    "BuildArgs",
+    "BuildResult",
+    "CorruptSampleError",
+    "EncoderMismatchError",
+    "FeatureBatch",
+    "GroundTruth",
+    "LoaderConfig",
+    "ShardLoader",
+    "VideoBatch",
     "VideoDecodeError",
     "VideoInfo",
+    "build_shards",
+    "clip_loader",
     "cut_free_windows",
     "decode_video",
     "detect_scene_cuts",
+    "encode_clip_shards",
+    "feature_loader",
     "file_sha256",
+    "generate_dataset",
+    "generate_video",
     "probe_video",
     "resized_hw",
     "sample_video_path",

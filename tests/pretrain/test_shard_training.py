@@ -86,3 +86,66 @@ def test_feature_mode_needs_no_visible_tokens(tmp_path: Path) -> None:
         load_config("tiny-cpu", [f"--run.out_dir={tmp_path}", "--data.source=features", "--data.shards=x"])
     with pytest.raises(ConfigError, match=r"data\.shards"):
         load_config("tiny-cpu", [f"--run.out_dir={tmp_path}", "--data.source=clips"])
+
+
+def test_cli_build_encode_train(tmp_path: Path) -> None:
+    """The real commands: data_shards build, data_shards encode, pretrain.train from each kind of shard."""
+    import subprocess
+    import sys
+
+    from data_shards import sample_video_path
+
+    repo = Path(__file__).resolve().parents[2]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=repo, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    clips = tmp_path / "clips"
+    video = str(sample_video_path("carphone"))
+    run(
+        "data_shards",
+        "build",
+        "--input",
+        video,
+        "--out",
+        str(clips),
+        "--clip-frames",
+        "8",
+        "--fps",
+        "15",
+        "--short-side",
+        "64",
+        "--workers",
+        "0",
+        "--no-progress",
+    )
+    run(
+        "data_shards",
+        "encode",
+        "--shards",
+        str(clips),
+        "--out",
+        str(tmp_path / "features"),
+        "--encoder",
+        "random",
+        "--arch",
+        "vit_test",
+        "--image-size",
+        "56",
+    )
+    base = [*tiny_overrides(tmp_path / "runs"), "--data.num_workers=0", f"--data.eval_shards={clips}"]
+    out = run("pretrain.train", *base, "--data.source=clips", f"--data.shards={clips}").stdout
+    assert "copy-last" in out
+    features = f"--data.shards={tmp_path / 'features'}"
+    out = run(
+        "pretrain.train",
+        *base,
+        "--run.name=feat",
+        "--data.source=features",
+        features,
+        f"--data.eval_shards={tmp_path / 'features'}",
+        "--objective.visible_fraction=0",
+    ).stdout
+    assert "copy-last" in out

@@ -1,0 +1,42 @@
+"""Command line of data_shards: ``python -m data_shards <command> ...``.
+
+Each command is one entry of COMMANDS: (help line, function adding its
+arguments to a parser, function running it from the parsed arguments and
+returning the exit code). Adding a command is adding an entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from data_shards.build import add_build_arguments, run_build
+from data_shards.features import add_encode_arguments, run_encode
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+COMMANDS: dict[str, Command] = {
+    "build": ("video files -> WebDataset shards of H.264 clips", add_build_arguments, run_build),
+    "encode": ("clip shards -> feature shards of frozen-encoder tokens (bf16)", add_encode_arguments, run_encode),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_shards", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_line, add_arguments, run) in COMMANDS.items():
+        subparser = subparsers.add_parser(name, help=help_line, description=help_line)
+        add_arguments(subparser)
+        subparser.set_defaults(run=run)
+    namespace = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if namespace.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    return namespace.run(namespace)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,922 @@
+"""Video files -> WebDataset shards of short H.264 clips (``python -m data_shards build``).
+
+Shape legend: T frames, H height, W width, C = 3 colour channels (RGB).
+
+Output directory layout (the shard format is a contract with the loader):
+
+- ``clips-000000.tar``, ... : WebDataset shards. A sample is
+  ``<source_sha256[:16]>-<clip_index:06d>.json`` (clip metadata) followed by
+  ``...mp4`` (the clip as H.264/yuv420p, already resampled and resized; one
+  GOP per clip, so every clip decodes on its own).
+- ``manifest.json``: arguments, counts, skipped inputs with reasons, and each
+  shard's name, size, sample count and SHA-256. Written atomically, last: a
+  directory without it holds an unfinished build.
+- ``build_stats.json``: wall time and throughput of the last run (kept out of
+  the manifest so that the manifest is a pure function of inputs and arguments).
+- ``.parts/``: the per-input cache that makes builds resumable (below).
+
+Resumability and determinism. Each input is turned, in a worker process, into
+one "part": ``.parts/<source_sha256>-<args key>.tar`` holding the clip mp4s
+and a ``result.json`` (clip metadata, or why the input was skipped). A part is
+written under a temporary name and renamed when complete, so its final name
+means "done". The args key hashes everything that shapes the clip bytes (clip
+arguments, encoder, PyAV/FFmpeg versions); shard caps do not enter it. Shards
+are then assembled from the parts in a fixed order (inputs sorted by path,
+clips in time order) with fixed tar metadata (mtime 0, uid/gid 0, one
+user/group name), and x264 runs single-threaded, whose output depends only on
+its input frames. So a re-run with the same arguments re-encodes nothing,
+and a run killed at any point and started again ends with the same bytes as
+an uninterrupted one. Shards, too, are written under a dot-prefixed temporary
+name and renamed when complete; an unchanged shard (same planned content, same
+SHA-256 on disk) is kept as it is. Running two builds into one directory at the
+same time is not supported.
+
+Skipped inputs never stop a build; each is counted under one reason:
+DECODE_ERROR_REASONS from data_shards.video, plus
+
+- ``odd_dimensions``: an odd stored width or height when no resize is asked
+  for (short_side 0); with a resize the output is even anyway and the input is used;
+- ``rotated``: a display rotation that is not a multiple of 90 degrees.
+  Multiples of 90 are applied (frames rotated as a player would show them),
+  so phone videos are kept; a mirrored display matrix is not detected;
+- ``variable_frame_rate``: packet timestamps whose largest interval exceeds
+  the smallest by more than VFR_INTERVAL_RATIO; the clips' fixed fps would
+  misstate their timing;
+- ``duplicate``: same bytes as an input earlier in the order (its clips would
+  repeat that input's sample keys).
+
+Any other exception from a worker (or a worker process dying) is counted as
+``decode_error`` with the exception as the detail, and is not cached, so a
+re-run tries that input again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import glob
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import multiprocessing
+import os
+import sys
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from fractions import Fraction
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+from tqdm import tqdm
+
+from data_shards.video import DECODE_ERROR_REASONS, VideoDecodeError, decode_video, file_sha256, probe_video
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+STATS_NAME = "build_stats.json"
+PARTS_DIR = ".parts"
+SHARD_PATTERN = "clips-{index:06d}.tar"
+
+BUILD_SKIP_REASONS: frozenset[str] = DECODE_ERROR_REASONS | {
+    "odd_dimensions",
+    "rotated",
+    "variable_frame_rate",
+    "duplicate",
+}
+"""Every reason an input can be skipped for, as counted in the manifest."""
+
+VIDEO_EXTENSIONS: frozenset[str] = frozenset(
+    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".3gp", ".flv", ".wmv", ".ogv"}
+)
+"""Suffixes picked up when a directory is given as input (explicitly named files are always taken)."""
+
+VFR_INTERVAL_RATIO = 1.5
+"""An input is variable-frame-rate when max / min packet interval exceeds this."""
+
+# Bump when the part layout or the clip bytes change for the same arguments.
+_PART_FORMAT = 1
+# Output frames decoded per decode_video call: bounds a worker's memory for
+# long inputs (256 frames at 256x455 RGB is ~90 MB) at the cost of one seek per chunk.
+_DECODE_CHUNK_FRAMES = 256
+# H.264 encoders to try, best first. Only libx264 is known to be deterministic here.
+_H264_ENCODERS = ("libx264", "libopenh264", "h264_videotoolbox", "h264_nvenc", "h264_qsv", "h264_amf")
+# Measured here (x264 in PyAV 18's FFmpeg 8.1): with macroblock-tree rate control
+# on, the same frames encode to different bytes from run to run, even on one
+# thread, whenever a width is not a multiple of 32 (it reads memory it did not
+# write; 7 of 19 clips varied under heap churn, 0 of 19 with it off). Turning
+# it off costs about 8% in size at the same CRF and makes the output a function
+# of the frames alone. A single thread keeps slice/frame threading out of it too.
+_X264_OPTIONS = {"x264-params": "no-mbtree=1"}
+# Tar layout used to predict shard sizes: 512-byte headers and blocks, two
+# zero blocks at the end, the whole padded to tarfile's 20-block record.
+_TAR_BLOCK = 512
+_TAR_RECORD = 20 * _TAR_BLOCK
+# Fixed tar member metadata, so shards are byte-identical across runs and machines.
+_TAR_USER = "data_shards"
+_TAR_MTIME = 0
+
+
+class BuildArgsError(ValueError):
+    """The output directory already holds a build made with different arguments."""
+
+
+class InputRejectedError(Exception):
+    """An input is rejected for a build-specific reason (see BUILD_SKIP_REASONS)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        if reason not in BUILD_SKIP_REASONS:
+            raise ValueError(f"reason must be one of {sorted(BUILD_SKIP_REASONS)}, got {reason!r}")
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class BuildArgs:
+    """What a build makes: clip sampling, encoding and shard caps."""
+
+    clip_frames: int = 16
+    """Frames per clip (at the output rate)."""
+    fps: float = 8.0
+    """Output frame rate; 0 keeps each input's native rate. Never above the native rate (no upsampling)."""
+    short_side: int = 256
+    """Resize so the shorter side has this many pixels (even), aspect kept; 0 keeps the stored size."""
+    stride: int | None = None
+    """Output frames between clip starts; None = clip_frames (non-overlapping clips)."""
+    crf: int = 23
+    """x264 constant rate factor (0-51, lower = higher quality and larger files)."""
+    max_samples_per_shard: int = 256
+    """At most this many clips per shard."""
+    max_shard_bytes: int = 1_000_000_000
+    """At most this many bytes per shard file (a single larger clip still gets a shard of its own)."""
+
+    def __post_init__(self) -> None:
+        if self.clip_frames < 1:
+            raise ValueError(f"clip_frames must be >= 1, got {self.clip_frames}")
+        if not (math.isfinite(self.fps) and self.fps >= 0):
+            raise ValueError(f"fps must be >= 0 (0 = native), got {self.fps}")
+        if self.short_side < 0 or self.short_side % 2:
+            raise ValueError(f"short_side must be 0 or a positive even number, got {self.short_side}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
+        if not 0 <= self.crf <= 51:
+            raise ValueError(f"crf must be in [0, 51], got {self.crf}")
+        if self.max_samples_per_shard < 1:
+            raise ValueError(f"max_samples_per_shard must be >= 1, got {self.max_samples_per_shard}")
+        if self.max_shard_bytes < _TAR_RECORD:
+            raise ValueError(f"max_shard_bytes must be >= {_TAR_RECORD}, got {self.max_shard_bytes}")
+
+    @property
+    def clip_stride(self) -> int:
+        return self.clip_frames if self.stride is None else self.stride
+
+    def manifest_args(self) -> dict[str, Any]:
+        """The ``args`` record of manifest.json."""
+        return {
+            "clip_frames": self.clip_frames,
+            "fps": float(self.fps),
+            "short_side": self.short_side,
+            "stride": self.clip_stride,
+            "crf": self.crf,
+            "max_samples_per_shard": self.max_samples_per_shard,
+            "max_shard_bytes": self.max_shard_bytes,
+        }
+
+    def part_key(self, encoder: str) -> str:
+        """12 hex digits naming everything that shapes the clip bytes of a part."""
+        shaping = {
+            "format": _PART_FORMAT,
+            "clip_frames": self.clip_frames,
+            "fps": float(self.fps),
+            "short_side": self.short_side,
+            "stride": self.clip_stride,
+            "crf": self.crf,
+            "encoder": encoder,
+            "av": av.__version__,
+            "ffmpeg": av.ffmpeg_version_info,
+        }
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class BuildResult:
+    """What build_shards made: the manifest as written, and run statistics (not in the manifest)."""
+
+    manifest: dict[str, Any]
+    """The content of manifest.json."""
+    stats: dict[str, Any]
+    """The content of build_stats.json: wall_s, input_duration_s, throughput, parts reused/made, encoder."""
+
+
+@cache
+def h264_encoder() -> str:
+    """Name of the H.264 encoder used for clips: libx264 when PyAV's FFmpeg has it."""
+    for name in _H264_ENCODERS:
+        if name not in av.codecs_available:
+            continue
+        try:
+            av.codec.Codec(name, "w")
+        except (av.FFmpegError, ValueError):
+            continue
+        if name != "libx264":
+            logger.warning("libx264 is not in PyAV's FFmpeg; encoding clips with %s (output may vary run to run)", name)
+        return name
+    raise RuntimeError(f"PyAV's FFmpeg has no H.264 encoder (tried {', '.join(_H264_ENCODERS)})")
+
+
+def encode_clip_mp4(frames_THWC: np.ndarray, *, fps: Fraction, crf: int = 23, encoder: str | None = None) -> bytes:
+    """Encode frames_THWC (uint8 RGB, even H and W) as an H.264 yuv420p mp4, returned as bytes.
+
+    One GOP covers the clip (it starts with a keyframe and needs nothing
+    else). libx264 runs on one thread without macroblock-tree rate control,
+    so that the bytes are a function of the frames, fps and crf (see _X264_OPTIONS).
+    """
+    if frames_THWC.dtype != np.uint8 or frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3:
+        raise ValueError(f"frames_THWC must be uint8 (T, H, W, 3), got {frames_THWC.dtype} {frames_THWC.shape}")
+    num_frames, height, width, _ = frames_THWC.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"H.264 in yuv420p needs even sizes, got {height}x{width}")
+    encoder = encoder or h264_encoder()
+    buffer = io.BytesIO()
+    options = _X264_OPTIONS | {"crf": str(crf)} if encoder == "libx264" else {}
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream(encoder, rate=fps, options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = num_frames
+        stream.codec_context.thread_count = 1
+        for index, frame_HWC in enumerate(frames_THWC):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame_HWC), format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def expand_inputs(specs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Turn --input arguments into a sorted, de-duplicated list of absolute file paths.
+
+    A spec is a file (taken whatever its suffix; a path that does not exist
+    is kept, and reported as "missing"), a directory (searched recursively
+    for VIDEO_EXTENSIONS), a glob (``**`` allowed), or a list file:
+    ``@list.txt`` or any existing ``.txt`` file, one spec per line (blank
+    lines and ``#`` comments ignored; relative lines are relative to the
+    list file's directory; lists do not nest).
+    """
+    found: set[Path] = set()
+    for spec in specs:
+        spec = os.fspath(spec)
+        if spec.startswith("@"):
+            found.update(_expand_list_file(Path(spec[1:])))
+        elif spec.endswith(".txt") and Path(spec).is_file():
+            found.update(_expand_list_file(Path(spec)))
+        else:
+            found.update(_expand_spec(spec))
+    return sorted(found, key=str)
+
+
+def _expand_list_file(list_path: Path) -> list[Path]:
+    paths: list[Path] = []
+    for line in list_path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        spec = line if os.path.isabs(line) else str(list_path.parent / line)
+        paths.extend(_expand_spec(spec))
+    return paths
+
+
+def _expand_spec(spec: str) -> list[Path]:
+    if glob.has_magic(spec):
+        matches = [Path(m) for m in glob.glob(spec, recursive=True)]
+    else:
+        matches = [Path(spec)]
+    paths: list[Path] = []
+    for match in matches:
+        if match.is_dir():
+            paths.extend(p for p in match.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+        else:
+            paths.append(match)
+    return [Path(os.path.abspath(p)) for p in paths]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Job:
+    path: str
+    args: BuildArgs
+    encoder: str
+    parts_dir: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _InputResult:
+    path: str
+    sha256: str | None
+    reason: str | None
+    """None when the input gave clips."""
+    detail: str
+    part_name: str | None
+    clips: tuple[dict[str, Any], ...]
+    source_duration_s: float
+    reused: bool
+
+
+def _process_input(job: _Job) -> _InputResult:
+    """Worker entry point: the cached part of one input, made if needed. Never raises."""
+    path = Path(job.path)
+    if not path.is_file():
+        return _uncached_result(
+            job.path, None, "missing", "no such file" if not path.exists() else "not a regular file"
+        )
+    sha256: str | None = None
+    try:
+        sha256 = file_sha256(path)
+        part_path = Path(job.parts_dir) / f"{sha256}-{job.args.part_key(job.encoder)}.tar"
+        if part_path.exists():
+            return _result_from_part(job.path, part_path, reused=True)
+        _make_part(path, sha256, job.args, job.encoder, part_path)
+        return _result_from_part(job.path, part_path, reused=False)
+    except Exception as e:
+        # A failure that is not a verdict on the file (a bug, memory, I/O): report it, cache nothing.
+        logger.warning("unexpected error on %s", path, exc_info=True)
+        return _uncached_result(job.path, sha256, "decode_error", f"{type(e).__name__}: {e}")
+
+
+def _uncached_result(path: str, sha256: str | None, reason: str, detail: str) -> _InputResult:
+    return _InputResult(
+        path=path,
+        sha256=sha256,
+        reason=reason,
+        detail=detail,
+        part_name=None,
+        clips=(),
+        source_duration_s=0.0,
+        reused=False,
+    )
+
+
+def _result_from_part(path: str, part_path: Path, *, reused: bool) -> _InputResult:
+    with tarfile.open(part_path) as part:
+        record = json.loads(_read_member(part, "result.json"))
+    return _InputResult(
+        path=path,
+        sha256=record["source_sha256"],
+        reason=record["reason"],
+        detail=record["detail"],
+        part_name=part_path.name,
+        clips=tuple(record["clips"]),
+        source_duration_s=record["source_duration_s"],
+        reused=reused,
+    )
+
+
+def _read_member(archive: tarfile.TarFile, name: str) -> bytes:
+    member = archive.extractfile(name)
+    if member is None:
+        raise KeyError(f"{archive.name}: {name} is not a regular member")
+    return member.read()
+
+
+def _make_part(path: Path, sha256: str, args: BuildArgs, encoder: str, part_path: Path) -> None:
+    """Encode every clip of ``path`` into a part, or record why it is skipped; atomic rename at the end."""
+    tmp_path = part_path.with_name(f".{part_path.name}.{os.getpid()}.tmp")
+    record: dict[str, Any] = {"format": _PART_FORMAT, "source_sha256": sha256, "clips": [], "source_duration_s": 0.0}
+    try:
+        with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as part:
+            record["source_duration_s"] = _encode_clips_into(path, args, encoder, part, record["clips"])
+            record.update(reason=None, detail="")
+            _add_member(part, "result.json", json.dumps(record, sort_keys=True).encode())
+    except (VideoDecodeError, InputRejectedError) as e:
+        logger.info("skipping %s: %s: %s", path, e.reason, e.detail)
+        # Rewrite the part with the verdict alone: clips made before the problem showed are dropped.
+        record.update(reason=e.reason, detail=e.detail, clips=[], source_duration_s=0.0)
+        with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as part:
+            _add_member(part, "result.json", json.dumps(record, sort_keys=True).encode())
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    _fsync_and_replace(tmp_path, part_path)
+
+
+def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = _TAR_MTIME
+    archive.addfile(info, io.BytesIO(data))
+
+
+def _fsync_and_replace(tmp_path: Path, final_path: Path) -> None:
+    with open(tmp_path, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp_path, final_path)
+
+
+def _encode_clips_into(
+    path: Path, args: BuildArgs, encoder: str, part: tarfile.TarFile, clips: list[dict[str, Any]]
+) -> float:
+    """Decode, cut and encode the clips of ``path`` into ``part``; returns the input's duration in seconds."""
+    info = probe_video(path)
+    _check_constant_frame_rate(path)
+    if args.short_side == 0 and (info.width % 2 or info.height % 2):
+        raise InputRejectedError("odd_dimensions", f"{info.width}x{info.height} and no resize (short_side 0)")
+    if info.fps <= 0:
+        raise InputRejectedError("variable_frame_rate", "the stream declares no frame rate")
+    native = Fraction(info.fps).limit_denominator(100_000)
+    # At or above the native rate decode_video keeps every native frame, so the output rate is the native one.
+    rate = native if args.fps == 0 or args.fps >= info.fps else Fraction(args.fps).limit_denominator(100_000)
+    for clip_index, clip_THWC, start_s in _iter_clips(path, args, rate):
+        data = encode_clip_mp4(clip_THWC, fps=rate, crf=args.crf, encoder=encoder)
+        _add_member(part, f"{clip_index:06d}.mp4", data)
+        clips.append(
+            {
+                "clip_index": clip_index,
+                "start_s": round(start_s, 6),
+                "fps": float(rate),
+                "frames": int(clip_THWC.shape[0]),
+                "width": int(clip_THWC.shape[2]),
+                "height": int(clip_THWC.shape[1]),
+                "bytes": len(data),
+            }
+        )
+    if not clips:
+        raise AssertionError("_iter_clips yields at least one clip or raises too_short")
+    return info.duration_s
+
+
+def _check_constant_frame_rate(path: Path) -> None:
+    """Raise InputRejectedError("variable_frame_rate") if packet intervals vary by more than VFR_INTERVAL_RATIO.
+
+    Reads packet timestamps only (no decoding); sorting undoes B-frame reordering.
+    """
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            times = sorted(p.pts for p in container.demux(stream) if p.pts is not None)
+    except av.FFmpegError as e:
+        raise VideoDecodeError(path, "decode_error", f"reading packet timestamps failed ({e})") from e
+    intervals = np.diff(np.asarray(times, dtype=np.int64))
+    intervals = intervals[intervals > 0]
+    if len(intervals) < 2:
+        return
+    ratio = float(intervals.max() / intervals.min())
+    if ratio > VFR_INTERVAL_RATIO:
+        tb = stream.time_base or Fraction(1)
+        raise InputRejectedError(
+            "variable_frame_rate",
+            f"frame intervals range from {float(intervals.min() * tb):.4f} s to {float(intervals.max() * tb):.4f} s",
+        )
+
+
+def _iter_clips(path: Path, args: BuildArgs, rate: Fraction) -> Iterator[tuple[int, np.ndarray, float]]:
+    """(clip_index, clip_THWC, start_s) for each full clip, decoding a bounded chunk at a time."""
+    frames: list[np.ndarray] = []
+    times_s: list[float] = []
+    # Output-frame index of frames[0].
+    first = 0
+    clip_index = 0
+    for chunk_THWC, chunk_times_s in _decoded_chunks(path, args, rate):
+        frames.extend(chunk_THWC)
+        times_s.extend(chunk_times_s)
+        while (start := clip_index * args.clip_stride - first) + args.clip_frames <= len(frames):
+            yield clip_index, np.stack(frames[start : start + args.clip_frames]), times_s[start]
+            clip_index += 1
+            drop = min(clip_index * args.clip_stride - first, len(frames))
+            del frames[:drop], times_s[:drop]
+            first += drop
+    if clip_index == 0:
+        total = first + len(frames)
+        raise VideoDecodeError(
+            path, "too_short", f"{total} frames at {float(rate):.3f} fps, one clip needs {args.clip_frames}"
+        )
+
+
+def _decoded_chunks(path: Path, args: BuildArgs, rate: Fraction) -> Iterator[tuple[np.ndarray, tuple[float, ...]]]:
+    """Consecutive runs of output frames (frames_THWC, times), rotated for display, until the stream ends."""
+    chunk = max(_DECODE_CHUNK_FRAMES, args.clip_frames)
+    position = 0
+    while True:
+        try:
+            frames_THWC, info = decode_video(
+                path,
+                fps=float(rate) if args.fps > 0 else None,
+                short_side=args.short_side or None,
+                start_s=float(position / rate),
+                max_frames=chunk,
+                threads=1,
+            )
+        except VideoDecodeError as e:
+            # Past the last frame: the previous chunk ended exactly at the end of the stream.
+            if e.reason == "too_short" and position > 0:
+                return
+            raise
+        yield _apply_rotation(path, frames_THWC, info.rotation or 0), info.frame_times_s or ()
+        if len(frames_THWC) < chunk:
+            return
+        position += len(frames_THWC)
+
+
+def _apply_rotation(path: Path, frames_THWC: np.ndarray, rotation: int) -> np.ndarray:
+    """Rotate frames as a player would show them: ``rotation`` is counterclockwise (FFmpeg's display matrix)."""
+    if rotation % 90:
+        raise InputRejectedError("rotated", f"display rotation {rotation} degrees is not a multiple of 90")
+    quarter_turns = (rotation // 90) % 4
+    if quarter_turns == 0:
+        return frames_THWC
+    # np.rot90 over (H, W) turns the picture counterclockwise, as the display matrix does.
+    return np.ascontiguousarray(np.rot90(frames_THWC, quarter_turns, axes=(1, 2)))
+
+
+def _run_jobs(jobs: list[_Job], workers: int, progress: bool) -> list[_InputResult]:
+    """Process every job (in spawned worker processes unless workers == 0); results in job order."""
+    results: dict[str, _InputResult] = {}
+    bar = tqdm(total=len(jobs), desc="videos", unit="file", disable=not progress)
+    if workers == 0:
+        for job in jobs:
+            results[job.path] = _process_input(job)
+            bar.update()
+    else:
+        crashed = _run_in_pool(jobs, workers, results, bar)
+        # A worker that died takes the pool down with it: retry those inputs one at a time to find the culprit.
+        for job in crashed:
+            results[job.path] = _run_isolated(job)
+            bar.update()
+    bar.close()
+    return [results[job.path] for job in jobs]
+
+
+def _run_in_pool(jobs: list[_Job], workers: int, results: dict[str, _InputResult], bar: tqdm) -> list[_Job]:
+    context = multiprocessing.get_context("spawn")
+    crashed: list[_Job] = []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(_process_input, job): job for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                results[futures[future].path] = future.result()
+                bar.update()
+            except BrokenProcessPool:
+                crashed.append(futures[future])
+    return sorted(crashed, key=lambda job: job.path)
+
+
+def _run_isolated(job: _Job) -> _InputResult:
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            return pool.submit(_process_input, job).result()
+        except BrokenProcessPool as e:
+            return _uncached_result(job.path, None, "decode_error", f"worker process died ({e})")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Sample:
+    key: str
+    json_bytes: bytes
+    part_name: str
+    member: str
+    mp4_size: int
+
+    @property
+    def tar_bytes(self) -> int:
+        return 2 * _TAR_BLOCK + _padded(len(self.json_bytes)) + _padded(self.mp4_size)
+
+
+def _padded(size: int, block: int = _TAR_BLOCK) -> int:
+    return -(-size // block) * block
+
+
+def _shard_file_bytes(member_bytes: int) -> int:
+    """Size of a shard whose samples take member_bytes (headers + padded data)."""
+    return _padded(member_bytes + 2 * _TAR_BLOCK, _TAR_RECORD)
+
+
+def _mark_duplicates(results: list[_InputResult]) -> list[_InputResult]:
+    """Inputs with the same bytes as an earlier used input are skipped as "duplicate"."""
+    first_path: dict[str, str] = {}
+    marked: list[_InputResult] = []
+    for result in results:
+        if result.reason is None and result.sha256 in first_path:
+            result = dataclasses.replace(
+                result, reason="duplicate", detail=f"same bytes as {first_path[result.sha256]}", clips=()
+            )
+        elif result.reason is None and result.sha256 is not None:
+            first_path[result.sha256] = result.path
+        marked.append(result)
+    return marked
+
+
+def _samples(results: list[_InputResult], crf: int) -> list[_Sample]:
+    samples: list[_Sample] = []
+    for result in results:
+        if result.reason is not None or result.sha256 is None or result.part_name is None:
+            continue
+        for clip in result.clips:
+            meta = {
+                "source": result.path,
+                "source_sha256": result.sha256,
+                "clip_index": clip["clip_index"],
+                "start_s": clip["start_s"],
+                "fps": clip["fps"],
+                "frames": clip["frames"],
+                "width": clip["width"],
+                "height": clip["height"],
+                "crf": crf,
+            }
+            samples.append(
+                _Sample(
+                    key=f"{result.sha256[:16]}-{clip['clip_index']:06d}",
+                    json_bytes=json.dumps(meta).encode("utf-8"),
+                    part_name=result.part_name,
+                    member=f"{clip['clip_index']:06d}.mp4",
+                    mp4_size=clip["bytes"],
+                )
+            )
+    return samples
+
+
+def _plan_shards(samples: list[_Sample], args: BuildArgs) -> list[list[_Sample]]:
+    """Fill shards in order, starting a new one when the next sample would break a cap."""
+    shards: list[list[_Sample]] = []
+    current: list[_Sample] = []
+    current_bytes = 0
+    for sample in samples:
+        too_many = len(current) >= args.max_samples_per_shard
+        too_big = _shard_file_bytes(current_bytes + sample.tar_bytes) > args.max_shard_bytes
+        if current and (too_many or too_big):
+            shards.append(current)
+            current, current_bytes = [], 0
+        if not current and _shard_file_bytes(sample.tar_bytes) > args.max_shard_bytes:
+            logger.warning("clip %s alone exceeds max_shard_bytes; it gets a shard of its own", sample.key)
+        current.append(sample)
+        current_bytes += sample.tar_bytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _plan_hash(shard: list[_Sample]) -> str:
+    digest = hashlib.sha256(f"tar:{_TAR_USER}:{_TAR_MTIME}".encode())
+    for sample in shard:
+        digest.update(json.dumps([sample.key, sample.json_bytes.decode(), sample.part_name]).encode())
+    return digest.hexdigest()
+
+
+def _write_shard(path: Path, shard: list[_Sample], parts_dir: Path) -> None:
+    """Write a shard under a temporary dot-name, then rename it into place."""
+    # Imported here so that worker processes, which never write shards, skip the import.
+    from webdataset import TarWriter
+
+    tmp_path = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp_path, "wb") as f:
+            writer = TarWriter(f, encoder=False, user=_TAR_USER, group=_TAR_USER, mtime=_TAR_MTIME)
+            try:
+                # Samples of one input are adjacent, so each part is opened once per shard.
+                for part_name, part_samples in itertools.groupby(shard, key=lambda sample: sample.part_name):
+                    with tarfile.open(parts_dir / part_name) as part:
+                        for sample in part_samples:
+                            mp4 = _read_member(part, sample.member)
+                            writer.write({"__key__": sample.key, "json": sample.json_bytes, "mp4": mp4})
+            finally:
+                # Also on failure, so that the tar stream does not flush into a closed file later.
+                writer.close()
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    os.replace(tmp_path, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp_path = path.with_name(f".{path.name}.tmp")
+    with open(tmp_path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+
+
+def _check_existing_manifest(out_dir: Path, args: BuildArgs) -> None:
+    path = out_dir / MANIFEST_NAME
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    new_args = args.manifest_args()
+    if old.get("version") != MANIFEST_VERSION or old.get("args") != new_args:
+        old_args = old.get("args", {})
+        changes = [
+            f"{key} {old_args.get(key)!r} -> {value!r}" for key, value in new_args.items() if old_args.get(key) != value
+        ]
+        raise BuildArgsError(
+            f"{out_dir} holds a build made with other arguments ({'; '.join(changes) or 'manifest version'}); "
+            "build into a new --out directory, or delete that one first"
+        )
+
+
+def _remove_temporaries(out_dir: Path, parts_dir: Path) -> None:
+    """Temporaries left by a killed run: never read, safe to delete (one build per directory at a time)."""
+    for stale in [*out_dir.glob(".*.tmp"), *parts_dir.glob(".*.tmp")]:
+        logger.info("removing %s left by an interrupted run", stale)
+        stale.unlink(missing_ok=True)
+
+
+def _manifest(
+    args: BuildArgs, results: list[_InputResult], shards: list[list[_Sample]], shard_records: list[dict[str, Any]]
+) -> dict[str, Any]:
+    skipped = [r for r in results if r.reason is not None]
+    clip_seconds = sum(clip["frames"] / clip["fps"] for r in results if r.reason is None for clip in r.clips)
+    return {
+        "version": MANIFEST_VERSION,
+        "args": args.manifest_args(),
+        "inputs": len(results),
+        "ok_inputs": len(results) - len(skipped),
+        "clips": sum(len(shard) for shard in shards),
+        "total_duration_s": round(clip_seconds, 6),
+        "skipped": dict(sorted(Counter(r.reason for r in skipped).items())),
+        "skipped_files": [{"path": r.path, "reason": r.reason, "detail": r.detail} for r in skipped],
+        "shards": shard_records,
+    }
+
+
+def _assemble(out_dir: Path, parts_dir: Path, shards: list[list[_Sample]]) -> tuple[list[dict[str, Any]], int]:
+    """Write the shards that changed; returns the manifest's shard records and how many were written."""
+    record_path = parts_dir / "shards.json"
+    previous: dict[str, Any] = json.loads(record_path.read_text()) if record_path.exists() else {}
+    records: dict[str, Any] = {}
+    written = 0
+    for index, shard in enumerate(shards):
+        name = SHARD_PATTERN.format(index=index)
+        path = out_dir / name
+        plan = _plan_hash(shard)
+        old = previous.get(name)
+        unchanged = (
+            old is not None
+            and old["plan"] == plan
+            and path.is_file()
+            and path.stat().st_size == old["bytes"]
+            and file_sha256(path) == old["sha256"]
+        )
+        if not unchanged:
+            # From the first change on, the old manifest no longer describes the directory.
+            (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+            _write_shard(path, shard, parts_dir)
+            written += 1
+            old = {"plan": plan, "bytes": path.stat().st_size, "sha256": file_sha256(path), "samples": len(shard)}
+        records[name] = old
+    names = set(records)
+    for stale in sorted(out_dir.glob("clips-*.tar")):
+        if stale.name not in names:
+            (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+            stale.unlink()
+    _atomic_write_text(record_path, json.dumps(records, indent=1, sort_keys=True))
+    shard_records = [
+        {"name": name, "bytes": rec["bytes"], "samples": rec["samples"], "sha256": rec["sha256"]}
+        for name, rec in records.items()
+    ]
+    return shard_records, written
+
+
+def build_shards(
+    inputs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    args: BuildArgs | None = None,
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+) -> BuildResult:
+    """Build (or finish, or confirm) WebDataset clip shards of ``inputs`` in ``out_dir``.
+
+    Args:
+        inputs: files, directories, globs or list files (see expand_inputs).
+        out_dir: created if needed. If it holds a manifest made with other
+            arguments, BuildArgsError is raised and nothing is touched.
+        args: clip, encoding and shard settings; defaults to BuildArgs().
+        workers: worker processes (spawned; each opens its own files);
+            None = min(4, CPU count); 0 runs in this process (no isolation
+            from a crashing decoder; for tests and debugging).
+        progress: show a tqdm bar over input files.
+
+    Returns:
+        BuildResult with the manifest as written and this run's statistics.
+    """
+    args = args or BuildArgs()
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    parts_dir = out_dir / PARTS_DIR
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    _check_existing_manifest(out_dir, args)
+    _remove_temporaries(out_dir, parts_dir)
+
+    encoder = h264_encoder()
+    paths = expand_inputs(inputs)
+    jobs = [_Job(path=str(p), args=args, encoder=encoder, parts_dir=str(parts_dir)) for p in paths]
+    logger.info("building clips of %d inputs into %s with %d workers", len(jobs), out_dir, workers)
+    results = _mark_duplicates(_run_jobs(jobs, workers, progress))
+
+    shards = _plan_shards(_samples(results, args.crf), args)
+    shard_records, written = _assemble(out_dir, parts_dir, shards)
+    manifest = _manifest(args, results, shards, shard_records)
+    manifest_text = json.dumps(manifest, indent=1) + "\n"
+    manifest_path = out_dir / MANIFEST_NAME
+    if not manifest_path.exists() or manifest_path.read_text() != manifest_text:
+        _atomic_write_text(manifest_path, manifest_text)
+
+    wall_s = time.perf_counter() - started
+    input_duration_s = sum(r.source_duration_s for r in results if r.reason is None)
+    stats = {
+        "wall_s": round(wall_s, 3),
+        "input_duration_s": round(input_duration_s, 3),
+        "input_s_per_wall_s": round(input_duration_s / wall_s, 3) if wall_s > 0 else 0.0,
+        "parts_reused": sum(r.reused for r in results),
+        "parts_made": sum(r.part_name is not None and not r.reused for r in results),
+        "shards_written": written,
+        "shards_kept": len(shards) - written,
+        "workers": workers,
+        "encoder": encoder,
+    }
+    _atomic_write_text(out_dir / STATS_NAME, json.dumps(stats, indent=1) + "\n")
+    logger.info("built %d clips in %d shards; skipped %s", manifest["clips"], len(shards), manifest["skipped"])
+    return BuildResult(manifest=manifest, stats=stats)
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m data_shards build``."""
+    defaults = BuildArgs()
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="PATH",
+        help="video files, directories (recursive), globs, or list files (@list.txt / *.txt, one path a line)",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output directory for shards and manifest.json")
+    parser.add_argument("--clip-frames", type=int, default=defaults.clip_frames, help="frames per clip")
+    parser.add_argument("--fps", type=float, default=defaults.fps, help="output frame rate; 0 = native")
+    parser.add_argument(
+        "--short-side", type=int, default=defaults.short_side, help="resize shorter side to this (even); 0 = no resize"
+    )
+    parser.add_argument(
+        "--stride", type=int, default=None, help="output frames between clip starts (default: clip frames)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes (0 = in this process)"
+    )
+    parser.add_argument("--crf", type=int, default=defaults.crf, help="x264 constant rate factor")
+    parser.add_argument("--max-samples-per-shard", type=int, default=defaults.max_samples_per_shard)
+    parser.add_argument("--max-shard-bytes", type=int, default=defaults.max_shard_bytes)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_build(namespace: argparse.Namespace) -> int:
+    """Run ``build`` from parsed arguments; prints a summary and returns the exit code."""
+    try:
+        args = BuildArgs(
+            clip_frames=namespace.clip_frames,
+            fps=namespace.fps,
+            short_side=namespace.short_side,
+            stride=namespace.stride,
+            crf=namespace.crf,
+            max_samples_per_shard=namespace.max_samples_per_shard,
+            max_shard_bytes=namespace.max_shard_bytes,
+        )
+        if namespace.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {namespace.workers}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = build_shards(
+            namespace.input, namespace.out, args, workers=namespace.workers, progress=not namespace.no_progress
+        )
+    except BuildArgsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    manifest, stats = result.manifest, result.stats
+    print(
+        f"{manifest['clips']} clips ({manifest['total_duration_s']:.1f} s) in {len(manifest['shards'])} shards "
+        f"from {manifest['ok_inputs']}/{manifest['inputs']} inputs -> {namespace.out}"
+    )
+    if manifest["skipped"]:
+        print("skipped: " + ", ".join(f"{reason} {count}" for reason, count in manifest["skipped"].items()))
+    print(
+        f"{stats['input_duration_s']:.1f} s of video in {stats['wall_s']:.1f} s "
+        f"({stats['input_s_per_wall_s']:.2f} video s per s); parts made {stats['parts_made']}, "
+        f"reused {stats['parts_reused']}; shards written {stats['shards_written']}, kept {stats['shards_kept']}"
+    )
+    return 0

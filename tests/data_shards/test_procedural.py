@@ -1,0 +1,206 @@
+"""Procedural videos: determinism, and ground truth that agrees with the decoded pixels.
+
+Shape legend: T frames, H height, W width, C = 3 colour channels (RGB), O objects.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_shards import GroundTruth, decode_video, generate_dataset, generate_video
+from data_shards.procedural import BACKGROUND_DEPTH, LABEL_NAMES
+
+
+@pytest.fixture(scope="module")
+def dense_video(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, GroundTruth]:
+    """(decoded frames_THWC, ground truth with dense maps) of one 32-frame 128x128 video."""
+    path = tmp_path_factory.mktemp("proc") / "v.mp4"
+    truth = generate_video(path, seed=11, dense=True)
+    frames_THWC, _ = decode_video(path)
+    return frames_THWC, truth
+
+
+def test_deterministic_given_seed(tmp_path: Path) -> None:
+    first = generate_video(tmp_path / "a.mp4", seed=7, dense=True)
+    second = generate_video(tmp_path / "b.mp4", seed=7, dense=True)
+    other = generate_video(tmp_path / "c.mp4", seed=8)
+    assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+    assert first.to_json() == second.to_json()
+    assert (tmp_path / "a.mp4").read_bytes() != (tmp_path / "c.mp4").read_bytes()
+    assert not np.array_equal(first.centers_OT2, other.centers_OT2)
+
+
+@pytest.mark.parametrize(("size", "frames", "fps"), [((128, 128), 32, 8), ((64, 96), 12, 25), ((96, 64), 5, 30)])
+def test_file_decodes_to_the_stated_shape(tmp_path: Path, size: tuple[int, int], frames: int, fps: int) -> None:
+    truth = generate_video(tmp_path / "v.mp4", seed=0, frames=frames, size=size, fps=fps)
+    frames_THWC, info = decode_video(tmp_path / "v.mp4")
+    assert frames_THWC.shape == (frames, *size, 3)
+    assert info.fps == pytest.approx(fps)
+    assert truth.centers_OT2.shape == (3, frames, 2)
+    assert truth.boxes_OT4.shape == (3, frames, 4)
+    assert truth.visible_OT.shape == truth.occluded_OT.shape == (3, frames)
+    assert truth.camera_T2.shape == (frames, 2)
+    assert truth.depth_THW is None and truth.masks_THW is None
+
+
+def test_generation_is_fast(tmp_path: Path) -> None:
+    started = time.perf_counter()
+    generate_video(tmp_path / "v.mp4", seed=1, frames=32, size=(128, 128))
+    assert time.perf_counter() - started < 0.5
+
+
+def test_object_pixels_have_the_object_colour(dense_video: tuple[np.ndarray, GroundTruth]) -> None:
+    """Where the mask says object o is seen, the decoded pixels carry o's colour (and not another's)."""
+    frames_THWC, truth = dense_video
+    # Stripes alternate between the colour and 55% of it: the mean lies in between.
+    expected_O3 = truth.colors_O3.astype(float) * (1.0 + 0.55) / 2
+    checked = 0
+    for t in range(truth.num_frames):
+        for o in range(truth.num_objects):
+            mask_HW = truth.masks_THW[t] == o + 1
+            # Skip thin slivers: chroma subsampling blurs colour across edges.
+            if mask_HW.sum() < 150:
+                continue
+            mean_3 = frames_THWC[t][mask_HW].astype(float).mean(axis=0)
+            distances_O = np.linalg.norm(expected_O3 - mean_3, axis=1)
+            assert distances_O.argmin() == o, (t, o, mean_3, expected_O3)
+            assert distances_O[o] < 40, (t, o, distances_O[o])
+            checked += 1
+    assert checked > truth.num_frames
+
+
+def test_boxes_and_centers_match_the_masks(dense_video: tuple[np.ndarray, GroundTruth]) -> None:
+    _, truth = dense_video
+    for t in range(truth.num_frames):
+        for o in range(truth.num_objects):
+            ys, xs = np.nonzero(truth.masks_THW[t] == o + 1)
+            if not truth.visible_OT[o, t] or truth.occluded_OT[o, t]:
+                continue
+            x0, y0, x1, y1 = truth.boxes_OT4[o, t]
+            assert x0 - 0.5 <= xs.min() and xs.max() + 1 <= x1 + 0.5
+            assert y0 - 0.5 <= ys.min() and ys.max() + 1 <= y1 + 0.5
+            if truth.visible_fraction_OT[o, t] == 1.0:
+                # Pixel centres sit at +0.5: the mask centroid is the object centre.
+                np.testing.assert_allclose([xs.mean() + 0.5, ys.mean() + 0.5], truth.centers_OT2[o, t], atol=0.6)
+
+
+def test_visibility_fraction_counts_drawn_pixels(dense_video: tuple[np.ndarray, GroundTruth]) -> None:
+    _, truth = dense_video
+    drawn_OT = np.stack([(truth.masks_THW == o + 1).sum(axis=(1, 2)) for o in range(truth.num_objects)])
+    ex_O, ey_O = truth.extents_O2.T
+    area_O = np.where(np.array(truth.shapes) == "disc", np.pi * ex_O**2, 4 * ex_O * ey_O)
+    # The fraction is of the pixels the whole shape covers in that frame; the continuous area is within a few %.
+    np.testing.assert_allclose(truth.visible_fraction_OT * area_O[:, None], drawn_OT, atol=0.08 * area_O.max())
+    assert (truth.visible_fraction_OT <= 1).all()
+    np.testing.assert_array_equal(truth.visible_OT, truth.visible_fraction_OT >= 0.5)
+
+
+def test_occlusion_at_the_meeting_frame(tmp_path: Path) -> None:
+    """With occlusions, objects 0 and 1 meet at the middle frame and the farther one is covered."""
+    for seed in range(5):
+        truth = generate_video(tmp_path / f"o{seed}.mp4", seed=seed, dense=True)
+        mid = (truth.num_frames - 1) // 2
+        farther = 0 if truth.depths_O[0] > truth.depths_O[1] else 1
+        assert truth.occluded_OT[farther, mid]
+        assert not truth.occluded_OT[1 - farther, mid]
+        np.testing.assert_allclose(truth.centers_OT2[0, mid], truth.centers_OT2[1, mid], atol=2.0)
+        # The depth map shows the nearer object at the meeting point.
+        x, y = truth.centers_OT2[1 - farther, mid].astype(int)
+        if 0 <= x < 128 and 0 <= y < 128:
+            assert truth.depth_THW[mid, y, x] == truth.depths_O[1 - farther]
+
+
+def test_no_occlusions_when_disabled(tmp_path: Path) -> None:
+    for seed in range(5):
+        truth = generate_video(tmp_path / f"n{seed}.mp4", seed=seed, occlusions=False, num_objects=4, dense=True)
+        assert not truth.occluded_OT.any()
+
+
+def test_objects_leaving_the_frame_are_not_visible(tmp_path: Path) -> None:
+    truth = generate_video(tmp_path / "v.mp4", seed=3, frames=64)
+    outside_OT = (
+        (truth.centers_OT2[..., 0] < -truth.extents_O2[:, None, 0])
+        | (truth.centers_OT2[..., 0] > 128 + truth.extents_O2[:, None, 0])
+        | (truth.centers_OT2[..., 1] < -truth.extents_O2[:, None, 1])
+        | (truth.centers_OT2[..., 1] > 128 + truth.extents_O2[:, None, 1])
+    )
+    assert outside_OT.any()
+    assert not truth.visible_OT[outside_OT].any()
+    assert (truth.visible_fraction_OT[outside_OT] == 0).all()
+    boxes_OT4 = truth.boxes_OT4[outside_OT]
+    assert ((boxes_OT4[:, 0] == boxes_OT4[:, 2]) | (boxes_OT4[:, 1] == boxes_OT4[:, 3])).all()
+
+
+def test_camera_pan_moves_the_background(dense_video: tuple[np.ndarray, GroundTruth], tmp_path: Path) -> None:
+    frames_THWC, truth = dense_video
+    step_2 = (truth.camera_T2[1] - truth.camera_T2[0]).astype(int)
+    assert np.abs(truth.camera_T2[-1]).sum() > 10
+    # The background seen at (y, x) in frame 1 was at (y + dy, x + dx) in frame 0.
+    dx, dy = step_2
+    height, width = truth.size
+    ys, xs = np.mgrid[8 : height - 8, 8 : width - 8]
+    background_N = (truth.masks_THW[1][ys, xs] == 0) & (truth.masks_THW[0][ys + dy, xs + dx] == 0)
+    later = frames_THWC[1][ys, xs][background_N].astype(float)
+    shifted = frames_THWC[0][ys + dy, xs + dx][background_N].astype(float)
+    unshifted = frames_THWC[0][ys, xs][background_N].astype(float)
+    assert np.abs(later - shifted).mean() < 0.5 * np.abs(later - unshifted).mean()
+
+    still = generate_video(tmp_path / "still.mp4", seed=11, camera_pan=False, dense=True)
+    assert not still.camera_T2.any()
+    still_THWC, _ = decode_video(tmp_path / "still.mp4")
+    static_HW = (still.masks_THW[0] == 0) & (still.masks_THW[-1] == 0)
+    assert np.abs(still_THWC[0][static_HW].astype(float) - still_THWC[-1][static_HW]).mean() < 4
+
+
+def test_depth_map(dense_video: tuple[np.ndarray, GroundTruth]) -> None:
+    _, truth = dense_video
+    assert truth.depth_THW.shape == (truth.num_frames, *truth.size)
+    np.testing.assert_array_equal(truth.depth_THW[truth.masks_THW == 0], BACKGROUND_DEPTH)
+    for o in range(truth.num_objects):
+        np.testing.assert_array_equal(truth.depth_THW[truth.masks_THW == o + 1], truth.depths_O[o])
+    assert (truth.depths_O < BACKGROUND_DEPTH).all()
+
+
+def test_label_is_the_drift_direction(tmp_path: Path) -> None:
+    labels = set()
+    for seed in range(12):
+        truth = generate_video(tmp_path / f"l{seed}.mp4", seed=seed, frames=4, size=(32, 32))
+        name = truth.label_names[truth.label]
+        labels.add(name)
+        vx, vy = truth.velocities_O2.T
+        expected = {"left": -vx, "right": vx, "up": -vy, "down": vy}[name]
+        assert (expected > np.abs({"left": vy, "right": vy, "up": vx, "down": vx}[name])).all()
+    assert truth.label_names == LABEL_NAMES
+    assert len(labels) >= 3
+
+
+def test_json_round_trip(dense_video: tuple[np.ndarray, GroundTruth]) -> None:
+    _, truth = dense_video
+    back = GroundTruth.from_json(truth.to_json())
+    assert back.to_json() == truth.to_json()
+    np.testing.assert_array_equal(back.masks_THW, truth.masks_THW)
+    assert back.depth_THW.dtype == np.float32 and back.visible_OT.dtype == np.bool_
+    assert back.size == truth.size and back.label_names == truth.label_names
+
+
+def test_generate_dataset(tmp_path: Path) -> None:
+    dataset = generate_dataset(tmp_path / "a", 3, seed=5, frames=8, size=(32, 48))
+    again = generate_dataset(tmp_path / "b", 3, seed=5, frames=8, size=(32, 48))
+    assert [p.name for p, _ in dataset] == ["proc-00000.mp4", "proc-00001.mp4", "proc-00002.mp4"]
+    assert len({truth.seed for _, truth in dataset}) == 3
+    for (path, truth), (path_b, _) in zip(dataset, again):
+        assert path.read_bytes() == path_b.read_bytes()
+        assert GroundTruth.from_json(path.with_suffix(".json").read_text()).to_json() == truth.to_json()
+        assert decode_video(path)[0].shape == (8, 32, 48, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"frames": 0}, {"size": (33, 64)}, {"size": (8, 8)}, {"num_objects": 0}, {"fps": 0}]
+)
+def test_invalid_arguments(tmp_path: Path, kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        generate_video(tmp_path / "v.mp4", seed=0, **kwargs)

@@ -88,6 +88,7 @@ def test_feature_mode_needs_no_visible_tokens(tmp_path: Path) -> None:
         load_config("tiny-cpu", [f"--run.out_dir={tmp_path}", "--data.source=clips"])
 
 
+@pytest.mark.slow
 def test_cli_build_encode_train(tmp_path: Path) -> None:
     """The real commands: data_shards build, data_shards encode, pretrain.train from each kind of shard."""
     import subprocess

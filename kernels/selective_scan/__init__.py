@@ -6,13 +6,38 @@ length, g groups of channels sharing one B/C.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Literal, overload
 
+import torch
 from torch import Tensor
 
 from kernels.selective_scan.reference import selective_scan_ref
 
-__all__ = ["selective_scan", "selective_scan_ref"]
+logger = logging.getLogger(__name__)
+
+selective_scan_triton: Callable[..., Tensor | tuple[Tensor, Tensor]] | None
+try:
+    from kernels.selective_scan.selective_scan import interpreter_enabled
+    from kernels.selective_scan.selective_scan import selective_scan as selective_scan_triton
+except ImportError as error:  # triton is absent: every device gets the reference
+    logger.debug("selective scan: no Triton kernel (%s); using the reference", error)
+    selective_scan_triton = None
+
+__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_triton", "uses_triton"]
+
+
+def uses_triton(device: torch.device) -> bool:
+    """Whether `selective_scan` runs the Triton kernels for tensors on `device`.
+
+    CUDA: yes. Any device under TRITON_INTERPRET=1: yes, through the
+    interpreter (tests). Otherwise the fp32 reference. Read at call time, so a
+    test can switch the interpreter on and off around a call.
+    """
+    if selective_scan_triton is None:
+        return False
+    return device.type == "cuda" or interpreter_enabled()
 
 
 @overload
@@ -82,12 +107,16 @@ def selective_scan(
     u, delta, z: (b, d, l); A: (d, n) real; B, C: (b, n, l) or (b, g, n, l);
     D, delta_bias: (d,); initial_state: (b, d, n), zeros when None.
     Returns y (b, d, l) in u's dtype, or (y, last_state (b, d, n) fp32) with
-    ``return_last_state``. Raises ValueError naming a malformed argument.
+    ``return_last_state``; both have gradients w.r.t. every tensor input.
+    Raises ValueError naming a malformed argument. The Triton path takes
+    float32, bfloat16 and float16; float64 is served by the reference only.
     """
     # The single dispatch point for every caller (the temporal cores included):
-    # the Triton kernel (a later issue) plugs in here, chosen by device, and the
-    # fp32 reference stays the fallback on CPU and the ground truth in tests.
-    return selective_scan_ref(
+    # the Triton kernels on CUDA (or under the interpreter), the fp32 reference
+    # on CPU. Both validate the same way and compute the same math.
+    scan = selective_scan_triton if uses_triton(u.device) else selective_scan_ref
+    assert scan is not None
+    return scan(
         u,
         delta,
         A,

@@ -209,7 +209,10 @@ class MambaBlock(nn.Module):
     Input (B, T, N, D) becomes B*N sequences (P, D, T): in_proj D -> 2E (x, z),
     causal depthwise conv over time, SiLU, x_proj E -> R + 2S (step size, B, C
     per time step), dt_proj R -> E, selective scan gated by silu(z), out_proj
-    E -> D. Initialization follows mamba_ssm's `Mamba`.
+    E -> D. Initialization follows mamba_ssm's `Mamba`. The scan is
+    `kernels.selective_scan.selective_scan`: the Triton kernel on CUDA (one
+    program per patch and channel block, time inside the tile), the fp32
+    reference on CPU; `step` is the same call with T = 1.
 
     State: "conv" (P, E, K-1), the last K-1 pre-conv inputs, in the input's
     dtype; "ssm" (P, E, S), always fp32 because the scan runs in fp32. The

@@ -247,6 +247,36 @@ class TrackingConfig:
     """MLflow tracking URI; '' = $MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db."""
 
 
+ENGINES = ("auto", "deepspeed", "torch")
+
+
+@dataclass(kw_only=True, slots=True)
+class DistributedConfig:
+    engine: str = "auto"
+    """'auto': DeepSpeed when a launcher set RANK/WORLD_SIZE (torchrun, deepspeed, SLURM), the plain
+    torch engine for a lone process; 'deepspeed': always (a lone process gets a world of one);
+    'torch': single process only."""
+    backend: str = "auto"
+    """Process-group backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
+    timeout_s: float = 900.0
+    """Seconds any collective may wait; past it the run fails with an error naming the rank (s)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0 (replicated data parallel), 1 (optimizer state sharded), 2 (+ gradients)."""
+    precision: str = "auto"
+    """Trainable weights under DeepSpeed: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'."""
+    optimizer: str = "adamw"
+    """'adamw' (torch AdamW, passed in) or 'adamw_fused' (torch's fused CUDA AdamW). Neither needs
+    DeepSpeed's compiled ops (FusedAdam/CPUAdam build for ~3 min on first use)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("distributed.engine", self.engine, ENGINES)
+        _check_choice("distributed.backend", self.backend, ("auto", "nccl", "gloo"))
+        _check(self.timeout_s > 0, "distributed.timeout_s", "must be > 0")
+        _check(self.zero_stage in (0, 1, 2), "distributed.zero_stage", f"got {self.zero_stage}, expected 0, 1 or 2")
+        _check_choice("distributed.precision", self.precision, ("auto", "bf16", "fp32"))
+        _check_choice("distributed.optimizer", self.optimizer, ("adamw", "adamw_fused"))
+
+
 @dataclass(kw_only=True, slots=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -265,6 +295,8 @@ class Config:
     """Optimization."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment tracking."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Process group and DeepSpeed engine (multi-process runs)."""
 
     def __post_init__(self) -> None:
         if self.data.source == "features" and self.objective.visible_fraction > 0:
@@ -274,6 +306,8 @@ class Config:
                 "config key 'objective.visible_fraction': must be 0 with data.source='features' "
                 "(visible target tokens need pixels; use data.source='clips' for visible tokens)"
             )
+        if self.distributed.optimizer == "adamw_fused" and self.run.device == "cpu":
+            raise ConfigError("config key 'distributed.optimizer': 'adamw_fused' needs CUDA, run.device is 'cpu'")
 
     @property
     def run_dir(self) -> Path:

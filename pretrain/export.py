@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pretrain.checkpoint import CheckpointError, load_checkpoint, read_latest
+from pretrain.checkpoint import LAYOUT_DEEPSPEED, CheckpointError, load_checkpoint, read_latest
 from pretrain.model.predictor import FuturePredictor, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,17 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32") -> Path:
         raise CheckpointError(f"{run_dir} has no checkpoint to export (expected {run_dir}/checkpoints/latest)")
     state, config = load_checkpoint(latest)
     export_cfg = export_config(state["meta"], config, state["trainer"]["step"])
-    return write_export(state["model"], export_cfg, out_dir, dtype)
+    return write_export(checkpoint_weights(latest, state), export_cfg, out_dir, dtype)
+
+
+def checkpoint_weights(tag_dir: Path, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The trainable model's full fp32 weights from a checkpoint: as saved, or consolidated from ZeRO shards."""
+    if state.get("layout") != LAYOUT_DEEPSPEED:
+        return state["model"]
+    # Imported here: eval loads exports through this module and must not pull in deepspeed.
+    from pretrain.parallelize import consolidate_zero_checkpoint
+
+    return consolidate_zero_checkpoint(tag_dir)
 
 
 def load_export(export_dir: Path, device: str | torch.device = "cpu") -> tuple[FuturePredictor, dict[str, Any]]:

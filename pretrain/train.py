@@ -3,6 +3,11 @@
 Trains (resuming from the run directory's latest checkpoint when there is
 one), evaluates held-out future-feature prediction against copy-last and the
 untrained model, exports, and prints a short report.
+
+The same command runs alone or under torchrun, the deepspeed launcher or SLURM
+(``launchers/``): the launcher's RANK/WORLD_SIZE environment selects the
+DeepSpeed engine (``pretrain.distributed``). Only rank 0 logs at INFO and
+prints the report.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 import sys
 
 from data_shards import VideoDecodeError
+from pretrain import distributed
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError, load_config
 from pretrain.trainer import NonFiniteLossError, Trainer, TrainResult
@@ -61,15 +67,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", default="tiny-cpu", help="preset name in pretrain/configs or a TOML path")
     parser.add_argument("--log-level", default="INFO")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment carries the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    env = distributed.launch_env()
+    rank = env.rank if env else 0
+    # Other ranks log warnings and errors only, each line tagged with its rank.
+    level = args.log_level if rank == 0 else "WARNING"
+    logging.basicConfig(level=level, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, overrides)
         result = Trainer(cfg).train()
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_report(result))
+    except distributed.CollectiveTimeoutError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    finally:
+        distributed.shutdown()
+    if rank == 0:
+        print(format_report(result))
     return 0
 
 

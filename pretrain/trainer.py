@@ -1,11 +1,15 @@
-"""Single-process trainer: load, loop `train_step`, checkpoint, evaluate, export.
+"""Trainer: load, loop `train_step`, checkpoint, evaluate, export; one process or many.
 
 The frozen encoder lives beside the trainable model (never inside what an
-optimizer or a distributed wrapper sees). Everything resumable is a stateful
-object with ``state_dict``/``load_state_dict``: model, optimizer, scheduler,
-window sampler, mask RNG and ``TrainState`` (step, counters, loss history,
-global RNGs). SIGTERM (preemption) finishes the current step, checkpoints and
-returns normally.
+optimizer or a distributed wrapper sees). The trainable model is wrapped by
+``pretrain.parallelize.build_engine``: the plain torch engine for a lone
+process, a DeepSpeed engine under a launcher (``pretrain.distributed``).
+Everything resumable is a stateful object with ``state_dict``/``load_state_dict``:
+engine (model, optimizer), scheduler, batch source, mask RNG and ``TrainState``
+(step, counters, loss history, global RNGs), the last four per rank. SIGTERM
+(preemption) finishes the current step, checkpoints and returns normally; all
+ranks agree on the stop through the per-step metric all-reduce, so they stop
+at the same step.
 """
 
 from __future__ import annotations
@@ -25,16 +29,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from data_shards.features import resolve_feature_dir
-from pretrain.checkpoint import CheckpointError, load_checkpoint, read_latest, save_checkpoint
+from pretrain import distributed
+from pretrain.checkpoint import (
+    LAYOUT_DEEPSPEED,
+    CheckpointError,
+    load_checkpoint,
+    load_rank_state,
+    read_latest,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from pretrain.config import Config, config_to_dict, save_config
 from pretrain.data import BatchSource, EncodedVideo, WindowSampler, data_summary, encode_video, split_windows
+from pretrain.distributed import DistContext
 from pretrain.encoder import FrozenEncoder, load_encoder
-from pretrain.export import export_config, spec_dict, write_export
+from pretrain.export import checkpoint_weights, export_config, spec_dict, write_export
 from pretrain.model.predictor import FuturePredictor, count_parameters, spec_from_config
 from pretrain.objective import HeldoutResult, evaluate_batches, evaluate_heldout, objective_loss
+from pretrain.parallelize import DeepSpeedEngine, LocalEngine, build_engine
 from pretrain.shard_data import ShardBatchSource, eval_batches, shard_summary
 from pretrain.tracking import MetricLogger, build_logger
 
@@ -43,6 +57,9 @@ log = logging.getLogger(__name__)
 # Sections that define the model and objective: a checkpoint written under
 # different values cannot be resumed by this config.
 MODEL_SECTIONS = ("encoder", "core", "predictor", "objective")
+# Rank r draws data and masks from seed + r * RANK_SEED_STRIDE: rank 0 keeps the
+# single-process streams, other ranks get distinct ones.
+RANK_SEED_STRIDE = 1_000_003
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,14 +90,6 @@ class TrainState:
         np.random.set_state(state["rng_numpy"])
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device='cuda' but CUDA is not available")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -99,15 +108,6 @@ def lr_lambda(cfg: Config):
         return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on norms, biases and embeddings-as-vectors."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
 
 
 class _StopFlag:
@@ -145,10 +145,12 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, rank: int = 0) -> None:
+    def __init__(self, cfg: Config, ctx: DistContext | None = None) -> None:
         self.cfg = cfg
-        self.rank = rank
-        self.device = pick_device(cfg.run.device)
+        self.ctx = ctx if ctx is not None else distributed.setup(cfg)
+        self.rank = self.ctx.rank
+        self.device = self.ctx.device
+        rank_seed = cfg.run.seed + RANK_SEED_STRIDE * self.rank
         seed_everything(cfg.run.seed)
         self.encoder: FrozenEncoder = load_encoder(
             cfg.encoder.source,
@@ -168,28 +170,34 @@ class Trainer:
                 o: split_windows(self.videos, cfg, offset=o)[1] for o in cfg.objective.target_offsets
             }
             self.summary = data_summary(self.videos, train_windows, heldout)
-            self.sampler: BatchSource = WindowSampler(self.videos, train_windows, cfg, seed=cfg.run.seed)
+            self.sampler: BatchSource = WindowSampler(self.videos, train_windows, cfg, seed=rank_seed)
             grid_hw = (self.encoder.grid, self.encoder.grid)
         else:
-            shard_source = ShardBatchSource(cfg, self.encoder, self.device, rank, world_size=1)
+            shard_source = ShardBatchSource(cfg, self.encoder, self.device, self.rank, self.ctx.world_size)
             self.summary = shard_summary(cfg, shard_source.loader)
             self.sampler = shard_source
             grid_hw = self._shard_grid()
 
         self.spec = spec_from_config(cfg, self.encoder.embed_dim, *grid_hw)
-        self.model = FuturePredictor(self.spec).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.batch_plan = cfg.batch_plan(world_size=self.ctx.world_size)
+        self.engine = build_engine(FuturePredictor(self.spec), cfg, self.batch_plan, self.ctx, self.run_dir)
+        self.model: FuturePredictor = self.engine.module
+        self.optimizer = self.engine.optimizer
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.mask_generator = torch.Generator().manual_seed(cfg.run.seed + 1)
+        self.mask_generator = torch.Generator().manual_seed(rank_seed + 1)
         self.state = TrainState()
-        self.batch_plan = cfg.batch_plan(world_size=1)
         self.logger: MetricLogger | None = None
+        self._stop = _StopFlag()
         log.info(
-            "model: %d trainable parameters (%s core); data %s; batch %s",
+            "model: %d trainable parameters (%s core); data %s; %s engine; batch: micro %d x accum %d x ranks %d = %d",
             count_parameters(self.model),
             cfg.core.kind,
             cfg.data.source,
-            self.batch_plan,
+            "DeepSpeed" if self.ctx.use_deepspeed else "torch",
+            self.batch_plan.micro_batch_size,
+            self.batch_plan.grad_accum,
+            self.batch_plan.world_size,
+            self.batch_plan.global_batch_size,
         )
 
     def _shard_grid(self) -> tuple[int, int]:
@@ -210,28 +218,50 @@ class Trainer:
     def meta(self) -> dict[str, Any]:
         return {"model_spec": spec_dict(self.spec), "encoder": self.encoder.identity(), "data_summary": self.summary}
 
-    def state_dict(self) -> dict[str, Any]:
+    def rank_state_dict(self) -> dict[str, Any]:
+        """What differs per rank (or lives outside the engine): scheduler, data position, RNGs, counters."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "mask_rng": self.mask_generator.get_state(),
             "trainer": self.state.state_dict(),
-            "meta": self.meta(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.mask_generator.set_state(state["mask_rng"])
         self.state.load_state_dict(state["trainer"])
 
+    def state_dict(self) -> dict[str, Any]:
+        """Single-process (torch engine) checkpoint: everything in one file."""
+        assert isinstance(self.engine, LocalEngine)
+        return {**self.engine.state_dict(), **self.rank_state_dict(), "meta": self.meta()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert isinstance(self.engine, LocalEngine)
+        self.engine.load_state_dict(state)
+        self.load_rank_state_dict(state)
+
     def save(self) -> Path:
-        return save_checkpoint(
-            self.run_dir, self.state.step, self.state_dict(), config_to_dict(self.cfg), self.cfg.train.keep_last
+        config = config_to_dict(self.cfg)
+        if isinstance(self.engine, LocalEngine):
+            return save_checkpoint(self.run_dir, self.state.step, self.state_dict(), config, self.cfg.train.keep_last)
+        shared = {
+            "meta": self.meta(),
+            "trainer": {"step": self.state.step},
+            "world_size": self.ctx.world_size,
+            "zero_stage": self.cfg.distributed.zero_stage,
+        }
+        return save_sharded_checkpoint(
+            self.run_dir,
+            self.state.step,
+            comm=self.ctx,
+            write_engine=self.engine.save,
+            rank_state=self.rank_state_dict(),
+            shared_state=shared,
+            config=config,
+            keep_last=self.cfg.train.keep_last,
         )
 
     def maybe_resume(self) -> None:
@@ -253,40 +283,68 @@ class Trainer:
             )
         if state["meta"]["encoder"]["weights_hash"] != self.encoder.weights_hash:
             raise CheckpointError(f"{latest} was trained with another encoder ({state['meta']['encoder']['name']})")
-        self.load_state_dict(state)
+        if isinstance(self.engine, DeepSpeedEngine):
+            self._resume_sharded(latest, state)
+        elif state.get("layout") == LAYOUT_DEEPSPEED:
+            raise CheckpointError(
+                f"{latest} was written by DeepSpeed on {state['world_size']} rank(s); resume it under a launcher "
+                "(or with distributed.engine='deepspeed'), or export it and start a new run.name"
+            )
+        else:
+            self.load_state_dict(state)
         log.info("resumed from %s at step %d", latest, self.state.step)
+
+    def _resume_sharded(self, latest: Path, state: dict[str, Any]) -> None:
+        if state.get("layout") != LAYOUT_DEEPSPEED:
+            raise CheckpointError(
+                f"{latest} was written by the single-process torch engine; resume it without a launcher"
+            )
+        if state["world_size"] != self.ctx.world_size or state["zero_stage"] != self.cfg.distributed.zero_stage:
+            raise CheckpointError(
+                f"{latest} holds ZeRO-{state['zero_stage']} shards of {state['world_size']} rank(s); this run has "
+                f"distributed.zero_stage={self.cfg.distributed.zero_stage} on {self.ctx.world_size} rank(s). "
+                "Resume with the same layout, or export it and start a new run.name"
+            )
+        assert isinstance(self.engine, DeepSpeedEngine)
+        self.engine.load(latest)
+        self.load_rank_state_dict(load_rank_state(latest, self.rank))
+        # The schedule is ours, not DeepSpeed's: put its learning rate back into the shared param groups.
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
 
     # ---- the loop ----
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches, with clipping and the non-finite guard."""
+        """One optimizer step over grad_accum micro-batches, with clipping and the non-finite guard.
+
+        Returns rank-aggregated metrics: mean loss, mean data wait (s), and
+        ``stop`` (1.0 when any rank was asked to stop; every rank sees the same).
+        """
         cfg = self.cfg
+        plan = self.batch_plan
         self.model.train()
         total_loss = torch.zeros((), device=self.device)
         wait = 0.0
-        for _ in range(self.batch_plan.grad_accum):
+        forward = self.engine if isinstance(self.engine, DeepSpeedEngine) else self.model
+        for _ in range(plan.grad_accum):
             t0 = time.perf_counter()
-            batch = self.sampler.next_batch(self.batch_plan.micro_batch_size).to(self.device)
+            batch = self.sampler.next_batch(plan.micro_batch_size).to(self.device)
             wait += time.perf_counter() - t0
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                out = objective_loss(
-                    self.model, self.encoder, batch, cfg.objective.visible_fraction, self.mask_generator
-                )
-            (out.loss / self.batch_plan.grad_accum).backward()
-            total_loss += out.loss.detach() / self.batch_plan.grad_accum
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        loss = total_loss.item()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
-            return self._skip_nonfinite(loss)
+                out = objective_loss(forward, self.encoder, batch, cfg.objective.visible_fraction, self.mask_generator)
+            self.engine.backward(out.loss)
+            total_loss += out.loss.detach() / plan.grad_accum
+        local_V = torch.tensor([total_loss.item(), wait, float(self._stop.requested)], dtype=torch.float64)
+        summed_V = self.ctx.all_reduce_sum(local_V, "step metrics")
+        loss, mean_wait = (summed_V[:2] / self.ctx.world_size).tolist()
+        stop = float(summed_V[2].item() > 0)
+        outcome = self.engine.step(skip=not math.isfinite(loss))
+        if not outcome.applied:
+            return {**self._skip_nonfinite(loss), "stop": stop}
         self.state.consecutive_nonfinite = 0
-        self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "grad_norm": grad_norm.item(), "data_wait_s": wait}
+        return {"loss": loss, "grad_norm": outcome.grad_norm, "data_wait_s": mean_wait, "stop": stop}
 
     def _skip_nonfinite(self, loss: float) -> dict[str, float]:
-        self.optimizer.zero_grad(set_to_none=True)
         self.state.skipped_steps += 1
         self.state.consecutive_nonfinite += 1
         log.warning("non-finite loss/gradient at step %d (loss=%s): step skipped", self.state.step, loss)
@@ -307,14 +365,16 @@ class Trainer:
         cfg = self.cfg
         self.maybe_resume()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.json")
+        if self.ctx.is_main:
+            save_config(cfg, self.run_dir / "config.json")
         self.logger = build_logger(cfg, self.rank, resume_run_id=self.state.mlflow_run_id)
         self.state.mlflow_run_id = getattr(self.logger, "run_id", None)
         end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
         status = "FAILED"
         try:
-            with _StopFlag() as stop, _progress(cfg, self.state.step, end) as bar:
-                stopped = self._loop(end, stop, bar)
+            with _StopFlag() as stop, _progress(cfg, self.state.step, end, self.ctx.is_main) as bar:
+                self._stop = stop
+                stopped = self._loop(end, bar)
             result = TrainResult(self.state.step, stopped or self.state.step < cfg.train.steps, self.run_dir)
             if finalize and not result.stopped_early:
                 self._finalize(result)
@@ -324,7 +384,7 @@ class Trainer:
         finally:
             self.logger.close(status)
 
-    def _loop(self, end: int, stop: _StopFlag, bar) -> bool:
+    def _loop(self, end: int, bar) -> bool:
         cfg = self.cfg
         window_t0, window_steps = time.perf_counter(), 0
         window_wait = 0.0
@@ -347,20 +407,46 @@ class Trainer:
                         "data_wait_share": window_wait / elapsed,
                         "skipped_steps": self.state.skipped_steps,
                         "skipped_samples": self.sampler.skipped_samples,
+                        **self._memory_metrics(),
                     },
                     step=self.state.step,
                 )
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", clips_s=f"{clips / elapsed:.1f}")
                 window_t0, window_steps, window_wait = time.perf_counter(), 0, 0.0
+            # Ranks act on the all-reduced flag only, so they all stop (and checkpoint) at the same step.
+            stop = metrics["stop"] > 0
             at_ckpt = cfg.train.ckpt_every and self.state.step % cfg.train.ckpt_every == 0
-            if stop.requested or at_ckpt or self.state.step == end:
+            if stop or at_ckpt or self.state.step == end:
                 self.save()
-            if stop.requested:
+            if stop:
                 return True
         return False
 
+    def _memory_metrics(self) -> dict[str, float]:
+        if self.device.type != "cuda":
+            return {}
+        return {"gpu_mem_peak_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
+
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        """The trainable model's full fp32 weights, as an export holds them (rank 0 under DeepSpeed)."""
+        if isinstance(self.engine, LocalEngine):
+            return self.model.state_dict()
+        # The final checkpoint was just written: consolidating it is the same path `pretrain.export` takes.
+        latest = read_latest(self.run_dir)
+        state, _ = load_checkpoint(latest)
+        return checkpoint_weights(latest, state)
+
     def _finalize(self, result: TrainResult) -> None:
-        result.heldout = self.evaluate(self.model)
+        # Rank 0 evaluates and exports; the others are done once the final checkpoint is written.
+        if not self.ctx.is_main:
+            return
+        weights = self.final_weights()
+        trained = self.model
+        if isinstance(self.engine, DeepSpeedEngine):
+            # Evaluate exactly what is exported (fp32 masters), not the engine's possibly-bf16 module.
+            trained = FuturePredictor(self.spec).to(self.device)
+            trained.load_state_dict(weights)
+        result.heldout = self.evaluate(trained)
         untrained = FuturePredictor(self.spec).to(self.device)
         result.heldout_untrained = self.evaluate(untrained)
         for r in result.heldout:
@@ -369,7 +455,7 @@ class Trainer:
                 step=self.state.step,
             )
         export_cfg = export_config(self.meta(), config_to_dict(self.cfg), self.state.step)
-        result.export_dir = write_export(self.model.state_dict(), export_cfg, self.run_dir / "export", "fp32")
+        result.export_dir = write_export(weights, export_cfg, self.run_dir / "export", "fp32")
         plot = write_loss_curve(self.state.history, self.run_dir / "loss_curve.png")
         report = self.run_dir / "heldout.json"
         report.write_text(
@@ -416,8 +502,8 @@ class _NoBar:
         pass
 
 
-def _progress(cfg: Config, start: int, end: int):
-    if not cfg.train.progress:
+def _progress(cfg: Config, start: int, end: int, is_main: bool = True):
+    if not cfg.train.progress or not is_main:
         return _NoBar()
     from tqdm import tqdm
 

@@ -248,3 +248,62 @@ def test_lone_process_deepspeed_engine_resumes_exactly(tmp_path: Path) -> None:
     assert resumed.state.history == straight.state.history
     _assert_equal(resumed.model.state_dict(), straight.model.state_dict())
     assert json.loads((tmp_path / "b" / "tiny-cpu" / "deepspeed_config.json").read_text())["train_batch_size"] == 2
+
+
+# ---- the real launch scripts, driving the real CLI ----
+
+
+def _launcher_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)
+    return _env(PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", MASTER_PORT=str(_free_port()), **extra)
+
+
+def _run_launcher(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+
+
+def _assert_two_rank_run(out: Path, proc: subprocess.CompletedProcess) -> None:
+    _ok(proc)
+    run_dir = out / "tiny-cpu"
+    ds_config = json.loads((run_dir / "deepspeed_config.json").read_text())
+    assert ds_config["train_batch_size"] == 2 * 2  # micro 2 x accum 1 x 2 ranks
+    assert (run_dir / "export" / "model.safetensors").is_file()
+    assert json.loads((run_dir / "export" / "config.json").read_text())["step"] == 6
+    assert "copy-last" in proc.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_launcher_script(tmp_path: Path) -> None:
+    env = _launcher_env(tmp_path, NPROC_PER_NODE="2", RDZV_ENDPOINT=f"127.0.0.1:{_free_port()}")
+    proc = _run_launcher(["bash", "launchers/torchrun.sh", *tiny_overrides(tmp_path)], env)
+    _assert_two_rank_run(tmp_path, proc)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_script(tmp_path: Path) -> None:
+    env = _launcher_env(tmp_path, NUM_GPUS="2", MASTER_ADDR="127.0.0.1")
+    proc = _run_launcher(["bash", "launchers/deepspeed.sh", *tiny_overrides(tmp_path)], env)
+    _assert_two_rank_run(tmp_path, proc)
+
+
+@pytest.mark.slow
+def test_slurm_script_with_srun_and_scontrol_stand_ins(tmp_path: Path) -> None:
+    """slurm.sbatch's own logic (master address, rendezvous, torchrun per node) under fake srun/scontrol."""
+    fake_bin = tmp_path / "fake-slurm-bin"
+    fake_bin.mkdir()
+    # srun: drop its own --options and run the command once (one node).
+    (fake_bin / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (fake_bin / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
+    for tool in ("srun", "scontrol"):
+        (fake_bin / tool).chmod(0o755)
+    env = _launcher_env(
+        tmp_path,
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_NNODES="1",
+        SLURM_JOB_ID="4242",
+        GPUS_PER_NODE="2",
+        MAX_RESTARTS="0",
+    )
+    env["PATH"] = f"{fake_bin}:{env['PATH']}"
+    proc = _run_launcher(["bash", "launchers/slurm.sbatch", *tiny_overrides(tmp_path)], env)
+    _assert_two_rank_run(tmp_path, proc)

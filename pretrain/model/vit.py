@@ -1,9 +1,15 @@
-"""A DINOv2-compatible Vision Transformer, the frozen per-frame encoder.
+"""A DINOv2 / DINOv3 Vision Transformer, the frozen per-frame encoder.
 
 Parameter names follow Meta's DINOv2 release (`patch_embed.proj`, `cls_token`,
 `pos_embed`, `register_tokens`, `blocks.{i}.attn.qkv`, `blocks.{i}.ls1.gamma`,
-`norm`), so Meta checkpoints load as they are and the Hugging Face / ONNX
-loaders in `pretrain.weights` map onto one set of names.
+`norm`), so Meta DINOv2 checkpoints load as they are and the DINOv3 / Hugging
+Face / ONNX loaders in `pretrain.weights` map onto one set of names.
+
+The two families differ in positions only: DINOv2 adds a learned (resized)
+position embedding to the patch tokens; DINOv3 rotates the queries and keys
+of patch tokens with a 2-D axial RoPE (`position="rope"`), and has no
+position parameter at all (its frequencies are computed from rope_base, so
+they never enter a state dict or a weights hash, and stay fp32 under bf16).
 
 Shape legend:
     B batch, C image channels, H W image height and width in pixels,
@@ -11,13 +17,15 @@ Shape legend:
     N = h*w patches (row-major), K kept patches, G side of the learned
     position grid, R register tokens, S sequence length (1 + R + N or K),
     D embed dim, A attention heads, E head dim (D/A), F flattened patch
-    pixels (C*p*p), M MLP hidden dim.
+    pixels (C*p*p), M MLP hidden dim, Q RoPE frequencies per axis (E/4).
 """
 
 import dataclasses
 import hashlib
+import importlib.util
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,16 +35,26 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "ATTN_BACKENDS",
     "VIT_ARCHS",
     "ViTArch",
     "VisionTransformer",
+    "attention",
+    "resolve_attn_backend",
     "weights_hash",
 ]
+
+logger = logging.getLogger(__name__)
+
+ATTN_BACKENDS = ("sdpa", "xformers", "math")
+"""Attention implementations: PyTorch SDPA (flash / cuDNN / efficient on GPU),
+xformers memory_efficient_attention (CUDA only), and explicit softmax(QK^T)V."""
+POSITIONS = ("learned", "rope")
 
 
 @dataclass(kw_only=True, slots=True)
 class ViTArch:
-    """Shape of a DINOv2-style ViT; everything needed to rebuild it from weights."""
+    """Shape of a DINOv2 / DINOv3 ViT; everything needed to rebuild it from weights."""
 
     patch_size: int = 14
     """Side of a square patch, in pixels."""
@@ -58,6 +76,10 @@ class ViTArch:
     """Epsilon of every LayerNorm."""
     qkv_bias: bool = True
     """Whether the fused qkv projection has a bias."""
+    position: str = "learned"
+    """'learned' (DINOv2: resized absolute embedding) or 'rope' (DINOv3: 2-D axial rotary on q/k)."""
+    rope_base: float = 100.0
+    """RoPE base period: axis frequency i of Q has period rope_base**(i/Q), coordinates in [-1, 1]."""
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "embed_dim", "depth", "num_heads", "pos_grid"):
@@ -74,6 +96,17 @@ class ViTArch:
             raise ValueError(f"ViTArch.mlp_ratio={self.mlp_ratio} gives an empty MLP for embed_dim={self.embed_dim}")
         if not (math.isfinite(self.ln_eps) and self.ln_eps > 0):
             raise ValueError(f"ViTArch.ln_eps must be positive, got {self.ln_eps!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"ViTArch.position must be one of {POSITIONS}, got {self.position!r}")
+        if not (math.isfinite(self.rope_base) and self.rope_base > 1):
+            raise ValueError(f"ViTArch.rope_base must be > 1, got {self.rope_base!r}")
+        if self.position == "rope" and self.head_dim % 4 != 0:
+            raise ValueError(f"ViTArch.position='rope' needs a head dim divisible by 4, got {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width E of one attention head."""
+        return self.embed_dim // self.num_heads
 
     @property
     def mlp_hidden_dim(self) -> int:
@@ -100,14 +133,78 @@ def _require_int(name: str, value: object, *, minimum: int) -> None:
         raise ValueError(f"ViTArch.{name} must be an int >= {minimum}, got {value!r}")
 
 
-# Meta's DINOv2 sizes at patch 14. ViT-g/14 is left out: it uses a SwiGLU MLP,
-# which this module does not implement.
+def _dinov3(**fields: Any) -> ViTArch:
+    # Meta's DINOv3 ViTs: patch 16, 4 registers ("storage tokens"), layer
+    # scale, RoPE with base 100, LayerNorm eps 1e-5 (its "layernormbf16").
+    return ViTArch(patch_size=16, num_registers=4, position="rope", rope_base=100.0, ln_eps=1e-5, **fields)
+
+
+# Meta's DINOv2 sizes at patch 14 and DINOv3 sizes at patch 16. ViT-g/14 and
+# DINOv3's S+/H+/7B are left out: they use SwiGLU MLPs, not implemented here.
 VIT_ARCHS: dict[str, ViTArch] = {
     "vits14": ViTArch(embed_dim=384, depth=12, num_heads=6),
     "vitb14": ViTArch(embed_dim=768, depth=12, num_heads=12),
     "vitl14": ViTArch(embed_dim=1024, depth=24, num_heads=16),
     "vit_test": ViTArch(embed_dim=48, depth=2, num_heads=3, pos_grid=8),
+    "vits16": _dinov3(embed_dim=384, depth=12, num_heads=6),
+    "vitb16": _dinov3(embed_dim=768, depth=12, num_heads=12),
+    "vitl16": _dinov3(embed_dim=1024, depth=24, num_heads=16),
+    # Odd depth and 16-dim heads: small, yet every RoPE frequency pair is exercised.
+    "vit_test16": _dinov3(embed_dim=48, depth=3, num_heads=3),
 }
+
+
+def resolve_attn_backend(requested: str, device: torch.device | str) -> str:
+    """Check that backend `requested` can run on `device`; returns it or raises ValueError.
+
+    xformers has no CPU kernels and is an optional install, so asking for it
+    where it cannot run is an error rather than a silent switch.
+    """
+    device = torch.device(device)
+    if requested not in ATTN_BACKENDS:
+        raise ValueError(f"attention backend {requested!r} unknown (known: {', '.join(ATTN_BACKENDS)})")
+    if requested == "xformers":
+        if device.type != "cuda":
+            raise ValueError(f"attention backend 'xformers' needs CUDA, the encoder is on {device}")
+        if importlib.util.find_spec("xformers") is None:
+            raise ValueError("attention backend 'xformers' is not installed (pip install xformers)")
+    return requested
+
+
+def attention(q_BASE: torch.Tensor, k_BASE: torch.Tensor, v_BASE: torch.Tensor, backend: str) -> torch.Tensor:
+    """softmax(q k^T / sqrt(E)) v over heads: (B, A, S, E) x3 -> (B, A, S, E)."""
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q_BASE, k_BASE, v_BASE)
+    if backend == "math":
+        # fp32 scores: the reference against which the fused kernels are judged.
+        scores_BASS = (q_BASE.float() @ k_BASE.float().transpose(-2, -1)) * q_BASE.shape[-1] ** -0.5
+        return (scores_BASS.softmax(dim=-1) @ v_BASE.float()).to(q_BASE.dtype)
+    if backend == "xformers":
+        import xformers.ops as xops
+
+        # xformers takes (B, S, A, E).
+        out_BSAE = xops.memory_efficient_attention(
+            q_BASE.transpose(1, 2), k_BASE.transpose(1, 2), v_BASE.transpose(1, 2)
+        )
+        return out_BSAE.transpose(1, 2)
+    raise ValueError(f"attention backend {backend!r} unknown (known: {', '.join(ATTN_BACKENDS)})")
+
+
+def _rotate_half(x_BASE: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BASE.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x_BASE: torch.Tensor, sin_BKE: torch.Tensor, cos_BKE: torch.Tensor) -> torch.Tensor:
+    """Rotate the last K positions of x (the patches); the S-K prefix tokens pass unchanged.
+
+    Computed in fp32 (the angles reach 2*pi*rope_base) and cast back.
+    """
+    K = sin_BKE.shape[-2]
+    prefix_BAPE, patches_BAKE = x_BASE[:, :, :-K], x_BASE[:, :, -K:].float()
+    sin_B1KE, cos_B1KE = sin_BKE.unsqueeze(1), cos_BKE.unsqueeze(1)
+    rotated_BAKE = patches_BAKE * cos_B1KE + _rotate_half(patches_BAKE) * sin_B1KE
+    return torch.cat([prefix_BAPE, rotated_BAKE.to(x_BASE.dtype)], dim=2)
 
 
 class PatchEmbed(nn.Module):
@@ -127,21 +224,28 @@ class PatchEmbed(nn.Module):
         return F.linear(pixels_BKF, weight_DF, self.proj.bias)
 
 
+Rope = tuple[torch.Tensor, torch.Tensor]
+"""(sin, cos) of the patch tokens' RoPE angles, each (B or 1, K, E), fp32."""
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention through PyTorch SDPA (flash/cuDNN on GPU)."""
+    """Multi-head self-attention; `backend` is one of ATTN_BACKENDS (SDPA by default)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.backend = "sdpa"
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         B, S, D = x_BSD.shape
         A = self.num_heads
         qkv_3BASE = self.qkv(x_BSD).reshape(B, S, 3, A, D // A).permute(2, 0, 3, 1, 4)
         q_BASE, k_BASE, v_BASE = qkv_3BASE.unbind(0)
-        out_BASE = F.scaled_dot_product_attention(q_BASE, k_BASE, v_BASE)
+        if rope is not None:
+            q_BASE, k_BASE = apply_rope(q_BASE, *rope), apply_rope(k_BASE, *rope)
+        out_BASE = attention(q_BASE, k_BASE, v_BASE, self.backend)
         out_BSD = out_BASE.transpose(1, 2).reshape(B, S, D)
         return self.proj(out_BSD)
 
@@ -185,17 +289,19 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, arch.mlp_hidden_dim)
         self.ls2: nn.Module = LayerScale(dim) if arch.layer_scale else nn.Identity()
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        x_BSD = x_BSD + self.ls1(self.attn(self.norm1(x_BSD)))
+    def forward(self, x_BSD: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
+        x_BSD = x_BSD + self.ls1(self.attn(self.norm1(x_BSD), rope))
         return x_BSD + self.ls2(self.mlp(self.norm2(x_BSD)))
 
 
 class VisionTransformer(nn.Module):
-    """DINOv2-style ViT returning normalised patch tokens.
+    """DINOv2 / DINOv3 ViT returning normalised patch tokens.
 
     `forward` encodes whole frames; `forward_subset` encodes only chosen
     patches, so attention never sees the others (the masked-target objective
-    depends on that: the visible tokens must not leak masked content).
+    depends on that: the visible tokens must not leak masked content). Kept
+    patches keep their own positions (learned embedding or RoPE coordinates).
+    `forward_layers` returns the outputs of any set of blocks.
     """
 
     def __init__(self, arch: ViTArch) -> None:
@@ -204,7 +310,8 @@ class VisionTransformer(nn.Module):
         D = arch.embed_dim
         self.patch_embed = PatchEmbed(arch.patch_size, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + arch.pos_grid**2, D))
+        if arch.position == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + arch.pos_grid**2, D))
         if arch.num_registers > 0:
             self.register_tokens = nn.Parameter(torch.zeros(1, arch.num_registers, D))
         self.blocks = nn.ModuleList(Block(arch) for _ in range(arch.depth))
@@ -214,7 +321,8 @@ class VisionTransformer(nn.Module):
     def _init_tokens(self) -> None:
         # DINOv2's init for the learned tokens; only matters for random models
         # (tests), since the encoder is always loaded from a checkpoint.
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.arch.position == "learned":
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.arch.num_registers > 0:
             nn.init.normal_(self.register_tokens, std=1e-6)
@@ -223,6 +331,18 @@ class VisionTransformer(nn.Module):
     def num_prefix_tokens(self) -> int:
         """CLS plus registers, the tokens before the patches in the sequence."""
         return 1 + self.arch.num_registers
+
+    @property
+    def attn_backend(self) -> str:
+        """The attention implementation every block uses (one of ATTN_BACKENDS)."""
+        return self.blocks[0].attn.backend if len(self.blocks) else "sdpa"
+
+    def set_attn_backend(self, backend: str) -> None:
+        """Switch every block to `backend`; see `resolve_attn_backend` for availability."""
+        if backend not in ATTN_BACKENDS:
+            raise ValueError(f"attention backend {backend!r} unknown (known: {', '.join(ATTN_BACKENDS)})")
+        for block in self.blocks:
+            block.attn.backend = backend
 
     def patch_grid(self, height: int, width: int) -> tuple[int, int]:
         """Patch-grid (h, w) for an image of height x width pixels.
@@ -246,7 +366,7 @@ class VisionTransformer(nn.Module):
         return self.patch_grid(images_BCHW.shape[2], images_BCHW.shape[3])
 
     def patch_pos_embed(self, h: int, w: int) -> torch.Tensor:
-        """Patch position embedding for an h x w grid -> (1, h*w, D).
+        """Learned patch position embedding for an h x w grid -> (1, h*w, D).
 
         Bicubic resize of the learned G x G grid (align_corners=False, no
         antialias: the Hugging Face / ONNX export convention), in fp32 since
@@ -261,30 +381,88 @@ class VisionTransformer(nn.Module):
         grid_1Dhw = F.interpolate(grid_1DGG, size=(h, w), mode="bicubic", align_corners=False, antialias=False)
         return grid_1Dhw.permute(0, 2, 3, 1).reshape(1, h * w, D).to(patch_pos_1ND.dtype)
 
+    def rope_sin_cos(self, h: int, w: int) -> Rope:
+        """RoPE (sin, cos) of every patch of an h x w grid, each (N, E) fp32, row-major.
+
+        The periods are recomputed here rather than held in a buffer: a buffer
+        would follow the model to bf16 and lose the angles' precision, and it
+        would enter state dicts and hashes although it is fixed by rope_base.
+        """
+        periods_Q = rope_periods(self.arch).to(self.cls_token.device)
+        return rope_sin_cos(periods_Q, h, w)
+
     def _prefix_tokens(self, batch: int) -> torch.Tensor:
-        """CLS (+ its position) then registers (no position) -> (B, 1 + R, D)."""
-        cls_11D = self.cls_token + self.pos_embed[:, :1]
+        """CLS (+ its position, if learned) then registers (no position) -> (B, 1 + R, D)."""
+        cls_11D = self.cls_token
+        if self.arch.position == "learned":
+            cls_11D = cls_11D + self.pos_embed[:, :1]
         prefix = [cls_11D.expand(batch, -1, -1)]
         if self.arch.num_registers > 0:
             prefix.append(self.register_tokens.expand(batch, -1, -1))
         return torch.cat(prefix, dim=1)
 
-    def _encode_patches(self, patches_BKD: torch.Tensor) -> torch.Tensor:
-        """Prefix, blocks, final norm; returns only the patch positions (B, K, D)."""
+    def _check_layers(self, layers: Sequence[int]) -> list[int]:
+        depth = self.arch.depth
+        checked = [int(i) for i in layers]
+        if not checked or any(i < 0 or i >= depth for i in checked):
+            raise ValueError(f"layers must be a non-empty list of block indices in [0, {depth}), got {list(layers)}")
+        return checked
+
+    def _encode_patches(
+        self, patches_BKD: torch.Tensor, rope: Rope | None, layers: Sequence[int] | None = None
+    ) -> list[torch.Tensor]:
+        """Prefix, blocks, final norm; patch positions only, one (B, K, D) per requested block.
+
+        layers=None means the last block. Blocks after the last requested one are not run.
+        """
+        wanted = [self.arch.depth - 1] if layers is None else self._check_layers(layers)
         prefix_BPD = self._prefix_tokens(patches_BKD.shape[0])
         x_BSD = torch.cat([prefix_BPD, patches_BKD], dim=1)
-        for block in self.blocks:
-            x_BSD = block(x_BSD)
-        return self.norm(x_BSD)[:, self.num_prefix_tokens :]
+        outputs: dict[int, torch.Tensor] = {}
+        for index, block in enumerate(self.blocks[: max(wanted) + 1]):
+            x_BSD = block(x_BSD, rope)
+            if index in wanted:
+                # Intermediate blocks go through the final norm too (DINOv2's
+                # get_intermediate_layers(norm=True)), so all share one scale.
+                outputs[index] = self.norm(x_BSD)[:, self.num_prefix_tokens :]
+        return [outputs[i] for i in wanted]
+
+    def _embed_all(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, Rope | None]:
+        h, w = self._check_images(images_BCHW)
+        patches_BND = self.patch_embed(images_BCHW)
+        if self.arch.position == "learned":
+            return patches_BND + self.patch_pos_embed(h, w), None
+        sin_NE, cos_NE = self.rope_sin_cos(h, w)
+        return patches_BND, (sin_NE.unsqueeze(0), cos_NE.unsqueeze(0))
+
+    def _embed_subset(self, images_BCHW: torch.Tensor, keep_idx_BK: torch.Tensor) -> tuple[torch.Tensor, Rope | None]:
+        h, w = self._check_images(images_BCHW)
+        keep_idx_BK = self._check_keep_idx(keep_idx_BK, images_BCHW.shape[0], h * w)
+        pixels_BKF = self._gather_patch_pixels(images_BCHW, keep_idx_BK, w)
+        patches_BKD = self.patch_embed.embed_pixels(pixels_BKF)
+        if self.arch.position == "learned":
+            return patches_BKD + self.patch_pos_embed(h, w)[0][keep_idx_BK], None
+        # Each kept patch keeps the coordinates of its place in the full grid.
+        sin_NE, cos_NE = self.rope_sin_cos(h, w)
+        return patches_BKD, (sin_NE[keep_idx_BK], cos_NE[keep_idx_BK])
 
     def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, H, W) -> patch tokens (B, N, D) after the final norm.
 
         H and W must be multiples of the patch size; CLS and registers are dropped.
         """
-        h, w = self._check_images(images_BCHW)
-        patches_BND = self.patch_embed(images_BCHW) + self.patch_pos_embed(h, w)
-        return self._encode_patches(patches_BND)
+        return self._encode_patches(*self._embed_all(images_BCHW))[0]
+
+    def forward_layers(
+        self, images_BCHW: torch.Tensor, layers: Sequence[int], keep_idx_BK: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Patch tokens of the given blocks (0-based), each (B, N, D) or (B, K, D), final-normed.
+
+        With keep_idx_BK, only those patches are encoded, as in `forward_subset`.
+        """
+        if keep_idx_BK is None:
+            return self._encode_patches(*self._embed_all(images_BCHW), layers)
+        return self._encode_patches(*self._embed_subset(images_BCHW, keep_idx_BK), layers)
 
     def forward_subset(self, images_BCHW: torch.Tensor, keep_idx_BK: torch.Tensor) -> torch.Tensor:
         """Encode only the kept patches: (B, 3, H, W), (B, K) -> tokens (B, K, D).
@@ -293,12 +471,7 @@ class VisionTransformer(nn.Module):
         its order. Pixels of patches not kept are never read, so changing them
         leaves the output bit-identical, and the cost scales with K, not N.
         """
-        h, w = self._check_images(images_BCHW)
-        keep_idx_BK = self._check_keep_idx(keep_idx_BK, images_BCHW.shape[0], h * w)
-        pixels_BKF = self._gather_patch_pixels(images_BCHW, keep_idx_BK, w)
-        pos_BKD = self.patch_pos_embed(h, w)[0][keep_idx_BK]
-        patches_BKD = self.patch_embed.embed_pixels(pixels_BKF) + pos_BKD
-        return self._encode_patches(patches_BKD)
+        return self._encode_patches(*self._embed_subset(images_BCHW, keep_idx_BK))[0]
 
     @staticmethod
     def _check_keep_idx(keep_idx_BK: torch.Tensor, batch: int, num_patches: int) -> torch.Tensor:
@@ -322,6 +495,33 @@ class VisionTransformer(nn.Module):
         batch_BK = torch.arange(B, device=keep_idx_BK.device).unsqueeze(1).expand_as(keep_idx_BK)
         pixels_BKCpp = grid_BhwCpp[batch_BK, keep_idx_BK // w, keep_idx_BK % w]
         return pixels_BKCpp.flatten(2)
+
+
+def rope_periods(arch: ViTArch) -> torch.Tensor:
+    """Periods of the Q = E/4 RoPE frequencies per axis: rope_base**(i/Q), i = 0..Q-1 -> (Q,) fp32.
+
+    DINOv3's schedule: periods from 1 to nearly rope_base, in units of the
+    [-1, 1] coordinate range, so the slowest frequency spans the whole image.
+    """
+    Q = arch.head_dim // 4
+    return arch.rope_base ** (torch.arange(Q, dtype=torch.float32) / Q)
+
+
+def rope_sin_cos(periods_Q: torch.Tensor, h: int, w: int) -> Rope:
+    """(sin, cos) of the 2-D axial RoPE angles of an h x w patch grid, each (N, E) fp32.
+
+    Patch centres are normalised per axis to [-1, 1] (DINOv3's "separate"
+    normalisation: (i + 0.5) / h * 2 - 1), so the angles depend on the relative
+    place in the image, not on the resolution. Per patch, the E/2 angles are
+    [y / periods, x / periods] * 2*pi, repeated twice to pair with rotate_half.
+    """
+    device = periods_Q.device
+    coords_h = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+    coords_w = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+    coords_N2 = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1) * 2.0 - 1.0
+    angles_N2Q = 2 * math.pi * coords_N2[:, :, None] / periods_Q.float()[None, None, :]
+    angles_NE = angles_N2Q.flatten(1, 2).tile(2)
+    return angles_NE.sin(), angles_NE.cos()
 
 
 def weights_hash(module_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> str:

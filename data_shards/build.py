@@ -14,6 +14,18 @@ Output directory layout (the shard format is a contract with the loader):
 - ``build_stats.json``: wall time and throughput of the last run (kept out of
   the manifest so that the manifest is a pure function of inputs and arguments).
 - ``.parts/``: the per-input cache that makes builds resumable (below).
+- ``heldout/``: with ``--holdout-fraction F > 0``, a second shard set in the
+  same format (``clips-*.tar`` + ``manifest.json``) holding, per input, the
+  clips whose frames all lie in the last F of the input's output frames;
+  clips entirely before that boundary stay in OUT, clips straddling it are
+  dropped ("clips_dropped_at_holdout"). So held-out clips come from later
+  footage of the same videos and never overlap a training clip's frames.
+
+With ``--skip-scene-cuts``, clips that cross a hard scene cut
+(``data_shards.scenes.detect_scene_cuts`` on the resampled, resized frames)
+are dropped ("clips_dropped_at_cuts"). Both counts are in both manifests;
+a clip that crosses a cut is counted there even if it also straddles the
+holdout boundary.
 
 Resumability and determinism. Each input is turned, in a worker process, into
 one "part": ``.parts/<source_sha256>-<args key>.tar`` holding the clip mp4s
@@ -79,6 +91,7 @@ import av
 import numpy as np
 from tqdm import tqdm
 
+from data_shards.scenes import detect_scene_cuts
 from data_shards.video import DECODE_ERROR_REASONS, VideoDecodeError, decode_video, file_sha256, probe_video
 
 logger = logging.getLogger(__name__)
@@ -88,6 +101,7 @@ MANIFEST_NAME = "manifest.json"
 STATS_NAME = "build_stats.json"
 PARTS_DIR = ".parts"
 SHARD_PATTERN = "clips-{index:06d}.tar"
+HELDOUT_DIR = "heldout"
 
 BUILD_SKIP_REASONS: frozenset[str] = DECODE_ERROR_REASONS | {
     "odd_dimensions",
@@ -106,7 +120,16 @@ VFR_INTERVAL_RATIO = 1.5
 """An input is variable-frame-rate when max / min packet interval exceeds this."""
 
 # Bump when the part layout or the clip bytes change for the same arguments.
-_PART_FORMAT = 1
+# 2: result.json records "output_frames" and "cuts".
+_PART_FORMAT = 2
+# Cut detection runs per decoded chunk; the scene detector's spike test compares
+# a frame pair with 2 pairs on each side, so a chunk only decides cuts at least
+# this far from its end (the rest are decided with the next chunk)...
+_CUT_CONTEXT_RADIUS = 3
+# ...and is joined to this many last frames of the previous one: enough for the
+# neighbours (>= 2 * radius + 1) and to keep the adaptive threshold's median
+# and MAD from resting on a short chunk alone.
+_CUT_CONTEXT_FRAMES = 48
 # Output frames decoded per decode_video call: bounds a worker's memory for
 # long inputs (256 frames at 256x455 RGB is ~90 MB) at the cost of one seek per chunk.
 _DECODE_CHUNK_FRAMES = 256
@@ -161,6 +184,10 @@ class BuildArgs:
     """At most this many clips per shard."""
     max_shard_bytes: int = 1_000_000_000
     """At most this many bytes per shard file (a single larger clip still gets a shard of its own)."""
+    holdout_fraction: float = 0.0
+    """Per input, clips in the last this fraction of its output frames go to OUT/heldout/; 0 = no split."""
+    skip_scene_cuts: bool = False
+    """Drop clips that cross a hard scene cut (detected on the resampled, resized frames)."""
 
     def __post_init__(self) -> None:
         if self.clip_frames < 1:
@@ -177,6 +204,8 @@ class BuildArgs:
             raise ValueError(f"max_samples_per_shard must be >= 1, got {self.max_samples_per_shard}")
         if self.max_shard_bytes < _TAR_RECORD:
             raise ValueError(f"max_shard_bytes must be >= {_TAR_RECORD}, got {self.max_shard_bytes}")
+        if not (math.isfinite(self.holdout_fraction) and 0.0 <= self.holdout_fraction < 1.0):
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
 
     @property
     def clip_stride(self) -> int:
@@ -192,6 +221,8 @@ class BuildArgs:
             "crf": self.crf,
             "max_samples_per_shard": self.max_samples_per_shard,
             "max_shard_bytes": self.max_shard_bytes,
+            "holdout_fraction": float(self.holdout_fraction),
+            "skip_scene_cuts": self.skip_scene_cuts,
         }
 
     def part_key(self, encoder: str) -> str:
@@ -204,6 +235,8 @@ class BuildArgs:
             "stride": self.clip_stride,
             "crf": self.crf,
             "encoder": encoder,
+            # Parts record cuts only when asked (detection costs a pass over every frame).
+            "scene_cuts": self.skip_scene_cuts,
             "av": av.__version__,
             "ffmpeg": av.ffmpeg_version_info,
         }
@@ -218,6 +251,8 @@ class BuildResult:
     """The content of manifest.json."""
     stats: dict[str, Any]
     """The content of build_stats.json: wall_s, input_duration_s, throughput, parts reused/made, encoder."""
+    heldout: dict[str, Any] | None = None
+    """The content of heldout/manifest.json, or None when holdout_fraction is 0."""
 
 
 @cache
@@ -330,6 +365,10 @@ class _InputResult:
     clips: tuple[dict[str, Any], ...]
     source_duration_s: float
     reused: bool
+    output_frames: int = 0
+    """Frames of the input at the output rate (the holdout boundary is a fraction of them)."""
+    cuts: tuple[int, ...] = ()
+    """Output-frame indices t with a scene cut between t-1 and t (only detected with skip_scene_cuts)."""
 
 
 def _process_input(job: _Job) -> _InputResult:
@@ -378,6 +417,8 @@ def _result_from_part(path: str, part_path: Path, *, reused: bool) -> _InputResu
         clips=tuple(record["clips"]),
         source_duration_s=record["source_duration_s"],
         reused=reused,
+        output_frames=record.get("output_frames", 0),
+        cuts=tuple(record.get("cuts", ())),
     )
 
 
@@ -394,8 +435,9 @@ def _make_part(path: Path, sha256: str, args: BuildArgs, encoder: str, part_path
     record: dict[str, Any] = {"format": _PART_FORMAT, "source_sha256": sha256, "clips": [], "source_duration_s": 0.0}
     try:
         with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as part:
-            record["source_duration_s"] = _encode_clips_into(path, args, encoder, part, record["clips"])
-            record.update(reason=None, detail="")
+            frame_log = _FrameLog(detect_cuts=args.skip_scene_cuts)
+            record["source_duration_s"] = _encode_clips_into(path, args, encoder, part, record["clips"], frame_log)
+            record.update(reason=None, detail="", output_frames=frame_log.frames, cuts=frame_log.finish())
             _add_member(part, "result.json", json.dumps(record, sort_keys=True).encode())
     except (VideoDecodeError, InputRejectedError) as e:
         logger.info("skipping %s: %s: %s", path, e.reason, e.detail)
@@ -423,7 +465,12 @@ def _fsync_and_replace(tmp_path: Path, final_path: Path) -> None:
 
 
 def _encode_clips_into(
-    path: Path, args: BuildArgs, encoder: str, part: tarfile.TarFile, clips: list[dict[str, Any]]
+    path: Path,
+    args: BuildArgs,
+    encoder: str,
+    part: tarfile.TarFile,
+    clips: list[dict[str, Any]],
+    frame_log: _FrameLog,
 ) -> float:
     """Decode, cut and encode the clips of ``path`` into ``part``; returns the input's duration in seconds."""
     info = probe_video(path)
@@ -435,7 +482,7 @@ def _encode_clips_into(
     native = Fraction(info.fps).limit_denominator(100_000)
     # At or above the native rate decode_video keeps every native frame, so the output rate is the native one.
     rate = native if args.fps == 0 or args.fps >= info.fps else Fraction(args.fps).limit_denominator(100_000)
-    for clip_index, clip_THWC, start_s in _iter_clips(path, args, rate):
+    for clip_index, clip_THWC, start_s in _iter_clips(path, args, rate, frame_log):
         data = encode_clip_mp4(clip_THWC, fps=rate, crf=args.crf, encoder=encoder)
         _add_member(part, f"{clip_index:06d}.mp4", data)
         clips.append(
@@ -478,7 +525,47 @@ def _check_constant_frame_rate(path: Path) -> None:
         )
 
 
-def _iter_clips(path: Path, args: BuildArgs, rate: Fraction) -> Iterator[tuple[int, np.ndarray, float]]:
+class _FrameLog:
+    """Counts an input's output frames and, if asked, finds its scene cuts chunk by chunk.
+
+    Each chunk is detected joined to the tail of the previous one (see
+    _CUT_CONTEXT_FRAMES), so a cut between two chunks is found, and every
+    frame pair is judged with the same neighbours as in one pass. The
+    adaptive threshold is that of the joined chunk (a few hundred frames in
+    the builder) rather than of the whole video; frames are held one chunk
+    and a tail at a time, never the whole video.
+    """
+
+    def __init__(self, *, detect_cuts: bool) -> None:
+        self.detect_cuts = detect_cuts
+        self.frames = 0
+        self._cuts: list[int] = []
+        self._pending: list[int] = []
+        self._decided_until = 0
+        self._tail_THWC: np.ndarray | None = None
+
+    def push(self, chunk_THWC: np.ndarray) -> None:
+        self.frames += len(chunk_THWC)
+        if not self.detect_cuts or len(chunk_THWC) == 0:
+            return
+        joined_THWC = chunk_THWC if self._tail_THWC is None else np.concatenate([self._tail_THWC, chunk_THWC])
+        joined_start = self.frames - len(joined_THWC)
+        found = [joined_start + t for t in detect_scene_cuts(joined_THWC)]
+        # Cuts this close to the end lack right-hand neighbours: decide them with the next chunk.
+        limit = self.frames - _CUT_CONTEXT_RADIUS
+        self._cuts.extend(c for c in found if self._decided_until <= c < limit)
+        self._pending = [c for c in found if c >= max(limit, self._decided_until)]
+        self._decided_until = max(self._decided_until, limit)
+        self._tail_THWC = joined_THWC[-_CUT_CONTEXT_FRAMES:].copy()
+
+    def finish(self) -> list[int]:
+        """Every cut found (sorted, output-frame indices); [] without detection."""
+        return sorted(set(self._cuts + self._pending))
+
+
+def _iter_clips(
+    path: Path, args: BuildArgs, rate: Fraction, frame_log: _FrameLog | None = None
+) -> Iterator[tuple[int, np.ndarray, float]]:
     """(clip_index, clip_THWC, start_s) for each full clip, decoding a bounded chunk at a time."""
     frames: list[np.ndarray] = []
     times_s: list[float] = []
@@ -486,6 +573,8 @@ def _iter_clips(path: Path, args: BuildArgs, rate: Fraction) -> Iterator[tuple[i
     first = 0
     clip_index = 0
     for chunk_THWC, chunk_times_s in _decoded_chunks(path, args, rate):
+        if frame_log is not None:
+            frame_log.push(chunk_THWC)
         frames.extend(chunk_THWC)
         times_s.extend(chunk_times_s)
         while (start := clip_index * args.clip_stride - first) + args.clip_frames <= len(frames):
@@ -585,6 +674,7 @@ class _Sample:
     part_name: str
     member: str
     mp4_size: int
+    duration_s: float
 
     @property
     def tar_bytes(self) -> int:
@@ -615,33 +705,78 @@ def _mark_duplicates(results: list[_InputResult]) -> list[_InputResult]:
     return marked
 
 
-def _samples(results: list[_InputResult], crf: int) -> list[_Sample]:
-    samples: list[_Sample] = []
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Split:
+    """Samples of a build by destination, and the clips left out."""
+
+    train: list[_Sample]
+    heldout: list[_Sample]
+    dropped_at_holdout: int
+    dropped_at_cuts: int
+
+    def counts(self) -> dict[str, int]:
+        return {"clips_dropped_at_holdout": self.dropped_at_holdout, "clips_dropped_at_cuts": self.dropped_at_cuts}
+
+
+def clip_destination(start: int, frames: int, output_frames: int, cuts: Sequence[int], args: BuildArgs) -> str:
+    """Where a clip of output frames [start, start + frames) goes: "train", "heldout", "cut" or "holdout" (dropped).
+
+    A cut c (between frames c-1 and c) breaks the clip when start < c < start + frames.
+    The held-out region is the last round(holdout_fraction * output_frames) frames.
+    """
+    end = start + frames
+    if any(start < c < end for c in cuts):
+        return "cut"
+    if args.holdout_fraction <= 0:
+        return "train"
+    boundary = output_frames - round(args.holdout_fraction * output_frames)
+    if start >= boundary:
+        return "heldout"
+    return "train" if end <= boundary else "holdout"
+
+
+def _split_samples(results: list[_InputResult], args: BuildArgs) -> _Split:
+    train: list[_Sample] = []
+    heldout: list[_Sample] = []
+    dropped: Counter[str] = Counter()
     for result in results:
-        if result.reason is not None or result.sha256 is None or result.part_name is None:
-            continue
-        for clip in result.clips:
-            meta = {
-                "source": result.path,
-                "source_sha256": result.sha256,
-                "clip_index": clip["clip_index"],
-                "start_s": clip["start_s"],
-                "fps": clip["fps"],
-                "frames": clip["frames"],
-                "width": clip["width"],
-                "height": clip["height"],
-                "crf": crf,
-            }
-            samples.append(
-                _Sample(
-                    key=f"{result.sha256[:16]}-{clip['clip_index']:06d}",
-                    json_bytes=json.dumps(meta).encode("utf-8"),
-                    part_name=result.part_name,
-                    member=f"{clip['clip_index']:06d}.mp4",
-                    mp4_size=clip["bytes"],
-                )
-            )
-    return samples
+        for clip, sample in _samples_of(result, args.crf):
+            start = clip["clip_index"] * args.clip_stride
+            where = clip_destination(start, clip["frames"], result.output_frames, result.cuts, args)
+            if where == "train":
+                train.append(sample)
+            elif where == "heldout":
+                heldout.append(sample)
+            else:
+                dropped[where] += 1
+    return _Split(train, heldout, dropped["holdout"], dropped["cut"])
+
+
+def _samples_of(result: _InputResult, crf: int) -> Iterator[tuple[dict[str, Any], _Sample]]:
+    """(part clip record, sample) for every clip of a used input, in time order."""
+    if result.reason is not None or result.sha256 is None or result.part_name is None:
+        return
+    for clip in result.clips:
+        meta = {
+            "source": result.path,
+            "source_sha256": result.sha256,
+            "clip_index": clip["clip_index"],
+            "start_s": clip["start_s"],
+            "fps": clip["fps"],
+            "frames": clip["frames"],
+            "width": clip["width"],
+            "height": clip["height"],
+            "crf": crf,
+        }
+        sample = _Sample(
+            key=f"{result.sha256[:16]}-{clip['clip_index']:06d}",
+            json_bytes=json.dumps(meta).encode("utf-8"),
+            part_name=result.part_name,
+            member=f"{clip['clip_index']:06d}.mp4",
+            mp4_size=clip["bytes"],
+            duration_s=clip["frames"] / clip["fps"],
+        )
+        yield clip, sample
 
 
 def _plan_shards(samples: list[_Sample], args: BuildArgs) -> list[list[_Sample]]:
@@ -726,16 +861,20 @@ def _check_existing_manifest(out_dir: Path, args: BuildArgs) -> None:
 
 def _remove_temporaries(out_dir: Path, parts_dir: Path) -> None:
     """Temporaries left by a killed run: never read, safe to delete (one build per directory at a time)."""
-    for stale in [*out_dir.glob(".*.tmp"), *parts_dir.glob(".*.tmp")]:
+    for stale in [*out_dir.glob(".*.tmp"), *(out_dir / HELDOUT_DIR).glob(".*.tmp"), *parts_dir.glob(".*.tmp")]:
         logger.info("removing %s left by an interrupted run", stale)
         stale.unlink(missing_ok=True)
 
 
 def _manifest(
-    args: BuildArgs, results: list[_InputResult], shards: list[list[_Sample]], shard_records: list[dict[str, Any]]
+    args: BuildArgs,
+    results: list[_InputResult],
+    shards: list[list[_Sample]],
+    shard_records: list[dict[str, Any]],
+    split: _Split,
 ) -> dict[str, Any]:
     skipped = [r for r in results if r.reason is not None]
-    clip_seconds = sum(clip["frames"] / clip["fps"] for r in results if r.reason is None for clip in r.clips)
+    clip_seconds = sum(sample.duration_s for shard in shards for sample in shard)
     return {
         "version": MANIFEST_VERSION,
         "args": args.manifest_args(),
@@ -745,13 +884,16 @@ def _manifest(
         "total_duration_s": round(clip_seconds, 6),
         "skipped": dict(sorted(Counter(r.reason for r in skipped).items())),
         "skipped_files": [{"path": r.path, "reason": r.reason, "detail": r.detail} for r in skipped],
+        **split.counts(),
         "shards": shard_records,
     }
 
 
-def _assemble(out_dir: Path, parts_dir: Path, shards: list[list[_Sample]]) -> tuple[list[dict[str, Any]], int]:
+def _assemble(
+    out_dir: Path, parts_dir: Path, shards: list[list[_Sample]], record_name: str = "shards.json"
+) -> tuple[list[dict[str, Any]], int]:
     """Write the shards that changed; returns the manifest's shard records and how many were written."""
-    record_path = parts_dir / "shards.json"
+    record_path = parts_dir / record_name
     previous: dict[str, Any] = json.loads(record_path.read_text()) if record_path.exists() else {}
     records: dict[str, Any] = {}
     written = 0
@@ -787,6 +929,26 @@ def _assemble(out_dir: Path, parts_dir: Path, shards: list[list[_Sample]]) -> tu
     return shard_records, written
 
 
+def _write_shard_set(
+    out_dir: Path,
+    parts_dir: Path,
+    shards: list[list[_Sample]],
+    args: BuildArgs,
+    results: list[_InputResult],
+    split: _Split,
+    record_name: str,
+) -> tuple[dict[str, Any], int]:
+    """Assemble one shard set (OUT or OUT/heldout) and write its manifest last; returns it and the shards written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shard_records, written = _assemble(out_dir, parts_dir, shards, record_name)
+    manifest = _manifest(args, results, shards, shard_records, split)
+    manifest_text = json.dumps(manifest, indent=1) + "\n"
+    manifest_path = out_dir / MANIFEST_NAME
+    if not manifest_path.exists() or manifest_path.read_text() != manifest_text:
+        _atomic_write_text(manifest_path, manifest_text)
+    return manifest, written
+
+
 def build_shards(
     inputs: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
@@ -807,8 +969,12 @@ def build_shards(
             from a crashing decoder; for tests and debugging).
         progress: show a tqdm bar over input files.
 
+    With ``args.holdout_fraction > 0`` the held-out clips go to
+    ``out_dir/heldout/`` (written before ``out_dir/manifest.json``, so that
+    manifest still marks a finished build).
+
     Returns:
-        BuildResult with the manifest as written and this run's statistics.
+        BuildResult with the manifest(s) as written and this run's statistics.
     """
     args = args or BuildArgs()
     if workers is None:
@@ -828,13 +994,20 @@ def build_shards(
     logger.info("building clips of %d inputs into %s with %d workers", len(jobs), out_dir, workers)
     results = _mark_duplicates(_run_jobs(jobs, workers, progress))
 
-    shards = _plan_shards(_samples(results, args.crf), args)
-    shard_records, written = _assemble(out_dir, parts_dir, shards)
-    manifest = _manifest(args, results, shards, shard_records)
-    manifest_text = json.dumps(manifest, indent=1) + "\n"
-    manifest_path = out_dir / MANIFEST_NAME
-    if not manifest_path.exists() or manifest_path.read_text() != manifest_text:
-        _atomic_write_text(manifest_path, manifest_text)
+    split = _split_samples(results, args)
+    shards = _plan_shards(split.train, args)
+    written, total_shards = 0, len(shards)
+    heldout: dict[str, Any] | None = None
+    if args.holdout_fraction > 0:
+        # The held-out set first: OUT/manifest.json, written last, then means the whole build is done.
+        heldout_shards = _plan_shards(split.heldout, args)
+        heldout, written = _write_shard_set(
+            out_dir / HELDOUT_DIR, parts_dir, heldout_shards, args, results, split, "shards-heldout.json"
+        )
+        total_shards += len(heldout_shards)
+        logger.info("held out %d clips in %d shards", heldout["clips"], len(heldout_shards))
+    manifest, written_train = _write_shard_set(out_dir, parts_dir, shards, args, results, split, "shards.json")
+    written += written_train
 
     wall_s = time.perf_counter() - started
     input_duration_s = sum(r.source_duration_s for r in results if r.reason is None)
@@ -845,13 +1018,13 @@ def build_shards(
         "parts_reused": sum(r.reused for r in results),
         "parts_made": sum(r.part_name is not None and not r.reused for r in results),
         "shards_written": written,
-        "shards_kept": len(shards) - written,
+        "shards_kept": total_shards - written,
         "workers": workers,
         "encoder": encoder,
     }
     _atomic_write_text(out_dir / STATS_NAME, json.dumps(stats, indent=1) + "\n")
     logger.info("built %d clips in %d shards; skipped %s", manifest["clips"], len(shards), manifest["skipped"])
-    return BuildResult(manifest=manifest, stats=stats)
+    return BuildResult(manifest=manifest, stats=stats, heldout=heldout)
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
@@ -880,6 +1053,15 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crf", type=int, default=defaults.crf, help="x264 constant rate factor")
     parser.add_argument("--max-samples-per-shard", type=int, default=defaults.max_samples_per_shard)
     parser.add_argument("--max-shard-bytes", type=int, default=defaults.max_shard_bytes)
+    parser.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=defaults.holdout_fraction,
+        help="per input, clips in the last F of its frames go to OUT/heldout/ (boundary clips dropped); 0 = off",
+    )
+    parser.add_argument(
+        "--skip-scene-cuts", action="store_true", help="drop clips that cross a detected hard scene cut"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -894,6 +1076,8 @@ def run_build(namespace: argparse.Namespace) -> int:
             crf=namespace.crf,
             max_samples_per_shard=namespace.max_samples_per_shard,
             max_shard_bytes=namespace.max_shard_bytes,
+            holdout_fraction=namespace.holdout_fraction,
+            skip_scene_cuts=namespace.skip_scene_cuts,
         )
         if namespace.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {namespace.workers}")
@@ -912,6 +1096,13 @@ def run_build(namespace: argparse.Namespace) -> int:
         f"{manifest['clips']} clips ({manifest['total_duration_s']:.1f} s) in {len(manifest['shards'])} shards "
         f"from {manifest['ok_inputs']}/{manifest['inputs']} inputs -> {namespace.out}"
     )
+    if result.heldout is not None:
+        print(f"{result.heldout['clips']} held-out clips -> {Path(namespace.out) / HELDOUT_DIR}")
+    if manifest["clips_dropped_at_holdout"] or manifest["clips_dropped_at_cuts"]:
+        print(
+            f"dropped {manifest['clips_dropped_at_holdout']} clips at the holdout boundary, "
+            f"{manifest['clips_dropped_at_cuts']} at scene cuts"
+        )
     if manifest["skipped"]:
         print("skipped: " + ", ".join(f"{reason} {count}" for reason, count in manifest["skipped"].items()))
     print(

@@ -13,13 +13,22 @@ weights hash, so features of two encoders never mix):
 - ``features-000000.tar``, ...: one per clip shard, same sample keys. Each
   sample has ``safetensors`` (a safetensors blob holding "tokens", bf16
   (T, N, D): the encoder's float32 output rounded once to bf16 and stored
-  as raw bf16 bytes, so reading it back is lossless) and ``json`` (the
-  clip's json plus "encoder", "encoder_hash", "grid" [gh, gw], "embed_dim",
-  "image_size").
+  as raw bf16 bytes, so reading it back is lossless; with visible sets also
+  "visible_idx", int32 (T, M, V), and "visible_tokens", bf16 (T, M, V, D))
+  and ``json`` (the clip's json plus "encoder", "encoder_hash", "grid"
+  [gh, gw], "embed_dim", "image_size").
 - ``manifest.json``: "format", "encoder" (``FrozenEncoder.identity()``),
-  "grid", "embed_dim", "image_size", "clips", "shards" [{name, bytes,
-  samples, sha256}], "skipped" (clips that failed to decode, by reason),
-  "source" (clip shard directory and a digest of its manifest), "args".
+  "grid", "embed_dim", "image_size", "visible_fraction", "visible_sets",
+  "clips", "shards" [{name, bytes, samples, sha256}], "skipped" (clips that
+  failed to decode, by reason), "source" (clip shard directory and a digest
+  of its manifest), "args".
+
+Visible sets: the default objective shows the predictor a few target tokens
+encoded from their own patches only, which needs pixels. So the encode pass
+also stores, per frame, M random subsets of V = max(1, round(F * N))
+patches (sorted indices, seeded from the sample key and frame index) with
+their tokens from ``encoder.encode_subset``; the feature loader hands each
+sampled frame one of its M sets.
 
 Frame policy of the encode pass: the centred square (side = the frame's
 short side) resized to image_size x image_size with antialiased bilinear,
@@ -92,24 +101,88 @@ class FeatureBatch:
     """Sample keys, as in the clip shards."""
     meta: list[dict[str, Any]]
     """Feature json plus the draw: "start_frame", "frame_stride", "grid_crop" [top, left, h, w] or None, "flip"."""
+    visible_idx_BTV: Tensor | None = None
+    """int64 visible patch indices of each frame (one stored set, drawn per frame), or None without visible sets."""
+    visible_tokens_BTVD: Tensor | None = None
+    """bf16 tokens of those patches, encoded from those patches only, or None without visible sets."""
 
 
-def tokens_to_bytes(tokens_TND: Tensor) -> bytes:
+@dataclass(slots=True)
+class VisibleSets:
+    """M stored visible subsets per frame of one clip."""
+
+    idx_TMV: Tensor
+    """int32 sorted patch indices."""
+    tokens_TMVD: Tensor
+    """bf16 tokens of those patches, encoded from those patches only."""
+
+
+def tokens_to_bytes(tokens_TND: Tensor, visible: VisibleSets | None = None) -> bytes:
     """A safetensors blob of bf16 tokens (exact bytes, no conversion beyond the one to bf16 already done)."""
     if tokens_TND.dtype != torch.bfloat16:
         raise ValueError(f"feature tokens must be bf16, got {tokens_TND.dtype}")
-    return save_safetensors_bytes({"tokens": tokens_TND.contiguous()})
+    tensors = {"tokens": tokens_TND.contiguous()}
+    if visible is not None:
+        if visible.idx_TMV.dtype != torch.int32 or visible.tokens_TMVD.dtype != torch.bfloat16:
+            raise ValueError(
+                f"visible sets must be int32 / bf16, got {visible.idx_TMV.dtype} / {visible.tokens_TMVD.dtype}"
+            )
+        tensors["visible_idx"] = visible.idx_TMV.contiguous()
+        tensors["visible_tokens"] = visible.tokens_TMVD.contiguous()
+    return save_safetensors_bytes(tensors)
 
 
 def tokens_from_bytes(blob: bytes, *, key: str = "?") -> Tensor:
     """bf16 (T, N, D) tokens from a feature sample's safetensors blob, or CorruptSampleError."""
+    return features_from_bytes(blob, key=key)[0]
+
+
+def features_from_bytes(blob: bytes, *, key: str = "?") -> tuple[Tensor, VisibleSets | None]:
+    """bf16 (T, N, D) tokens and the visible sets (None when not stored) of a feature sample, or CorruptSampleError."""
     try:
-        tokens = load_safetensors_bytes(blob)["tokens"]
+        tensors = load_safetensors_bytes(blob)
+        tokens = tensors["tokens"]
     except (SafetensorError, KeyError, ValueError) as e:
         raise CorruptSampleError(key, "decode_error", f"unreadable tokens: {e}") from e
     if tokens.dtype != torch.bfloat16 or tokens.dim() != 3:
         raise CorruptSampleError(key, "decode_error", f"tokens are {tokens.dtype} {tuple(tokens.shape)}, not bf16 3-D")
-    return tokens
+    if "visible_idx" not in tensors:
+        return tokens, None
+    idx, vis = tensors["visible_idx"], tensors.get("visible_tokens")
+    T, N, D = tokens.shape
+    ok = (
+        vis is not None
+        and idx.dtype == torch.int32
+        and idx.dim() == 3
+        and idx.shape[0] == T
+        and vis.dtype == torch.bfloat16
+        and vis.shape == (*idx.shape, D)
+        and bool(((idx >= 0) & (idx < N)).all())
+    )
+    if not ok:
+        shapes = (tuple(idx.shape), None if vis is None else tuple(vis.shape))
+        raise CorruptSampleError(key, "decode_error", f"visible sets {shapes} do not fit tokens {(T, N, D)}")
+    return tokens, VisibleSets(idx, vis)
+
+
+def visible_set_seed(key: str, frame: int) -> int:
+    """Seed of a frame's visible sets: a digest of (sample key, frame index), independent of batching and order."""
+    return int.from_bytes(hashlib.sha256(f"{key}|{frame}".encode()).digest()[:8], "little")
+
+
+def draw_visible_idx(key: str, num_frames: int, num_tokens: int, num_visible: int, num_sets: int) -> Tensor:
+    """Sorted visible patch indices for every frame of a clip, int32 (T, M, V)."""
+    idx_TMV = np.empty((num_frames, num_sets, num_visible), dtype=np.int32)
+    for t in range(num_frames):
+        rng = np.random.default_rng(visible_set_seed(key, t))
+        for m in range(num_sets):
+            idx_TMV[t, m] = np.sort(rng.permutation(num_tokens)[:num_visible])
+    return torch.from_numpy(idx_TMV)
+
+
+def visible_count(num_tokens: int, fraction: float) -> int:
+    """V = max(1, round(fraction * N)) visible patches per set (0 when fraction is 0), as the objective counts them."""
+    return 0 if fraction <= 0 else max(1, round(fraction * num_tokens))
 
 
 def frames_for_encoding(mp4: bytes, image_size: int, *, key: str = "?", expected_frames: int | None = None) -> Tensor:
@@ -160,6 +233,8 @@ def encode_clip_shards(
     encoder: FrozenEncoder,
     *,
     batch_clips: int = 8,
+    visible_fraction: float = 0.05,
+    visible_sets: int = 2,
     expected_encoder_hash: str | None = None,
     args: dict[str, Any] | None = None,
 ) -> Path:
@@ -171,6 +246,9 @@ def encode_clip_shards(
     decode are skipped, counted in the manifest's "skipped" and logged.
     ``batch_clips`` clips are encoded per encoder call (their frames
     concatenated; the encoder is per-frame, so grouping changes no token).
+    ``visible_fraction`` F > 0 also stores ``visible_sets`` M visible subsets
+    of V = max(1, round(F * N)) patches per frame, encoded from those patches
+    only (see the module docstring); F = 0 stores none.
 
     Raises EncoderMismatchError when ``expected_encoder_hash`` is given and
     differs from the encoder's, or when the output directory holds features
@@ -178,6 +256,11 @@ def encode_clip_shards(
     """
     if batch_clips < 1:
         raise ValueError(f"batch_clips must be >= 1, got {batch_clips}")
+    if not 0.0 <= visible_fraction < 1.0:
+        raise ValueError(f"visible_fraction must be in [0, 1), got {visible_fraction}")
+    if visible_fraction > 0 and visible_sets < 1:
+        raise ValueError(f"visible_sets must be >= 1 with visible_fraction > 0, got {visible_sets}")
+    visible_sets = visible_sets if visible_fraction > 0 else 0
     identity = encoder.identity()
     weights_hash = str(identity["weights_hash"])
     if expected_encoder_hash is not None and expected_encoder_hash != weights_hash:
@@ -195,10 +278,17 @@ def encode_clip_shards(
             raise EncoderMismatchError(
                 f"{final} holds features of encoder hash {found}, this encoder's hash is {weights_hash}"
             )
-        if existing.get("source", {}).get("digest") == source_digest:
-            logger.info("features of %s by encoder %s already in %s", shards_dir, weights_hash[:16], final)
-            return final
-        raise FileExistsError(f"{final} holds features of other clip shards; remove it or choose another --out")
+        if existing.get("source", {}).get("digest") != source_digest:
+            raise FileExistsError(f"{final} holds features of other clip shards; remove it or choose another --out")
+        stored = (existing.get("visible_fraction", 0.0), existing.get("visible_sets", 0))
+        if stored != (visible_fraction, visible_sets):
+            raise FileExistsError(
+                f"{final} holds features of these clip shards with visible_fraction={stored[0]}, "
+                f"visible_sets={stored[1]}; remove it or choose another --out for "
+                f"visible_fraction={visible_fraction}, visible_sets={visible_sets}"
+            )
+        logger.info("features of %s by encoder %s already in %s", shards_dir, weights_hash[:16], final)
+        return final
 
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -207,7 +297,9 @@ def encode_clip_shards(
         shard_docs, skipped, clips = [], Counter(), 0
         for i, entry in enumerate(entries):
             name = f"features-{i:06d}.tar"
-            written = _encode_one_shard(entry.path, tmp / name, encoder, batch_clips, skipped)
+            written = _encode_one_shard(
+                entry.path, tmp / name, encoder, batch_clips, skipped, visible_fraction, visible_sets
+            )
             data_digest, size = _file_digest(tmp / name)
             shard_docs.append({"name": name, "bytes": size, "samples": written, "sha256": data_digest})
             clips += written
@@ -219,6 +311,8 @@ def encode_clip_shards(
             "embed_dim": encoder.embed_dim,
             "image_size": encoder.image_size,
             "tokens_dtype": "bfloat16",
+            "visible_fraction": visible_fraction,
+            "visible_sets": visible_sets,
             "clips": clips,
             "shards": shard_docs,
             "skipped": dict(skipped),
@@ -233,12 +327,21 @@ def encode_clip_shards(
     return final
 
 
-def _encode_one_shard(src: str, dst: Path, encoder: FrozenEncoder, batch_clips: int, skipped: Counter[str]) -> int:
+def _encode_one_shard(
+    src: str,
+    dst: Path,
+    encoder: FrozenEncoder,
+    batch_clips: int,
+    skipped: Counter[str],
+    visible_fraction: float,
+    visible_sets: int,
+) -> int:
     """Encode one clip shard into one feature shard; returns the number of clips written."""
     written = 0
     with wds.TarWriter(str(dst)) as sink:
         for group in _decoded_groups(src, encoder.image_size, batch_clips, skipped):
-            for key, meta, tokens_TND in zip(*_encode_group(group, encoder), strict=True):
+            encoded = _encode_group(group, encoder, visible_fraction, visible_sets)
+            for key, meta, tokens_TND, visible in zip(*encoded, strict=True):
                 sample_meta = {
                     **meta,
                     "encoder": encoder.name,
@@ -248,7 +351,11 @@ def _encode_one_shard(src: str, dst: Path, encoder: FrozenEncoder, batch_clips: 
                     "image_size": encoder.image_size,
                 }
                 sink.write(
-                    {"__key__": key, "safetensors": tokens_to_bytes(tokens_TND), "json": json.dumps(sample_meta)}
+                    {
+                        "__key__": key,
+                        "safetensors": tokens_to_bytes(tokens_TND, visible),
+                        "json": json.dumps(sample_meta),
+                    }
                 )
                 written += 1
     return written
@@ -287,14 +394,28 @@ def _decoded_groups(
 
 
 def _encode_group(
-    group: list[tuple[str, dict[str, Any], Tensor]], encoder: FrozenEncoder
-) -> tuple[list[str], list[dict[str, Any]], list[Tensor]]:
-    """Encode the frames of several clips in one call; bf16 (T, N, D) tokens per clip, on the CPU."""
+    group: list[tuple[str, dict[str, Any], Tensor]],
+    encoder: FrozenEncoder,
+    visible_fraction: float = 0.0,
+    visible_sets: int = 0,
+) -> tuple[list[str], list[dict[str, Any]], list[Tensor], list[VisibleSets | None]]:
+    """Encode the frames of several clips in one call; bf16 (T, N, D) tokens and visible sets per clip, on the CPU."""
     keys, metas, frames = zip(*group, strict=True)
     lengths = [f.shape[0] for f in frames]
-    frames_1TCHW = torch.cat(frames)[None]
-    tokens_TND = encoder.encode(frames_1TCHW)[0].to("cpu", torch.bfloat16)
-    return list(keys), list(metas), list(tokens_TND.split(lengths))
+    frames_TCHW = torch.cat(frames)
+    tokens_TND = encoder.encode(frames_TCHW[None])[0].to("cpu", torch.bfloat16)
+    visible: list[VisibleSets | None] = [None] * len(keys)
+    V = visible_count(encoder.num_tokens, visible_fraction)
+    if V:
+        idx_TMV = torch.cat(
+            [draw_visible_idx(k, n, encoder.num_tokens, V, visible_sets) for k, n in zip(keys, lengths)]
+        )
+        # One encode_subset call for every set of every frame of the group: the M sets of
+        # a frame are M rows over the same frame (expand, no copy until preprocessing).
+        frames_TMCHW = frames_TCHW[:, None].expand(-1, visible_sets, *frames_TCHW.shape[1:])
+        tokens_TMVD = encoder.encode_subset(frames_TMCHW, idx_TMV.long()).to("cpu", torch.bfloat16)
+        visible = [VisibleSets(i, v) for i, v in zip(idx_TMV.split(lengths), tokens_TMVD.split(lengths), strict=True)]
+    return list(keys), list(metas), list(tokens_TND.split(lengths)), visible
 
 
 def _source_digest(directory: Path, entries: list[Any]) -> str:
@@ -312,16 +433,23 @@ def _file_digest(path: Path) -> tuple[str, int]:
 
 @dataclass(slots=True)
 class FeatureDecoder:
-    """Decode step of the feature loader: T frames at a stride, one grid crop and flip for all."""
+    """Decode step of the feature loader: T frames at a stride, one grid crop and flip for all.
+
+    With ``visible`` set, each sampled frame also gets one of its stored
+    visible sets (drawn from the sample's rng); without it they are ignored.
+    """
 
     cfg: LoaderConfig
+    visible: bool = False
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         key = str(sample.get("__key__"))
         meta = read_sample_json(sample)
         if "safetensors" not in sample:
             raise CorruptSampleError(key, "missing_field", "no safetensors member")
-        tokens_TND = tokens_from_bytes(sample["safetensors"], key=key)
+        tokens_TND, visible_sets = features_from_bytes(sample["safetensors"], key=key)
+        if self.visible and visible_sets is None:
+            raise CorruptSampleError(key, "missing_field", "no visible sets, the manifest says there are")
         grid = meta.get("grid")
         if not (isinstance(grid, list) and len(grid) == 2):
             raise CorruptSampleError(key, "bad_json", f"json field 'grid' is {grid!r}")
@@ -335,6 +463,10 @@ class FeatureDecoder:
         index_T = list(range(start, start + span, self.cfg.frame_stride))
         box = random_grid_crop_box(tuple(grid), self.cfg.crop_grid, rng) if self.cfg.crop_grid else None
         flip = bool(rng.random() < self.cfg.hflip_prob)
+        visible_fields = {}
+        if self.visible:
+            assert visible_sets is not None
+            visible_fields = pick_visible_sets(visible_sets, index_T, grid[1], flip, rng)
         try:
             tokens_TND = crop_flip_tokens(tokens_TND[index_T], (grid[0], grid[1]), box, flip=flip)
         except (ValueError, RuntimeError) as e:
@@ -352,7 +484,30 @@ class FeatureDecoder:
             "frame_index_T": torch.tensor(index_T, dtype=torch.int64),
             "key": key,
             "meta": {**meta, **draw},
+            **visible_fields,
         }
+
+
+def pick_visible_sets(
+    visible: VisibleSets, index_T: list[int], grid_w: int, flip: bool, rng: np.random.Generator
+) -> dict[str, Tensor]:
+    """One stored visible set per sampled frame, mirrored with the grid: int64 (T, V) indices, bf16 (T, V, D) tokens.
+
+    Mirroring maps column c to grid_w - 1 - c but keeps the stored tokens:
+    the same approximation ``crop_flip_tokens`` makes for the full grid (a
+    token of a mirrored patch is not the mirrored token). The indices are
+    re-sorted, their tokens moved with them, so sets stay sorted.
+    """
+    T = len(index_T)
+    set_T = torch.from_numpy(rng.integers(0, visible.idx_TMV.shape[1], size=T))
+    frames_T = torch.tensor(index_T)
+    idx_TV = visible.idx_TMV[frames_T, set_T].long()
+    tokens_TVD = visible.tokens_TMVD[frames_T, set_T]
+    if flip:
+        row_TV, col_TV = idx_TV // grid_w, idx_TV % grid_w
+        idx_TV, order_TV = (row_TV * grid_w + (grid_w - 1 - col_TV)).sort(dim=-1)
+        tokens_TVD = tokens_TVD.gather(1, order_TV[..., None].expand_as(tokens_TVD))
+    return {"visible_idx_TV": idx_TV, "visible_tokens_TVD": tokens_TVD.contiguous()}
 
 
 def collate_features(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -360,12 +515,18 @@ def collate_features(samples: list[dict[str, Any]]) -> dict[str, Any]:
     grids = {s["grid_hw"] for s in samples}
     if len(grids) != 1:
         raise ValueError(f"feature samples in one batch have different grids {sorted(grids)}")
+    with_visible = {"visible_idx_TV" in s for s in samples}
+    if len(with_visible) != 1:
+        raise ValueError("feature samples in one batch differ in carrying visible sets")
+    visible = with_visible.pop()
     return {
         "tokens_BTND": default_collate([s["tokens_TND"] for s in samples]),
         "grid_hw": grids.pop(),
         "frame_index_BT": torch.stack([s["frame_index_T"] for s in samples]),
         "keys": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
+        "visible_idx_BTV": torch.stack([s["visible_idx_TV"] for s in samples]) if visible else None,
+        "visible_tokens_BTVD": torch.stack([s["visible_tokens_TVD"] for s in samples]) if visible else None,
     }
 
 
@@ -381,6 +542,8 @@ def feature_loader(
     world_size: int,
     expected_encoder_hash: str,
     state: dict[str, Any] | None = None,
+    *,
+    visible: bool = True,
 ) -> ShardLoader:
     """A rank's stream of ``FeatureBatch`` over feature shards (splitting, shuffle, resume: see ShardLoader).
 
@@ -388,17 +551,27 @@ def feature_loader(
     into; the shards must come from the encoder with ``expected_encoder_hash``
     (EncoderMismatchError otherwise, naming both hashes). ``cfg.image_size``,
     ``crop_scale`` and ``crop_ratio`` are not used; ``crop_grid`` is.
+    Batches carry the shards' visible sets when they have them and
+    ``visible`` is true (``visible=False`` ignores them); visible sets and
+    ``crop_grid > 0`` do not go together (ValueError).
     """
     directory, manifest = resolve_feature_dir(cfg.shards, expected_encoder_hash)
     grid = manifest["grid"]
     if cfg.crop_grid > min(grid):
         raise ValueError(f"LoaderConfig.crop_grid={cfg.crop_grid} exceeds the feature grid {grid[0]}x{grid[1]}")
+    visible = visible and manifest.get("visible_sets", 0) > 0
+    if visible and cfg.crop_grid:
+        # A crop changes N and the patch numbering; the stored sets were drawn on the full grid.
+        raise ValueError(
+            f"LoaderConfig.crop_grid={cfg.crop_grid}: feature shards in {directory} carry visible sets, "
+            "which are only supported on the full grid (crop_grid=0, or load with visible=False)"
+        )
     return ShardLoader(
         dataclasses.replace(cfg, shards=str(directory)),
         rank=rank,
         world_size=world_size,
         prefix="features",
-        decode=FeatureDecoder(cfg),
+        decode=FeatureDecoder(cfg, visible=visible),
         collate=collate_features,
         to_batch=_to_feature_batch,
         state=state,
@@ -416,6 +589,13 @@ def add_encode_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--seed", type=int, default=0, help="seed for --encoder random")
     parser.add_argument("--image-size", type=int, default=224, help="encoder input side in pixels")
     parser.add_argument("--batch", type=int, default=8, help="clips per encoder call")
+    parser.add_argument(
+        "--visible-fraction",
+        type=float,
+        default=0.05,
+        help="store visible sets of max(1, round(F*N)) patches per frame, encoded from those patches only (0 = none)",
+    )
+    parser.add_argument("--visible-sets", type=int, default=2, help="visible sets stored per frame")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--expect-hash", default=None, help="fail unless the encoder's weights hash is this")
     return parser
@@ -431,6 +611,8 @@ def run_encode(args: argparse.Namespace) -> int:
         args.out,
         encoder,
         batch_clips=args.batch,
+        visible_fraction=args.visible_fraction,
+        visible_sets=args.visible_sets,
         expected_encoder_hash=args.expect_hash,
         args={k: v for k, v in vars(args).items() if not callable(v)},
     )

@@ -299,13 +299,6 @@ class Config:
     """Process group and DeepSpeed engine (multi-process runs)."""
 
     def __post_init__(self) -> None:
-        if self.data.source == "features" and self.objective.visible_fraction > 0:
-            # Feature shards hold full-frame tokens only; visible target tokens must be
-            # encoded from the visible patches alone, which needs pixels.
-            raise ConfigError(
-                "config key 'objective.visible_fraction': must be 0 with data.source='features' "
-                "(visible target tokens need pixels; use data.source='clips' for visible tokens)"
-            )
         if self.distributed.optimizer == "adamw_fused" and self.run.device == "cpu":
             raise ConfigError("config key 'distributed.optimizer': 'adamw_fused' needs CUDA, run.device is 'cpu'")
 

@@ -63,13 +63,22 @@ class ClipBatch:
     target_tokens_BKND: Tensor
     target_frames_BKCHW: Tensor
     offsets_BK: Tensor
+    visible_idx_BKV: Tensor | None = None
+    """Precomputed visible patch indices of the targets (feature shards), or None: the objective draws them."""
+    visible_tokens_BKVD: Tensor | None = None
+    """Their tokens, encoded from those patches only (float32), or None: the objective encodes them from pixels."""
 
     def to(self, device: torch.device) -> ClipBatch:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
         return ClipBatch(
-            *(
-                t.to(device, non_blocking=True)
-                for t in (self.source_BSND, self.target_tokens_BKND, self.target_frames_BKCHW, self.offsets_BK)
-            )
+            self.source_BSND.to(device, non_blocking=True),
+            self.target_tokens_BKND.to(device, non_blocking=True),
+            self.target_frames_BKCHW.to(device, non_blocking=True),
+            self.offsets_BK.to(device, non_blocking=True),
+            move(self.visible_idx_BKV),
+            move(self.visible_tokens_BKVD),
         )
 
 

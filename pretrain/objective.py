@@ -6,7 +6,9 @@ per target frame, N patches, D encoder width.
 Targets are the frozen encoder's own layer-normed features of later frames.
 A small visible fraction of each target frame is encoded from the visible
 patches ONLY (encoding the full frame and picking tokens would leak masked
-content through attention); the loss is L1 on the masked positions.
+content through attention); the loss is L1 on the masked positions. Batches
+from feature shards carry such visible tokens precomputed by the encode pass
+(``ClipBatch.visible_idx_BKV``), and those are used instead.
 """
 
 from __future__ import annotations
@@ -53,6 +55,22 @@ def l1_per_position(pred_BKND: Tensor, target_tokens_BKND: Tensor) -> Tensor:
     return (pred_BKND.float() - normed_targets(target_tokens_BKND)).abs().mean(-1)
 
 
+def visible_tokens(
+    encoder: FrozenEncoder, batch: ClipBatch, visible_fraction: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Visible target patches and their tokens: (B, K, V) int64, (B, K, V, D) float32.
+
+    Taken from the batch when it carries them (feature shards); otherwise drawn
+    from ``generator`` and encoded from the target pixels of those patches only.
+    """
+    if batch.visible_idx_BKV is not None and batch.visible_tokens_BKVD is not None:
+        return batch.visible_idx_BKV.long(), batch.visible_tokens_BKVD.float()
+    B, K = batch.offsets_BK.shape
+    N = batch.source_BSND.shape[2]
+    visible_idx_BKV = sample_visible_idx(B, K, N, visible_fraction, generator).to(batch.source_BSND.device)
+    return visible_idx_BKV, encoder.encode_subset(batch.target_frames_BKCHW, visible_idx_BKV)
+
+
 @dataclass(slots=True)
 class LossOutput:
     loss: Tensor
@@ -67,11 +85,8 @@ def objective_loss(
     generator: torch.Generator,
 ) -> LossOutput:
     """L1 between predicted and layer-normed frozen features on masked target positions."""
-    B, K = batch.offsets_BK.shape
     N = batch.source_BSND.shape[2]
-    device = batch.source_BSND.device
-    visible_idx_BKV = sample_visible_idx(B, K, N, visible_fraction, generator).to(device)
-    visible_BKVD = encoder.encode_subset(batch.target_frames_BKCHW, visible_idx_BKV)
+    visible_idx_BKV, visible_BKVD = visible_tokens(encoder, batch, visible_fraction, generator)
     pred_BKND = model(batch.source_BSND, batch.offsets_BK, visible_idx_BKV, visible_BKVD)
     mask_BKN = masked_positions(visible_idx_BKV, N)
     l1_BKN = l1_per_position(pred_BKND, batch.target_tokens_BKND)
@@ -103,8 +118,9 @@ def evaluate_batches(
     """Held-out masked-position L1 of the model and of copy-last, per target offset.
 
     Every batch holds one target per clip at its offset. Visible patches are
-    drawn from a fixed seed so every model sees the same masks; copy-last is
-    scored on the same masked positions.
+    drawn from a fixed seed (or come with the batch, for feature shards: the
+    loader's unaugmented draw is seeded too) so every model sees the same
+    masks; copy-last is scored on the same masked positions.
     """
     was_training = model.training
     model.eval()
@@ -116,10 +132,9 @@ def evaluate_batches(
         clips = 0
         for batch in batches:
             batch = batch.to(device)
-            B, K = batch.offsets_BK.shape
+            B = batch.offsets_BK.shape[0]
             N = batch.source_BSND.shape[2]
-            visible_idx = sample_visible_idx(B, K, N, visible_fraction, generator).to(device)
-            visible = encoder.encode_subset(batch.target_frames_BKCHW, visible_idx)
+            visible_idx, visible = visible_tokens(encoder, batch, visible_fraction, generator)
             pred = model(batch.source_BSND, batch.offsets_BK, visible_idx, visible)
             copy_last = normed_targets(batch.source_BSND[:, -1:]).expand_as(pred)
             mask = masked_positions(visible_idx, N)

@@ -8,12 +8,15 @@ path produces, so the objective and the trainer do not care where clips come
 from. A clip of T frames at data.frame_stride is sampled by the loader; the
 first S frames are the sources and the targets sit at the drawn offsets after
 the last source frame. In clip mode only the S + K frames that are used get
-encoded. In feature mode there are no pixels, so there are no visible target
-tokens (the config requires objective.visible_fraction = 0).
+encoded. In feature mode there are no pixels: visible target tokens come
+from the visible sets the encode pass stored (``check_feature_shards`` holds
+their fraction to objective.visible_fraction), or there are none
+(objective.visible_fraction = 0, pure forecasting).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +24,8 @@ import torch
 from torch import Tensor
 
 from data_shards import FeatureBatch, LoaderConfig, VideoBatch, clip_loader, feature_loader
-from pretrain.config import Config
+from data_shards.features import resolve_feature_dir
+from pretrain.config import Config, ConfigError
 from pretrain.data import ClipBatch
 from pretrain.encoder import FrozenEncoder
 
@@ -87,16 +91,47 @@ def clip_batch_from_frames(
     return ClipBatch(source_BSND, target_tokens_BKND, targets_BKCHW, offsets_BK)
 
 
-def clip_batch_from_tokens(cfg: Config, tokens_BTND: Tensor, offsets_BK: Tensor, device: torch.device) -> ClipBatch:
-    """Split stored tokens into sources and targets; no pixels (no visible target tokens)."""
+def check_feature_shards(cfg: Config, encoder_hash: str) -> None:
+    """Feature shards (data.shards, data.eval_shards) must carry visible sets matching objective.visible_fraction.
+
+    With objective.visible_fraction = 0 any feature shards do (stored sets are
+    ignored); otherwise the shards' "visible_fraction" must equal it, since
+    the visible tokens cannot be re-encoded without pixels. Raises ConfigError.
+    """
+    fraction = cfg.objective.visible_fraction
+    if cfg.data.source != "features" or fraction == 0:
+        return
+    for shards in dict.fromkeys(s for s in (cfg.data.shards, cfg.data.eval_shards) if s):
+        directory, manifest = resolve_feature_dir(shards, encoder_hash)
+        stored = float(manifest.get("visible_fraction", 0.0)) if manifest.get("visible_sets", 0) else 0.0
+        if not math.isclose(stored, fraction, rel_tol=1e-9, abs_tol=1e-12):
+            raise ConfigError(
+                f"config key 'objective.visible_fraction': {fraction}, but the feature shards in {directory} "
+                f"carry visible sets of fraction {stored} (re-encode with --visible-fraction {fraction}, "
+                "or set objective.visible_fraction=0 for pure forecasting)"
+            )
+
+
+def clip_batch_from_tokens(
+    cfg: Config, batch: FeatureBatch, offsets_BK: Tensor, device: torch.device, *, visible: bool
+) -> ClipBatch:
+    """Split stored tokens into sources and targets; no pixels, visible target tokens from the stored sets."""
     S = cfg.objective.source_frames
-    tokens_BTND = tokens_BTND.to(device, non_blocking=True).float()
+    tokens_BTND = batch.tokens_BTND.to(device, non_blocking=True).float()
     offsets_BK = offsets_BK.to(device)
     index_BK = _target_index(cfg, offsets_BK)
     gather = index_BK[:, :, None, None].expand(-1, -1, *tokens_BTND.shape[2:])
     B, K = offsets_BK.shape
     no_pixels = torch.zeros(B, K, 3, 0, 0, dtype=torch.uint8, device=device)
-    return ClipBatch(tokens_BTND[:, :S], tokens_BTND.gather(1, gather), no_pixels, offsets_BK)
+    out = ClipBatch(tokens_BTND[:, :S], tokens_BTND.gather(1, gather), no_pixels, offsets_BK)
+    if visible:
+        if batch.visible_idx_BTV is None or batch.visible_tokens_BTVD is None:
+            raise ValueError("objective.visible_fraction > 0 but the feature batch carries no visible sets")
+        idx_BTV = batch.visible_idx_BTV.to(device, non_blocking=True)
+        vis_BTVD = batch.visible_tokens_BTVD.to(device, non_blocking=True).float()
+        out.visible_idx_BKV = idx_BTV.gather(1, index_BK[:, :, None].expand(-1, -1, idx_BTV.shape[2]))
+        out.visible_tokens_BKVD = vis_BTVD.gather(1, index_BK[:, :, None, None].expand(-1, -1, *vis_BTVD.shape[2:]))
+    return out
 
 
 class ShardBatchSource:
@@ -107,9 +142,12 @@ class ShardBatchSource:
         self.encoder = encoder
         self.device = device
         self.features = cfg.data.source == "features"
+        self.visible = cfg.objective.visible_fraction > 0
         loader_cfg = loader_config(cfg, cfg.data.shards)
         if self.features:
-            self.loader = feature_loader(loader_cfg, rank, world_size, expected_encoder_hash=encoder.weights_hash)
+            self.loader = feature_loader(
+                loader_cfg, rank, world_size, expected_encoder_hash=encoder.weights_hash, visible=self.visible
+            )
         else:
             self.loader = clip_loader(loader_cfg, rank, world_size)
         self._iter: Iterator[Any] | None = None
@@ -138,7 +176,7 @@ class ShardBatchSource:
         if self.features:
             assert isinstance(batch, FeatureBatch)
             offsets = draw_offsets(self.cfg, batch.tokens_BTND.shape[0], self.generator)
-            return clip_batch_from_tokens(self.cfg, batch.tokens_BTND, offsets, self.device)
+            return clip_batch_from_tokens(self.cfg, batch, offsets, self.device, visible=self.visible)
         assert isinstance(batch, VideoBatch)
         offsets = draw_offsets(self.cfg, batch.frames_BTCHW.shape[0], self.generator)
         return clip_batch_from_frames(self.cfg, self.encoder, batch.frames_BTCHW, offsets, self.device)
@@ -147,14 +185,15 @@ class ShardBatchSource:
 def eval_batches(cfg: Config, encoder: FrozenEncoder, device: torch.device, offset: int) -> Iterator[ClipBatch]:
     """Every clip of data.eval_shards once, unaugmented, with one target at ``offset``."""
     loader_cfg = loader_config(cfg, cfg.data.eval_shards, evaluation=True)
+    visible = cfg.objective.visible_fraction > 0
     if cfg.data.source == "features":
-        loader = feature_loader(loader_cfg, 0, 1, expected_encoder_hash=encoder.weights_hash)
+        loader = feature_loader(loader_cfg, 0, 1, expected_encoder_hash=encoder.weights_hash, visible=visible)
     else:
         loader = clip_loader(loader_cfg, 0, 1)
     for batch in loader.iter_epoch():
         if isinstance(batch, FeatureBatch):
             offsets = torch.full((batch.tokens_BTND.shape[0], 1), offset, dtype=torch.long)
-            yield clip_batch_from_tokens(cfg, batch.tokens_BTND, offsets, device)
+            yield clip_batch_from_tokens(cfg, batch, offsets, device, visible=visible)
         else:
             offsets = torch.full((batch.frames_BTCHW.shape[0], 1), offset, dtype=torch.long)
             yield clip_batch_from_frames(cfg, encoder, batch.frames_BTCHW, offsets, device)

@@ -49,7 +49,7 @@ from pretrain.export import checkpoint_weights, export_config, spec_dict, write_
 from pretrain.model.predictor import FuturePredictor, count_parameters, spec_from_config
 from pretrain.objective import HeldoutResult, evaluate_batches, evaluate_heldout, objective_loss
 from pretrain.parallelize import DeepSpeedEngine, LocalEngine, build_engine
-from pretrain.shard_data import ShardBatchSource, eval_batches, shard_summary
+from pretrain.shard_data import ShardBatchSource, check_feature_shards, eval_batches, shard_summary
 from pretrain.tracking import MetricLogger, build_logger
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,8 @@ class Trainer:
             self.sampler: BatchSource = WindowSampler(self.videos, train_windows, cfg, seed=rank_seed)
             grid_hw = (self.encoder.grid, self.encoder.grid)
         else:
+            # Needs the shards' manifest, so it is checked here rather than in Config.
+            check_feature_shards(cfg, self.encoder.weights_hash)
             shard_source = ShardBatchSource(cfg, self.encoder, self.device, self.rank, self.ctx.world_size)
             self.summary = shard_summary(cfg, shard_source.loader)
             self.sampler = shard_source

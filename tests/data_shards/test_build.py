@@ -5,6 +5,7 @@ Shape legend: T frames, H height, W width, C = 3 colour channels (RGB).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -22,7 +23,15 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data_shards import BuildArgs, build_shards, generate_video, sample_video_path
+from data_shards import (
+    BuildArgs,
+    build_shards,
+    decode_video,
+    detect_scene_cuts,
+    file_sha256,
+    generate_video,
+    sample_video_path,
+)
 from data_shards import build as build_module
 from data_shards.__main__ import main
 from data_shards.build import BuildArgsError, expand_inputs
@@ -171,7 +180,11 @@ def test_manifest_counts_and_skip_reasons(built: Path, inputs: dict[str, object]
         "crf": 23,
         "max_samples_per_shard": 8,
         "max_shard_bytes": 1_000_000_000,
+        "holdout_fraction": 0.0,
+        "skip_scene_cuts": False,
     }
+    assert manifest["clips_dropped_at_holdout"] == manifest["clips_dropped_at_cuts"] == 0
+    assert not (built / "heldout").exists()
     assert manifest["inputs"] == len(GOOD_CLIPS) + len(BAD_REASONS)
     assert manifest["ok_inputs"] == len(GOOD_CLIPS)
     assert manifest["clips"] == sum(GOOD_CLIPS.values())
@@ -417,6 +430,90 @@ def test_overlapping_clips(inputs: dict[str, object], tmp_path: Path) -> None:
     assert manifest["clips"] == 7
     starts = [json.loads(s["json"])["start_s"] for s in _samples(tmp_path)]
     assert starts == pytest.approx([0.5 * k for k in range(7)])
+
+
+def _clip_spans(out: Path, stride: int) -> dict[str, list[tuple[int, int]]]:
+    """Output-frame spans [start, end) of the clips in a shard set, by source sha."""
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for sample in _samples(out):
+        meta = json.loads(sample["json"])
+        start = meta["clip_index"] * stride
+        spans.setdefault(meta["source_sha256"], []).append((start, start + meta["frames"]))
+    return spans
+
+
+def test_holdout_split(tmp_path: Path) -> None:
+    """Per input, the last 30% of output frames is held out; clips straddling the boundary are dropped."""
+    videos = [sample_video_path("carphone"), sample_video_path("bikes")]
+    args = BuildArgs(clip_frames=8, fps=8, short_side=64, stride=4, max_samples_per_shard=4, holdout_fraction=0.3)
+    result = build_shards(videos, tmp_path, args, workers=0, progress=False)
+    manifest, heldout = result.manifest, result.heldout
+    assert heldout == _manifest(tmp_path / "heldout") and heldout["args"] == manifest["args"]
+    # Clips of 8 frames every 4. carphone: 33 frames, boundary 33 - round(9.9) = 23, starts 0..24:
+    # 4 train (0..12), 2 dropped (16, 20), 1 held out (24). bikes: 80 frames, boundary 80 - 24 = 56,
+    # starts 0..72: 13 train (0..48), 1 dropped (52), 5 held out (56..72).
+    assert (manifest["clips"], heldout["clips"]) == (17, 6)
+    assert manifest["clips_dropped_at_holdout"] == heldout["clips_dropped_at_holdout"] == 3
+    assert manifest["clips_dropped_at_cuts"] == 0
+    held_dir = tmp_path / "heldout"
+    assert sorted(p.name for p in held_dir.glob("clips-*.tar")) == [s["name"] for s in heldout["shards"]]
+    for shard in heldout["shards"]:
+        assert hashlib.sha256((held_dir / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+    train_keys = {s["__key__"] for s in _samples(tmp_path)}
+    held_keys = {s["__key__"] for s in _samples(held_dir)}
+    assert len(train_keys) == 17 and len(held_keys) == 6 and not train_keys & held_keys
+    train_spans, held_spans = _clip_spans(tmp_path, 4), _clip_spans(held_dir, 4)
+    assert set(train_spans) == set(held_spans)
+    for sha, spans in held_spans.items():
+        # Every held-out frame comes after every training frame of the same video.
+        assert max(end for _, end in train_spans[sha]) <= min(start for start, _ in spans)
+    boundaries = sorted(min(start for start, _ in spans) for spans in held_spans.values())
+    assert boundaries == [24, 56]
+
+    # Same arguments: nothing changes; another fraction is refused.
+    again = build_shards(videos, tmp_path, args, workers=0, progress=False)
+    assert again.stats["shards_written"] == 0 and again.heldout == heldout
+    with pytest.raises(BuildArgsError, match="holdout_fraction"):
+        build_shards(videos, tmp_path, dataclasses.replace(args, holdout_fraction=0.5), workers=0, progress=False)
+
+
+def test_scene_cuts_found_across_decode_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunked cut detection finds the cuts of one pass over bikes.mp4, also where a chunk boundary falls on one."""
+    frames_THWC, _ = decode_video(sample_video_path("bikes"), fps=8, short_side=64)
+    whole = detect_scene_cuts(frames_THWC)
+    # Native cuts near frames 30, 76, 137, 187, 242 of 25 fps: at 8 fps near 9.6, 24.3, 43.8, 59.8, 77.4.
+    assert len(whole) == 5
+    assert all(abs(c - n * 8 / 25) <= 1.5 for c, n in zip(whole, [30, 76, 137, 187, 242], strict=True))
+    for chunk in (whole[1], 7, 12, 40):
+        log = build_module._FrameLog(detect_cuts=True)
+        for start in range(0, len(frames_THWC), chunk):
+            log.push(frames_THWC[start : start + chunk])
+        assert log.frames == len(frames_THWC)
+        assert log.finish() == whole, chunk
+
+
+def test_skip_scene_cuts_on_bikes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bikes = sample_video_path("bikes")
+    frames_THWC, _ = decode_video(bikes, fps=8, short_side=64)
+    cuts = detect_scene_cuts(frames_THWC)
+    # Small decode chunks, so that cuts fall near chunk boundaries in the builder too.
+    monkeypatch.setattr(build_module, "_DECODE_CHUNK_FRAMES", 12)
+    args = BuildArgs(clip_frames=8, fps=8, short_side=64, skip_scene_cuts=True)
+    manifest = build_shards([bikes], tmp_path, args, workers=0, progress=False).manifest
+    crossing = [s for s in range(0, 80 - 7, 8) if any(s < c < s + 8 for c in cuts)]
+    assert len(crossing) >= 4
+    assert manifest["clips_dropped_at_cuts"] == len(crossing)
+    assert manifest["clips"] == 10 - len(crossing)
+    kept = sorted(start for start, _ in _clip_spans(tmp_path, 8)[file_sha256(bikes)])
+    assert kept == [s for s in range(0, 80 - 7, 8) if s not in crossing]
+    # Cut skipping composes with the holdout split (cuts counted first).
+    both = dataclasses.replace(args, holdout_fraction=0.25)
+    result = build_shards([bikes], tmp_path / "both", both, workers=0, progress=False)
+    assert result.manifest["clips_dropped_at_cuts"] == len(crossing)
+    assert (
+        result.manifest["clips"] + result.heldout["clips"] + len(crossing) + result.manifest["clips_dropped_at_holdout"]
+        == 10
+    )
 
 
 def test_expand_inputs(tmp_path: Path) -> None:

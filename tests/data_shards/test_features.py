@@ -20,6 +20,7 @@ from data_shards.features import (
     encode_clip_shards,
     feature_dir,
     feature_loader,
+    features_from_bytes,
     frames_for_encoding,
     main_encode,
     tokens_from_bytes,
@@ -50,7 +51,15 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def feature_root(tmp_path_factory: pytest.TempPathFactory, clip_dir: Path, encoder: FrozenEncoder) -> Path:
     root = tmp_path_factory.mktemp("features")
-    encode_clip_shards(clip_dir, root, encoder, batch_clips=3)
+    encode_clip_shards(clip_dir, root, encoder, batch_clips=3, visible_fraction=0.1, visible_sets=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def plain_root(tmp_path_factory: pytest.TempPathFactory, clip_dir: Path, encoder: FrozenEncoder) -> Path:
+    """Features without visible sets (visible_fraction=0), for grid crops."""
+    root = tmp_path_factory.mktemp("plain")
+    encode_clip_shards(clip_dir, root, encoder, visible_fraction=0)
     return root
 
 
@@ -78,6 +87,30 @@ def test_round_trip_is_bit_exact_in_bf16(clip_dir: Path, feature_root: Path, enc
         assert meta["clip_index"] == json.loads(clip["json"])["clip_index"]
 
 
+def test_visible_sets_are_encoded_from_their_patches_only(
+    clip_dir: Path, feature_root: Path, encoder: FrozenEncoder
+) -> None:
+    """Stored sets: V = round(0.1 * 16) = 2 sorted distinct patches, M = 3 per frame, tokens = encode_subset."""
+    features = {s["__key__"]: s for s in _samples(feature_dir(feature_root, encoder.weights_hash), "features")}
+    for clip in _samples(clip_dir, "clips"):
+        if clip["__key__"] not in features:
+            continue
+        tokens_TND, visible = features_from_bytes(features[clip["__key__"]]["safetensors"])
+        assert visible is not None and visible.idx_TMV.shape == (6, 3, 2) and visible.idx_TMV.dtype == torch.int32
+        assert visible.tokens_TMVD.shape == (6, 3, 2, encoder.embed_dim)
+        idx = visible.idx_TMV.long()
+        assert (idx[..., 1:] > idx[..., :-1]).all()
+        frames_TCHW = frames_for_encoding(clip["mp4"], IMAGE_SIZE)
+        direct_TMVD = encoder.encode_subset(frames_TCHW[:, None].expand(-1, 3, -1, -1, -1), idx).to(torch.bfloat16)
+        assert torch.equal(visible.tokens_TMVD.view(torch.int16), direct_TMVD.view(torch.int16))
+        # Encoded from the patches alone: not the full-frame tokens at those positions.
+        D = encoder.embed_dim
+        full_TMVD = tokens_TND[:, None].expand(-1, 3, -1, -1).gather(2, idx[..., None].expand(-1, -1, -1, D))
+        assert not torch.equal(visible.tokens_TMVD, full_TMVD)
+    # The sets of two frames (and of two sets) differ: they are drawn per frame.
+    assert not torch.equal(visible.idx_TMV[0], visible.idx_TMV[1])
+
+
 def test_tokens_are_stored_as_raw_bf16(feature_root: Path, encoder: FrozenEncoder) -> None:
     """The safetensors header says BF16: no fp16 (lossy) conversion on the way to disk."""
     blob = _samples(feature_dir(feature_root, encoder.weights_hash), "features")[0]["safetensors"]
@@ -94,12 +127,18 @@ def test_manifest_records_the_encoder(feature_root: Path, encoder: FrozenEncoder
     assert manifest["clips"] == 7 == sum(s["samples"] for s in manifest["shards"])
     assert [s["name"] for s in manifest["shards"]] == [f"features-{i:06d}.tar" for i in range(4)]
     assert manifest["skipped"] == {"decode_error": 1}
+    assert manifest["visible_fraction"] == 0.1 and manifest["visible_sets"] == 3
+
+
+def test_changed_visible_sets_are_not_reused(clip_dir: Path, feature_root: Path, encoder: FrozenEncoder) -> None:
+    with pytest.raises(FileExistsError, match=r"visible_fraction=0\.1"):
+        encode_clip_shards(clip_dir, feature_root, encoder, visible_fraction=0.2, visible_sets=3)
 
 
 def test_encoding_in_groups_changes_no_token(
     clip_dir: Path, feature_root: Path, encoder: FrozenEncoder, tmp_path: Path
 ) -> None:
-    single = encode_clip_shards(clip_dir, tmp_path, encoder, batch_clips=1)
+    single = encode_clip_shards(clip_dir, tmp_path, encoder, batch_clips=1, visible_fraction=0.1, visible_sets=3)
     grouped = feature_dir(feature_root, encoder.weights_hash)
     for a, b in zip(_samples(single, "features"), _samples(grouped, "features"), strict=True):
         assert a["__key__"] == b["__key__"]
@@ -109,7 +148,7 @@ def test_encoding_in_groups_changes_no_token(
 def test_existing_output_is_reused(clip_dir: Path, feature_root: Path, encoder: FrozenEncoder) -> None:
     out = feature_dir(feature_root, encoder.weights_hash)
     before = (out / "manifest.json").stat().st_mtime_ns
-    assert encode_clip_shards(clip_dir, feature_root, encoder) == out
+    assert encode_clip_shards(clip_dir, feature_root, encoder, visible_fraction=0.1, visible_sets=3) == out
     assert (out / "manifest.json").stat().st_mtime_ns == before
 
 
@@ -132,20 +171,20 @@ def test_loader_with_mismatched_hash_names_both(feature_root: Path, encoder: Fro
 def test_two_encoders_live_side_by_side(clip_dir: Path, feature_root: Path, encoder: FrozenEncoder) -> None:
     other = load_encoder("random", arch="vit_test", image_size=IMAGE_SIZE, seed=1)
     assert other.weights_hash != encoder.weights_hash
-    encode_clip_shards(clip_dir, feature_root, other)
+    encode_clip_shards(clip_dir, feature_root, other, visible_fraction=0)
     for enc in (encoder, other):
         loader = feature_loader(LoaderConfig(shards=str(feature_root), num_workers=0), 0, 1, enc.weights_hash)
         assert loader.manifest["encoder"]["weights_hash"] == enc.weights_hash
 
 
-def test_feature_loader_batches_and_grid_augmentation(feature_root: Path, encoder: FrozenEncoder) -> None:
+def test_feature_loader_batches_and_grid_augmentation(plain_root: Path, encoder: FrozenEncoder) -> None:
     """Each batch equals the stored tokens, subsampled in time, cropped and flipped as its meta reports."""
     cfg = LoaderConfig(
-        shards=str(feature_root), batch_size=3, frames=3, frame_stride=2, crop_grid=3, num_workers=2, shuffle_buffer=3
+        shards=str(plain_root), batch_size=3, frames=3, frame_stride=2, crop_grid=3, num_workers=2, shuffle_buffer=3
     )
     stored = {
         s["__key__"]: tokens_from_bytes(s["safetensors"])
-        for s in _samples(feature_dir(feature_root, encoder.weights_hash), "features")
+        for s in _samples(feature_dir(plain_root, encoder.weights_hash), "features")
     }
     loader = feature_loader(cfg, 0, 1, encoder.weights_hash)
     keys, flips = [], set()
@@ -155,6 +194,7 @@ def test_feature_loader_batches_and_grid_augmentation(feature_root: Path, encode
         B = len(batch.keys)
         assert batch.tokens_BTND.shape == (B, 3, 9, D) and batch.tokens_BTND.dtype == torch.bfloat16
         assert batch.grid_hw == (3, 3)
+        assert batch.visible_idx_BTV is None and batch.visible_tokens_BTVD is None
         for b, (key, meta) in enumerate(zip(batch.keys, batch.meta, strict=True)):
             top, left, h, w = meta["grid_crop"]
             grid_TGGD = stored[key][batch.frame_index_BT[b]].view(3, g, g, D)[:, top : top + h, left : left + w]
@@ -166,6 +206,45 @@ def test_feature_loader_batches_and_grid_augmentation(feature_root: Path, encode
     assert sorted(keys) == sorted(stored) and flips == {True, False}
 
 
+def test_feature_loader_visible_sets_follow_frames_and_flip(feature_root: Path, encoder: FrozenEncoder) -> None:
+    """Each frame gets one of its stored sets; a flip mirrors the indices' columns and keeps the tokens."""
+    cfg = LoaderConfig(shards=str(feature_root), batch_size=2, frames=3, frame_stride=2, num_workers=2, hflip_prob=0.5)
+    stored = {
+        s["__key__"]: features_from_bytes(s["safetensors"])[1]
+        for s in _samples(feature_dir(feature_root, encoder.weights_hash), "features")
+    }
+    g = encoder.grid
+    flips, sets_used = set(), set()
+    for batch in feature_loader(cfg, 0, 1, encoder.weights_hash).iter_epoch():
+        assert batch.visible_idx_BTV is not None and batch.visible_tokens_BTVD is not None
+        B = len(batch.keys)
+        assert batch.visible_idx_BTV.shape == (B, 3, 2) and batch.visible_tokens_BTVD.dtype == torch.bfloat16
+        for b, (key, meta) in enumerate(zip(batch.keys, batch.meta, strict=True)):
+            flips.add(meta["flip"])
+            for t, frame in enumerate(batch.frame_index_BT[b].tolist()):
+                idx_V = batch.visible_idx_BTV[b, t]
+                assert (idx_V[1:] > idx_V[:-1]).all()
+                unflipped_V = idx_V // g * g + (g - 1 - idx_V % g) if meta["flip"] else idx_V
+                order = unflipped_V.argsort()
+                matches = [
+                    m
+                    for m in range(3)
+                    if torch.equal(stored[key].idx_TMV[frame, m].long(), unflipped_V[order])
+                    and torch.equal(stored[key].tokens_TMVD[frame, m], batch.visible_tokens_BTVD[b, t][order])
+                ]
+                assert matches
+                sets_used.add(matches[0])
+    assert flips == {True, False} and len(sets_used) > 1
+
+
+def test_visible_sets_refuse_grid_crops(feature_root: Path, encoder: FrozenEncoder) -> None:
+    cfg = LoaderConfig(shards=str(feature_root), frames=2, crop_grid=3, num_workers=0)
+    with pytest.raises(ValueError, match="crop_grid=3"):
+        feature_loader(cfg, 0, 1, encoder.weights_hash)
+    batch = next(iter(feature_loader(cfg, 0, 1, encoder.weights_hash, visible=False)))
+    assert batch.grid_hw == (3, 3) and batch.visible_idx_BTV is None
+
+
 def test_feature_loader_split_and_resume(feature_root: Path, encoder: FrozenEncoder) -> None:
     cfg = LoaderConfig(shards=str(feature_root), batch_size=1, frames=2, num_workers=2, shuffle_buffer=2)
     rank_keys = [
@@ -173,8 +252,16 @@ def test_feature_loader_split_and_resume(feature_root: Path, encoder: FrozenEnco
     ]
     assert not rank_keys[0] & rank_keys[1] and len(rank_keys[0] | rank_keys[1]) == 7
 
-    def run(loader: object, n: int) -> list[tuple[str, float]]:
-        return [(b.keys[0], b.tokens_BTND.float().sum().item()) for _, b in zip(range(n), loader, strict=False)]
+    def run(loader: object, n: int) -> list[tuple[str, float, list[int], float]]:
+        return [
+            (
+                b.keys[0],
+                b.tokens_BTND.float().sum().item(),
+                b.visible_idx_BTV.flatten().tolist(),
+                b.visible_tokens_BTVD.float().sum().item(),
+            )
+            for _, b in zip(range(n), loader, strict=False)
+        ]
 
     uninterrupted = run(feature_loader(cfg, 0, 1, encoder.weights_hash), 10)
     first = feature_loader(cfg, 0, 1, encoder.weights_hash)

@@ -8,7 +8,7 @@ from pretrain.config import Config
 from pretrain.data import ClipBatch
 from pretrain.encoder import load_encoder
 from pretrain.model.predictor import FuturePredictor, spec_from_config
-from pretrain.objective import masked_positions, num_visible, objective_loss, sample_visible_idx
+from pretrain.objective import evaluate_batches, masked_positions, num_visible, objective_loss, sample_visible_idx
 
 
 def _encoder(cfg: Config):
@@ -103,3 +103,32 @@ def test_every_trainable_parameter_gets_a_gradient(tiny_cfg: Config) -> None:
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
     assert all(p.grad is None for p in encoder.parameters())
+
+
+def test_precomputed_visible_tokens_replace_sampling_and_encoding(tiny_cfg: Config) -> None:
+    """A batch carrying visible tokens (feature shards) gives the loss of those same tokens encoded on the fly."""
+    encoder = _encoder(tiny_cfg)
+    model = FuturePredictor(spec_from_config(tiny_cfg, encoder.embed_dim, encoder.grid, encoder.grid))
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    batch = _fixed_batch(encoder, tiny_cfg)
+    visible_BKV = sample_visible_idx(2, 1, encoder.num_tokens, 0.25, torch.Generator().manual_seed(3))
+    reference = objective_loss(model, encoder, batch, 0.25, torch.Generator().manual_seed(3))
+
+    stored = ClipBatch(
+        batch.source_BSND,
+        batch.target_tokens_BKND,
+        torch.zeros(2, 1, 3, 0, 0, dtype=torch.uint8),
+        batch.offsets_BK,
+        visible_BKV.int(),
+        encoder.encode_subset(batch.target_frames_BKCHW, visible_BKV).to(torch.bfloat16).float(),
+    )
+    # No pixels and a generator that is never drawn from: the stored tokens are all it has.
+    untouched = torch.Generator().manual_seed(99)
+    state = untouched.get_state()
+    out = objective_loss(model, encoder, stored, 0.25, untouched)
+    assert torch.equal(untouched.get_state(), state)
+    assert out.masked_tokens == reference.masked_tokens
+    torch.testing.assert_close(out.loss, reference.loss, rtol=0, atol=1e-2)
+
+    [result] = evaluate_batches(model, encoder, {1: [stored]}, 0.25)
+    assert result.windows == 2 and result.model_l1 > 0

@@ -66,11 +66,33 @@ def test_corrupt_samples_are_counted_not_fatal(tmp_path: Path) -> None:
 
 
 def test_train_from_feature_shards(tmp_path: Path, clip_shards: Path) -> None:
+    """Pure forecasting from feature shards, which may carry visible sets or not."""
     encoder = load_encoder("random", arch="vit_test", image_size=56, seed=0)
-    features = encode_clip_shards(clip_shards, tmp_path / "features", encoder)
+    features = encode_clip_shards(clip_shards, tmp_path / "features", encoder, visible_fraction=0)
     overrides = _shard_overrides(tmp_path, "features", features, features, "--objective.visible_fraction=0")
     result = Trainer(load_config("tiny-cpu", overrides)).train()
     assert result.step == 6 and len(result.heldout) == 3
+
+
+def test_train_from_feature_shards_with_visible_tokens(tmp_path: Path, clip_shards: Path) -> None:
+    """The default objective from features: stored visible sets stand in for encode_subset, resume is exact."""
+    encoder = load_encoder("random", arch="vit_test", image_size=56, seed=0)
+    features = encode_clip_shards(clip_shards, tmp_path / "features", encoder, visible_fraction=0.25)
+    args = ("features", features, features, "--objective.visible_fraction=0.25")
+    straight = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "a", *args)))
+    batch = straight.sampler.next_batch(straight.cfg.train.micro_batch_size)
+    assert batch.visible_idx_BKV is not None and batch.visible_tokens_BKVD is not None
+    B, K = batch.offsets_BK.shape
+    assert batch.visible_idx_BKV.shape == (B, K, 4) and batch.visible_tokens_BKVD.shape == (B, K, 4, 48)
+    straight = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "a", *args)))
+    result = straight.train()
+    assert result.step == 6 and len(result.heldout) == 3
+
+    first = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "b", *args)))
+    first.train(stop_at=3)
+    resumed = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "b", *args)))
+    resumed.train(finalize=False)
+    assert resumed.state.history == straight.state.history
 
 
 def test_feature_shards_of_another_encoder_are_refused(tmp_path: Path, clip_shards: Path) -> None:
@@ -81,16 +103,28 @@ def test_feature_shards_of_another_encoder_are_refused(tmp_path: Path, clip_shar
         Trainer(load_config("tiny-cpu", overrides))
 
 
-def test_feature_mode_needs_no_visible_tokens(tmp_path: Path) -> None:
+def test_feature_shards_must_match_the_visible_fraction(tmp_path: Path, clip_shards: Path) -> None:
+    encoder = load_encoder("random", arch="vit_test", image_size=56, seed=0)
+    plain = encode_clip_shards(clip_shards, tmp_path / "plain", encoder, visible_fraction=0)
+    with_sets = encode_clip_shards(clip_shards, tmp_path / "sets", encoder, visible_fraction=0.25)
+    for shards, stored in ((plain, "0.0"), (with_sets, "0.25")):
+        overrides = _shard_overrides(tmp_path, "features", shards, shards, "--objective.visible_fraction=0.1")
+        with pytest.raises(ConfigError, match=rf"objective\.visible_fraction.*fraction {stored}\b"):
+            Trainer(load_config("tiny-cpu", overrides))
+    overrides = _shard_overrides(tmp_path, "features", with_sets, plain, "--objective.visible_fraction=0.25")
     with pytest.raises(ConfigError, match=r"objective\.visible_fraction"):
-        load_config("tiny-cpu", [f"--run.out_dir={tmp_path}", "--data.source=features", "--data.shards=x"])
+        Trainer(load_config("tiny-cpu", overrides))
     with pytest.raises(ConfigError, match=r"data\.shards"):
         load_config("tiny-cpu", [f"--run.out_dir={tmp_path}", "--data.source=clips"])
 
 
 @pytest.mark.slow
 def test_cli_build_encode_train(tmp_path: Path) -> None:
-    """The real commands: data_shards build, data_shards encode, pretrain.train from each kind of shard."""
+    """The real commands: data_shards build, data_shards encode, pretrain.train from each kind of shard.
+
+    Both trainings use the default objective (visible fraction 0.05): the
+    encode pass's default visible sets serve the feature run.
+    """
     import subprocess
     import sys
 
@@ -147,6 +181,5 @@ def test_cli_build_encode_train(tmp_path: Path) -> None:
         "--data.source=features",
         features,
         f"--data.eval_shards={tmp_path / 'features'}",
-        "--objective.visible_fraction=0",
     ).stdout
     assert "copy-last" in out

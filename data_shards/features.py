@@ -70,6 +70,7 @@ from data_shards.loader import (
     LoaderConfig,
     ShardLoader,
     decode_mp4_frames,
+    draw_start,
     list_shards,
     read_sample_json,
 )
@@ -459,7 +460,7 @@ class FeatureDecoder:
         span = self.cfg.clip_span
         if num_frames < span:
             raise CorruptSampleError(key, "too_short", f"{num_frames} frames, sampling needs {span}")
-        start = int(rng.integers(0, num_frames - span + 1))
+        start = draw_start(self.cfg, num_frames, rng, key)
         index_T = list(range(start, start + span, self.cfg.frame_stride))
         box = random_grid_crop_box(tuple(grid), self.cfg.crop_grid, rng) if self.cfg.crop_grid else None
         flip = bool(rng.random() < self.cfg.hflip_prob)

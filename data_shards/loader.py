@@ -120,6 +120,9 @@ class LoaderConfig:
     """Drop each worker's last partial batch of an epoch (every batch then has B clips)."""
     pin_memory: bool = True
     """Pin batches in page-locked memory when CUDA is available (ignored otherwise)."""
+    fixed_start: int = -1
+    """Evaluation: sample every clip from this frame instead of a random start (-1 = random);
+    clips too short for it are skipped as too_short. Sweeping it enumerates all windows."""
 
     def __post_init__(self) -> None:
         _check(bool(self.shards), "shards", "must name a directory")
@@ -133,6 +136,7 @@ class LoaderConfig:
         _check(0 < self.crop_ratio[0] <= self.crop_ratio[1], "crop_ratio", "must satisfy 0 < lo <= hi")
         _check(0.0 <= self.hflip_prob <= 1.0, "hflip_prob", "must be in [0, 1]")
         _check(self.shard_mode in SHARD_MODES, "shard_mode", f"must be one of {SHARD_MODES}")
+        _check(self.fixed_start >= -1, "fixed_start", "must be >= -1 (-1 = random start)")
 
     @property
     def clip_span(self) -> int:
@@ -583,7 +587,7 @@ class ClipDecoder:
         span = self.cfg.clip_span
         if num_frames < span:
             raise CorruptSampleError(key, "too_short", f"{num_frames} frames, sampling needs {span}")
-        start = int(rng.integers(0, num_frames - span + 1))
+        start = draw_start(self.cfg, num_frames, rng, key)
         index_T = list(range(start, start + span, self.cfg.frame_stride))
         frames_THWC = decode_mp4_frames(sample["mp4"], index_T, key=key, expected_frames=num_frames)
         box = random_resized_crop_box(
@@ -598,6 +602,16 @@ class ClipDecoder:
             "key": key,
             "meta": {**meta, **draw, "crop": list(draw["crop"]), "flip": flip},
         }
+
+
+def draw_start(cfg: LoaderConfig, num_frames: int, rng: np.random.Generator, key: str) -> int:
+    """First sampled frame: random, or cfg.fixed_start when set (evaluation sweeps)."""
+    span = cfg.clip_span
+    if cfg.fixed_start < 0:
+        return int(rng.integers(0, num_frames - span + 1))
+    if cfg.fixed_start + span > num_frames:
+        raise CorruptSampleError(key, "too_short", f"{num_frames} frames, start {cfg.fixed_start} needs {span} more")
+    return cfg.fixed_start
 
 
 def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ their fraction to objective.visible_fraction), or there are none
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -183,20 +184,30 @@ class ShardBatchSource:
 
 
 def eval_batches(cfg: Config, encoder: FrozenEncoder, device: torch.device, offset: int) -> Iterator[ClipBatch]:
-    """Every clip of data.eval_shards once, unaugmented, with one target at ``offset``."""
-    loader_cfg = loader_config(cfg, cfg.data.eval_shards, evaluation=True)
+    """Every window of every clip of data.eval_shards, unaugmented, with one target at ``offset``.
+
+    The loader is swept over window starts 0, 1, ... (``fixed_start``) up to the
+    last start the clips allow, read from the clips' own frame counts.
+    """
     visible = cfg.objective.visible_fraction > 0
-    if cfg.data.source == "features":
-        loader = feature_loader(loader_cfg, 0, 1, expected_encoder_hash=encoder.weights_hash, visible=visible)
-    else:
-        loader = clip_loader(loader_cfg, 0, 1)
-    for batch in loader.iter_epoch():
-        if isinstance(batch, FeatureBatch):
-            offsets = torch.full((batch.tokens_BTND.shape[0], 1), offset, dtype=torch.long)
-            yield clip_batch_from_tokens(cfg, batch, offsets, device, visible=visible)
+    base = loader_config(cfg, cfg.data.eval_shards, evaluation=True)
+    start, last_start = 0, 0
+    while start <= last_start:
+        loader_cfg = dataclasses.replace(base, fixed_start=start)
+        if cfg.data.source == "features":
+            loader = feature_loader(loader_cfg, 0, 1, expected_encoder_hash=encoder.weights_hash, visible=visible)
         else:
-            offsets = torch.full((batch.frames_BTCHW.shape[0], 1), offset, dtype=torch.long)
-            yield clip_batch_from_frames(cfg, encoder, batch.frames_BTCHW, offsets, device)
+            loader = clip_loader(loader_cfg, 0, 1)
+        for batch in loader.iter_epoch():
+            if start == 0:
+                last_start = max(last_start, max(int(m["frames"]) for m in batch.meta) - base.clip_span)
+            if isinstance(batch, FeatureBatch):
+                offsets = torch.full((batch.tokens_BTND.shape[0], 1), offset, dtype=torch.long)
+                yield clip_batch_from_tokens(cfg, batch, offsets, device, visible=visible)
+            else:
+                offsets = torch.full((batch.frames_BTCHW.shape[0], 1), offset, dtype=torch.long)
+                yield clip_batch_from_frames(cfg, encoder, batch.frames_BTCHW, offsets, device)
+        start += 1
 
 
 def shard_summary(cfg: Config, loader: Any) -> dict[str, Any]:

@@ -44,7 +44,8 @@ def test_train_from_clip_shards_resumes_exactly(tmp_path: Path, clip_shards: Pat
     straight = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "a", *args)))
     result = straight.train()
     assert result.step == 6 and {r.offset for r in result.heldout} == {1, 2, 4}
-    assert all(r.windows == 6 for r in result.heldout)
+    # 6 clips of 10 frames, windows of 8 frames: every one of the 3 starts per clip is evaluated.
+    assert all(r.windows == 6 * 3 for r in result.heldout)
 
     first = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "b", *args)))
     first.train(stop_at=3)

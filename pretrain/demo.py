@@ -46,7 +46,11 @@ def prepare_features(out: Path, cfg: Config, workers: int) -> tuple[Path, Path]:
     build_shards(videos, data / "clips", DEMO_BUILD, workers=workers, progress=False)
     log.info("clip shards: %s (held out: %s)", data / "clips", data / "clips" / "heldout")
     encoder = load_encoder(
-        cfg.encoder.source, arch=cfg.encoder.arch, image_size=cfg.encoder.image_size, seed=cfg.run.seed
+        cfg.encoder.source,
+        arch=cfg.encoder.arch or None,
+        image_size=cfg.encoder.image_size,
+        seed=cfg.run.seed,
+        attn_backend=cfg.encoder.attn_backend,
     )
     train = encode_clip_shards(data / "clips", data / "features", encoder)
     heldout = encode_clip_shards(data / "clips" / "heldout", data / "heldout-features", encoder)

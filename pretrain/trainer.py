@@ -154,11 +154,12 @@ class Trainer:
         seed_everything(cfg.run.seed)
         self.encoder: FrozenEncoder = load_encoder(
             cfg.encoder.source,
-            arch=cfg.encoder.arch,
+            arch=cfg.encoder.arch or None,
             image_size=cfg.encoder.image_size,
             chunk_frames=cfg.encoder.chunk_frames,
             device=self.device,
             seed=cfg.run.seed,
+            attn_backend=cfg.encoder.attn_backend,
         )
         self.videos: list[EncodedVideo] = []
         self.heldout_by_offset: dict[int, list] = {}

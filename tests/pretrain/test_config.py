@@ -47,6 +47,7 @@ def test_list_and_string_overrides() -> None:
         ("--objective.visible_fraction=1.5", "objective.visible_fraction"),
         ("--objective.target_offsets=[0, 1]", "objective.target_offsets"),
         ("--core.num_heads=3", "core.dim"),
+        ("--encoder.attn_backend=flash3", "encoder.attn_backend"),
     ],
 )
 def test_bad_values_name_the_key(override: str, key: str) -> None:

@@ -15,7 +15,11 @@ known exactly, because the pixels are drawn from it:
 - depth: each object has a constant depth, the background is farthest
   (per-pixel maps on request);
 - a class label per video: the direction all objects drift in
-  (left, right, up, down), for action classification.
+  (left, right, up, down), for action classification;
+- with ``temporal_labels=True``, two more per-video classes that no single
+  frame reveals: the speed bin all objects move in (slow or fast, with a
+  gap between the bins) and the order of two events (objects 0 and 1, one
+  disc and one rect, each flash bright for one frame; which flashes first).
 
 Coordinates: x grows to the right, y downwards; pixel (row i, column j)
 covers [j, j + 1) x [i, i + 1) and is sampled at its centre (j + 0.5, i + 0.5).
@@ -42,6 +46,15 @@ logger = logging.getLogger(__name__)
 LABEL_NAMES: tuple[str, ...] = ("left", "right", "up", "down")
 # Unit screen vectors (dx, dy) of the label directions; y grows downwards.
 _DIRECTIONS_L2 = np.array([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])
+
+SPEED_NAMES: tuple[str, ...] = ("slow", "fast")
+"""speed_label classes (temporal_labels=True): screen travel over the clip as a fraction of the short side."""
+# Travel over the clip per speed bin, as a fraction of the frame's short side; the gap keeps the bins apart.
+_SPEED_BINS_2 = np.array([[0.25, 0.45], [0.7, 1.0]])
+ORDER_NAMES: tuple[str, ...] = ("disc_first", "rect_first")
+"""order_label classes (temporal_labels=True): which of objects 0 and 1 (one disc, one rect) flashes first."""
+# Brightness a flashing object's pixels are pulled towards white (fraction of the way to 255).
+_FLASH_MIX = 0.75
 
 BACKGROUND_DEPTH = 10.0
 """Depth of the background in the depth maps; objects lie in [2, 8]."""
@@ -101,6 +114,12 @@ class GroundTruth:
     """float32 (T, H, W): depth of the surface seen at each pixel (only with dense=True)."""
     masks_THW: np.ndarray | None = None
     """uint8 (T, H, W): 0 for background, o + 1 where object o is seen (only with dense=True)."""
+    speed_label: int = -1
+    """Index into SPEED_NAMES of the speed bin all objects move in; -1 unless temporal_labels=True."""
+    order_label: int = -1
+    """Index into ORDER_NAMES: which of objects 0 and 1 flashes first; -1 unless temporal_labels=True."""
+    flash_frames_O: np.ndarray | None = None
+    """int64 (O,): frame at which each object flashes, -1 for none (only with temporal_labels=True)."""
 
     @property
     def num_frames(self) -> int:
@@ -131,9 +150,15 @@ class GroundTruth:
         record = json.loads(text)
         kwargs: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
+            # Records written before a field existed take its default.
+            if field.name not in record and field.default is not dataclasses.MISSING:
+                kwargs[field.name] = field.default
+                continue
             value = record[field.name]
-            if field.name in _DENSE_FIELDS:
-                value = None if value is None else _decode_dense(value)
+            if value is None:
+                pass
+            elif field.name in _DENSE_FIELDS:
+                value = _decode_dense(value)
             elif field.name in _ARRAY_DTYPES:
                 value = np.asarray(value, dtype=_ARRAY_DTYPES[field.name])
             elif field.name in ("size", "label_names", "shapes"):
@@ -154,6 +179,7 @@ _ARRAY_DTYPES: dict[str, type] = {
     "visible_OT": np.bool_,
     "occluded_OT": np.bool_,
     "camera_T2": np.float32,
+    "flash_frames_O": np.int64,
 }
 _DENSE_FIELDS = frozenset({"depth_THW", "masks_THW"})
 
@@ -196,6 +222,7 @@ def generate_video(
     occlusions: bool = True,
     dense: bool = False,
     crf: int = 18,
+    temporal_labels: bool = False,
 ) -> GroundTruth:
     """Write a procedural H.264 mp4 to ``path`` and return its ground truth.
 
@@ -211,6 +238,9 @@ def generate_video(
             objects move in separate lanes and never overlap.
         dense: also return per-pixel depth_THW and masks_THW.
         crf: x264 constant rate factor (lower = closer to the drawn pixels).
+        temporal_labels: also vary speed (speed_label) and the order of two
+            flashes (order_label), needs frames >= 4 and num_objects >= 2.
+            Off, the video is exactly what it was before these labels existed.
     """
     height, width = size
     if frames < 1:
@@ -221,17 +251,27 @@ def generate_video(
         raise ValueError(f"num_objects must be >= 1, got {num_objects}")
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
+    if temporal_labels and (frames < 4 or num_objects < 2):
+        raise ValueError(f"temporal_labels needs frames >= 4 and num_objects >= 2, got {frames} and {num_objects}")
 
     rng = np.random.default_rng(seed)
+    # A separate stream, so the main one draws exactly what it drew before these labels existed.
+    events_rng = np.random.default_rng([seed, 1]) if temporal_labels else None
+    speed_label = int(events_rng.integers(len(SPEED_NAMES))) if events_rng is not None else -1
+    order_label = int(events_rng.integers(len(ORDER_NAMES))) if events_rng is not None else -1
     label = int(rng.integers(len(LABEL_NAMES)))
-    objects = _sample_objects(rng, label, frames, height, width, num_objects, occlusions)
+    objects = _sample_objects(rng, label, frames, height, width, num_objects, occlusions, speed_label)
     camera_T2 = _camera_offsets(rng, frames, camera_pan)
     background_HWC = _background_texture(rng, height, width, camera_T2)
 
     frames_THWC, masks_THW, centers_OT2 = _render(objects, background_HWC, camera_T2, frames, height, width)
+    visible_fraction_OT, occluded_OT = _visibility(objects, masks_THW, centers_OT2)
+    flash_frames_O = None
+    if events_rng is not None:
+        flash_frames_O = _flash_frames(events_rng, objects, visible_fraction_OT, order_label)
+        _flash(frames_THWC, masks_THW, flash_frames_O)
     Path(path).write_bytes(encode_clip_mp4(frames_THWC, fps=Fraction(fps).limit_denominator(100_000), crf=crf))
 
-    visible_fraction_OT, occluded_OT = _visibility(objects, masks_THW, centers_OT2)
     depths_O = np.array([obj.depth for obj in objects], np.float32)
     depth_THW = None
     if dense:
@@ -259,6 +299,9 @@ def generate_video(
         camera_T2=camera_T2.astype(np.float32),
         depth_THW=depth_THW,
         masks_THW=masks_THW if dense else None,
+        speed_label=speed_label,
+        order_label=order_label,
+        flash_frames_O=flash_frames_O,
     )
 
 
@@ -291,7 +334,10 @@ def _sample_objects(
     width: int,
     num_objects: int,
     occlusions: bool,
+    speed_label: int = -1,
 ) -> list[_Object]:
+    """Objects drifting along the label's direction; speed_label >= 0 puts every speed in that bin
+    and makes objects 0 and 1 a disc and a rect (the two flashing objects of order_label)."""
     direction_2 = _DIRECTIONS_L2[label]
     across_2 = direction_2[::-1].copy()
     short = min(height, width)
@@ -314,8 +360,17 @@ def _sample_objects(
             half_extent_2 = np.array([radius, radius])
         else:
             half_extent_2 = radius * rng.uniform(0.7, 1.0, 2)
+        if speed_label >= 0 and index == 1 and shape == objects[0].shape:
+            # Order is told by shape: the two flashing objects must differ in it.
+            shape = "rect" if shape == "disc" else "disc"
+            half_extent_2 = np.array([radius, radius]) if shape == "disc" else radius * np.array([1.0, 0.75])
         # Travel about half to all of the frame over the clip.
-        speed = rng.uniform(0.5, 1.0) * short / max(frames, 2)
+        travel = rng.uniform(0.5, 1.0)
+        if speed_label >= 0:
+            # The same draw, mapped into the bin, keeps the main stream unchanged.
+            low, high = _SPEED_BINS_2[speed_label]
+            travel = low + (travel - 0.5) / 0.5 * (high - low)
+        speed = travel * short / max(frames, 2)
         jitter = 0.0 if not occlusions else rng.uniform(-0.3, 0.3)
         velocity_2 = speed * (direction_2 + jitter * across_2)
         mid_2 = rng.uniform(half_extent_2, frame_2 - half_extent_2)
@@ -341,6 +396,37 @@ def _sample_objects(
             )
         )
     return objects
+
+
+def _flash_frames(
+    rng: np.random.Generator, objects: list[_Object], visible_fraction_OT: np.ndarray, order_label: int
+) -> np.ndarray:
+    """flash_frames_O: objects 0 and 1 flash at distinct frames in [1, T-2], the one order_label names first.
+
+    Neither flash is on the last frame (it would give the order away) nor on
+    frame 0; both are chosen where the flashing object is visible, when the
+    clip allows it (else where it is most visible).
+    """
+    frames = visible_fraction_OT.shape[1]
+    disc = 0 if objects[0].shape == "disc" else 1
+    first, second = (disc, 1 - disc) if ORDER_NAMES[order_label] == "disc_first" else (1 - disc, disc)
+    pairs = [(a, b) for a in range(1, frames - 1) for b in range(a + 1, frames - 1)]
+    seen_P = np.array([min(visible_fraction_OT[first, a], visible_fraction_OT[second, b]) for a, b in pairs])
+    good = np.flatnonzero(seen_P >= VISIBLE_THRESHOLD)
+    pick = int(rng.choice(good)) if len(good) else int(np.argmax(seen_P))
+    flash_frames_O = np.full(len(objects), -1, np.int64)
+    flash_frames_O[first], flash_frames_O[second] = pairs[pick]
+    return flash_frames_O
+
+
+def _flash(frames_THWC: np.ndarray, masks_THW: np.ndarray, flash_frames_O: np.ndarray) -> None:
+    """Pull the drawn pixels of each flashing object towards white on its flash frame (in place)."""
+    for o, t in enumerate(flash_frames_O):
+        if t < 0:
+            continue
+        seen_HW = masks_THW[t] == o + 1
+        pixels = frames_THWC[t][seen_HW].astype(np.float32)
+        frames_THWC[t][seen_HW] = np.round(pixels + _FLASH_MIX * (255.0 - pixels)).astype(np.uint8)
 
 
 def _camera_offsets(rng: np.random.Generator, frames: int, camera_pan: bool) -> np.ndarray:

@@ -36,7 +36,7 @@ from pretrain.weights import default_cache_root
 log = logging.getLogger(__name__)
 
 # Bump when the way videos are generated or tokens are stored changes.
-_CACHE_VERSION = "eval-procedural-v1"
+_CACHE_VERSION = "eval-procedural-v2"
 
 
 def default_cache_dir() -> Path:
@@ -60,6 +60,8 @@ class ProceduralConfig:
     """Moving objects per video."""
     seed: int = 1000
     """Dataset seed (independent of the readout seed, so seeds vary the readout, not the data)."""
+    temporal_labels: bool = True
+    """Vary speed and flash order inside the same videos, for the classify_speed / classify_order tasks."""
 
     def __post_init__(self) -> None:
         for name in ("train_videos", "test_videos", "num_objects"):
@@ -69,6 +71,10 @@ class ProceduralConfig:
             raise ValueError(f"frames must be >= 2 (pose and tracking need pairs), got {self.frames}")
         if self.size < 16 or self.size % 2:
             raise ValueError(f"size must be even and >= 16, got {self.size}")
+        if self.temporal_labels and (self.frames < 4 or self.num_objects < 2):
+            raise ValueError(
+                f"temporal_labels needs frames >= 4 and num_objects >= 2, got {self.frames} and {self.num_objects}"
+            )
 
 
 @dataclass(slots=True)
@@ -81,6 +87,12 @@ class ClipSet:
     num_train: int
     dataset_hash: str
     description: dict[str, Any]
+    targets: dict[str, Tensor] | None = None
+    """Ready targets of a dataset read from a standard format (truths is then empty); None for procedural."""
+    task: str | None = None
+    """The one task a format dataset's targets are for; None: any procedural task."""
+    task_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Task fields the data fixes (e.g. the number of classes)."""
 
     @property
     def train_idx(self) -> Tensor:
@@ -88,7 +100,7 @@ class ClipSet:
 
     @property
     def test_idx(self) -> Tensor:
-        return torch.arange(self.num_train, len(self.truths))
+        return torch.arange(self.num_train, len(self.tokens_VTND))
 
 
 def _config_key(cfg: ProceduralConfig) -> str:
@@ -111,6 +123,7 @@ def _generate_once(cfg: ProceduralConfig, directory: Path) -> None:
             size=(cfg.size, cfg.size),
             num_objects=cfg.num_objects,
             dense=True,
+            temporal_labels=cfg.temporal_labels,
         )
         (tmp / "done").write_text(json.dumps(dataclasses.asdict(cfg)) + "\n")
         if directory.exists():

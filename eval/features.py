@@ -104,7 +104,7 @@ def load_checked_encoder(export: Export, source: str | None = None, device: str 
         )
     encoder = load_encoder(
         source,
-        arch=recorded.get("arch", "vits14"),
+        arch=recorded.get("arch") or None,
         image_size=export.config["encoder"]["image_size"],
         chunk_frames=recorded.get("chunk_frames", 64),
         device=device,

@@ -73,9 +73,11 @@ class AttentiveProbe(nn.Module):
     def forward(self, features_BTNd: Tensor) -> Tensor:
         """Logits (B, C)."""
         T = features_BTNd.shape[1]
-        x_BTNd = self.norm(features_BTNd) + self.time_embed_Td[:T, None, :]
+        time_Td = self.time_embed_Td[:T]
         if self.last_frame_only:
-            x_BTNd = x_BTNd[:, -1:]
+            # Slice before the per-token norm: the same numbers for 1/T of the work.
+            features_BTNd, time_Td = features_BTNd[:, -1:], time_Td[-1:]
+        x_BTNd = self.norm(features_BTNd) + time_Td[:, None, :]
         tokens_BMd = x_BTNd.flatten(1, 2)
         queries_BQd = self.queries_Qd.expand(tokens_BMd.shape[0], -1, -1)
         pooled_BQd, _ = self.attn(queries_BQd, tokens_BMd, tokens_BMd, need_weights=False)

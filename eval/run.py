@@ -5,8 +5,14 @@
         [--seed 0] [--steps 150] [--out runs/eval] [--no-mlflow]
     python -m eval.run --export DIR --task future --data VIDEO_DIR
 
-Procedural tasks (``--data procedural``, the default): classification,
-depth, point_tracking, box_tracking, camera_pose. ``future`` is the
+    python -m eval.run --export DIR --task point_tracking --data tapvid:/data/tapvid_davis.pkl
+
+Procedural tasks (``--data procedural``, the default): classification
+(drift direction), classify_speed, classify_order, depth, point_tracking,
+box_tracking, camera_pose. ``--data KIND:PATH`` reads a standard format
+instead (ssv2, kinetics -> classification; tapvid -> point_tracking;
+scannet -> depth; mot -> box_tracking; nuscenes -> camera_pose; see
+eval.datasets); ``--frames`` then sets the clip length. ``future`` is the
 self-supervised eval on any folder of real videos: held-out future-feature
 error per offset against copy-last (see eval.selfsup).
 """
@@ -25,6 +31,7 @@ from typing import Any
 import torch
 
 from eval.data import ClipSet, ProceduralConfig, load_procedural
+from eval.datasets import FORMAT_TASKS, check_task, load_format, parse_data
 from eval.features import (
     PROBES,
     PROTOCOLS,
@@ -76,7 +83,9 @@ def evaluate_task(
     cache: FeatureCache | None = None,
 ) -> dict[str, Any]:
     """Train and score one task's readout on one variant; returns the report record."""
-    task = build_task(task_name)
+    if clips.task is not None and clips.task != task_name:
+        raise ValueError(f"dataset {clips.description.get('kind')!r} has targets for {clips.task!r}, not {task_name!r}")
+    task = build_task(task_name, **clips.task_overrides)
     path = build_feature_path(export, variant, settings.protocol, settings.probe, settings.seed)
     features = None
     if not path.trainable:
@@ -85,7 +94,7 @@ def evaluate_task(
         cache = cache if cache is not None else FeatureCache()
         features = cache.get(key, path, clips.tokens_VTND, settings.readout.eval_batch_size)
     grid = export.spec.grid_h
-    targets = task.targets(clips.truths, grid)
+    targets = clips.targets if clips.targets is not None else task.targets(clips.truths, grid)
     result = train_and_evaluate(
         task,
         path,
@@ -159,15 +168,21 @@ def setup_logging(verbose: bool) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    # Check the data against the task before anything heavy is loaded.
+    data_format = None if args.task == "future" else parse_data(args.data)
+    if data_format is not None:
+        check_task(data_format[0], args.task)
     export = read_export(args.export)
     encoder = load_checked_encoder(export, args.encoder)
     if args.task == "future":
         from eval.selfsup import run_future_eval
 
         return run_future_eval(export, encoder, args)
-    if args.data != "procedural":
-        raise ValueError(f"task {args.task!r} runs on --data procedural, got {args.data!r}")
-    clips = load_procedural(procedural_from_args(args), encoder, args.cache)
+    if data_format is None:
+        clips = load_procedural(procedural_from_args(args), encoder, args.cache)
+    else:
+        kind, path = data_format
+        clips = load_format(kind, path, args.task, encoder, export.spec.grid_h, args.frames)
     settings = settings_from_args(args)
     variant: Variant = args.baseline or "pretrained"
     start = time.perf_counter()
@@ -187,7 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--task", choices=[*TASKS, "future"], required=True)
-    parser.add_argument("--data", default="procedural", help="'procedural', or a folder of videos for --task future")
+    parser.add_argument(
+        "--data",
+        default="procedural",
+        help="'procedural'; KIND:PATH for a standard format "
+        f"({', '.join(f'{k} -> {t}' for k, t in FORMAT_TASKS.items())}; see eval.datasets); "
+        "or a folder of videos for --task future",
+    )
     parser.add_argument("--baseline", choices=BASELINES, default=None, help="evaluate a baseline instead")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

@@ -5,7 +5,9 @@
 
 The encoder runs once per procedural dataset (tokens cached on disk), the
 frozen feature paths once per variant (shared by all tasks); every readout
-gets the same training budget. ``--videos`` adds the self-supervised
+gets the same training budget. The three classification tasks
+(classification = drift direction, classify_speed, classify_order) read
+labels of the same videos, so they add readout training only. ``--videos`` adds the self-supervised
 future-feature eval on a folder of real videos.
 """
 

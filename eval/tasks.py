@@ -13,7 +13,9 @@ protocol produced the features.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_shards import GroundTruth
-from data_shards.procedural import LABEL_NAMES
+from data_shards.procedural import LABEL_NAMES, ORDER_NAMES, SPEED_NAMES
 from eval.data import frame_grid_sample
 from eval.metrics import box_iou, depth_metrics, relative_pose_errors, tapvid_metrics, topk_accuracy
 from eval.readouts import AttentiveProbe, BoxTrackHead, DenseDepthHead, PointTrackHead, RelativePoseHead
@@ -49,10 +51,26 @@ class Task(Protocol):
     def config(self) -> dict[str, Any]: ...
 
 
+# What each classification task reads from the ground truth: (GroundTruth field, class names).
+CLASS_LABELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "direction": ("label", LABEL_NAMES),
+    "speed": ("speed_label", SPEED_NAMES),
+    "order": ("order_label", ORDER_NAMES),
+}
+
+
 @dataclass(kw_only=True, slots=True)
 class Classification:
-    """Direction all objects drift in (4 classes): one frame cannot tell it."""
+    """A per-video class one frame cannot tell: drift direction (4), speed bin (2) or flash order (2).
 
+    All three come from the same procedural videos (generated with
+    temporal_labels), so they share the cached tokens and features.
+    """
+
+    label: str = "direction"
+    """Which label: direction, speed or order (see CLASS_LABELS)."""
+    classes: int | None = None
+    """Number of classes; None takes the label's (set for a dataset with its own labels)."""
     num_queries: int = 4
     """Learned queries of the attentive probe."""
     heads: int = 4
@@ -61,12 +79,24 @@ class Classification:
     primary: str = "top1"
     higher_is_better: bool = True
 
+    def __post_init__(self) -> None:
+        if self.label not in CLASS_LABELS:
+            raise ValueError(f"label must be one of {tuple(CLASS_LABELS)}, got {self.label!r}")
+        if self.classes is None:
+            self.classes = len(CLASS_LABELS[self.label][1])
+        if self.classes < 2:
+            raise ValueError(f"classes must be >= 2, got {self.classes}")
+
     def targets(self, truths: list[GroundTruth], grid: int) -> Batch:
-        return {"label": torch.tensor([t.label for t in truths])}
+        field = CLASS_LABELS[self.label][0]
+        labels = [getattr(t, field) for t in truths]
+        if min(labels) < 0:
+            raise ValueError(f"{self.name} needs procedural videos generated with temporal_labels=True ({field} is -1)")
+        return {"label": torch.tensor(labels)}
 
     def build_readout(self, dim: int, grid: int, frames: int, streaming: bool) -> nn.Module:
         return AttentiveProbe(
-            dim, frames, len(LABEL_NAMES), num_queries=self.num_queries, heads=self.heads, last_frame_only=streaming
+            dim, frames, self.classes, num_queries=self.num_queries, heads=self.heads, last_frame_only=streaming
         )
 
     def outputs(self, readout: nn.Module, features_BTNd: Tensor, batch: Batch) -> Batch:
@@ -77,8 +107,12 @@ class Classification:
 
     def metrics(self, outputs: Batch, batch: Batch) -> dict[str, float]:
         logits, labels = outputs["logits"].numpy(), batch["label"].numpy()
-        # With 4 classes top-5 is always 1; top-2 is the informative second number.
-        return {"top1": topk_accuracy(logits, labels, 1), "top2": topk_accuracy(logits, labels, 2)}
+        metrics = {"top1": topk_accuracy(logits, labels, 1)}
+        # Top-5 needs more than 5 classes to mean anything; with 4, top-2 is the informative second number.
+        for k in (2, 5):
+            if self.classes > k:
+                metrics[f"top{k}"] = topk_accuracy(logits, labels, k)
+        return metrics
 
     def config(self) -> dict[str, Any]:
         return {"readout": "attentive_probe", **_fields(self)}
@@ -107,7 +141,9 @@ class Depth:
         return {"log_depth": readout(features_BTNd)}
 
     def loss(self, outputs: Batch, batch: Batch) -> Tensor:
-        return F.l1_loss(outputs["log_depth"], batch["depth"].log())
+        # Real depth maps hold 0 where the sensor has no reading: those pixels carry no loss.
+        valid = batch["depth"] > 0
+        return F.l1_loss(outputs["log_depth"][valid], batch["depth"][valid].log())
 
     def metrics(self, outputs: Batch, batch: Batch) -> dict[str, float]:
         return depth_metrics(outputs["log_depth"].exp().numpy().ravel(), batch["depth"].numpy().ravel())
@@ -250,8 +286,10 @@ class CameraPose:
         return {"readout": "consecutive_pair_head", "translation_unit": "video pixels per frame", **_fields(self)}
 
 
-TASKS: dict[str, type] = {
+TASKS: dict[str, Callable[..., Task]] = {
     "classification": Classification,
+    "classify_speed": partial(Classification, label="speed", name="classify_speed"),
+    "classify_order": partial(Classification, label="order", name="classify_order"),
     "depth": Depth,
     "point_tracking": PointTracking,
     "box_tracking": BoxTracking,
@@ -259,10 +297,11 @@ TASKS: dict[str, type] = {
 }
 
 
-def build_task(name: str) -> Task:
+def build_task(name: str, **overrides: Any) -> Task:
+    """The task of that name; overrides set its fields (e.g. classes for a dataset's own labels)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
-    return TASKS[name]()
+    return TASKS[name](**overrides)
 
 
 def _fields(task: Any) -> dict[str, Any]:

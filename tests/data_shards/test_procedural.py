@@ -5,6 +5,7 @@ Shape legend: T frames, H height, W width, C = 3 colour channels (RGB), O object
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from data_shards import GroundTruth, decode_video, generate_dataset, generate_video
-from data_shards.procedural import BACKGROUND_DEPTH, LABEL_NAMES
+from data_shards.procedural import BACKGROUND_DEPTH, LABEL_NAMES, ORDER_NAMES, SPEED_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +199,69 @@ def test_generate_dataset(tmp_path: Path) -> None:
         assert decode_video(path)[0].shape == (8, 32, 48, 3)
 
 
+def test_temporal_labels_speed_bins_and_flash_order(tmp_path: Path) -> None:
+    speeds, orders = set(), set()
+    for seed in range(10):
+        path = tmp_path / f"e{seed}.mp4"
+        truth = generate_video(path, seed=seed, frames=8, size=(64, 64), dense=True, temporal_labels=True)
+        plain = generate_video(tmp_path / f"p{seed}.mp4", seed=seed, frames=8, size=(64, 64), dense=True)
+        speeds.add(SPEED_NAMES[truth.speed_label])
+        orders.add(ORDER_NAMES[truth.order_label])
+        # Speed: every object's travel over the clip (jitter across the direction aside) lies in the bin.
+        along_O = np.abs(truth.velocities_O2 @ np.abs(np.array([[-1, 1, 0, 0], [0, 0, -1, 1]])[:, truth.label]))
+        travel_O = along_O * 8 / 64
+        low, high = {"slow": (0.25, 0.45), "fast": (0.7, 1.0)}[SPEED_NAMES[truth.speed_label]]
+        assert ((travel_O >= low - 1e-6) & (travel_O <= high + 1e-6)).all()
+        # Order: objects 0 and 1 (a disc and a rect) flash at distinct inner frames, the named one first.
+        assert sorted(truth.shapes[:2]) == ["disc", "rect"]
+        flash_O = truth.flash_frames_O
+        assert (flash_O[2:] == -1).all() and flash_O[0] != flash_O[1]
+        assert (flash_O[:2] >= 1).all() and (flash_O[:2] <= 6).all()
+        disc = truth.shapes.index("disc")
+        disc_first = flash_O[disc] < flash_O[1 - disc]
+        assert disc_first == (ORDER_NAMES[truth.order_label] == "disc_first")
+        # The flash brightens the object's drawn pixels on its frame only.
+        frames_THWC, _ = decode_video(path)
+        for o in (0, 1):
+            t = int(flash_O[o])
+            seen_HW = truth.masks_THW[t] == o + 1
+            if seen_HW.sum() >= 20:
+                others = [s for s in range(8) if s != t and (truth.masks_THW[s] == o + 1).sum() >= 20]
+                flash_mean = frames_THWC[t][seen_HW].mean()
+                assert all(flash_mean > frames_THWC[s][truth.masks_THW[s] == o + 1].mean() + 20 for s in others)
+        # The direction, colours, depths and camera come from the main stream, unchanged by the labels.
+        assert truth.label == plain.label and plain.speed_label == plain.order_label == -1
+        np.testing.assert_array_equal(truth.depths_O, plain.depths_O)
+        np.testing.assert_array_equal(truth.camera_T2, plain.camera_T2)
+        np.testing.assert_array_equal(truth.colors_O3, plain.colors_O3)
+    assert speeds == set(SPEED_NAMES) and orders == set(ORDER_NAMES)
+
+
+def test_temporal_labels_json_round_trip_and_old_records(tmp_path: Path) -> None:
+    truth = generate_video(tmp_path / "v.mp4", seed=3, frames=6, size=(32, 32), temporal_labels=True)
+    back = GroundTruth.from_json(truth.to_json())
+    assert back.to_json() == truth.to_json() and back.flash_frames_O.dtype == np.int64
+    generate_video(tmp_path / "w.mp4", seed=3, frames=6, size=(32, 32), temporal_labels=True)
+    assert (tmp_path / "v.mp4").read_bytes() == (tmp_path / "w.mp4").read_bytes()
+    # A record written before the temporal labels existed still loads, without them.
+    record = json.loads(truth.to_json())
+    for key in ("speed_label", "order_label", "flash_frames_O"):
+        del record[key]
+    old = GroundTruth.from_json(json.dumps(record))
+    assert old.speed_label == old.order_label == -1 and old.flash_frames_O is None
+
+
 @pytest.mark.parametrize(
-    "kwargs", [{"frames": 0}, {"size": (33, 64)}, {"size": (8, 8)}, {"num_objects": 0}, {"fps": 0}]
+    "kwargs",
+    [
+        {"frames": 0},
+        {"size": (33, 64)},
+        {"size": (8, 8)},
+        {"num_objects": 0},
+        {"fps": 0},
+        {"frames": 3, "temporal_labels": True},
+        {"num_objects": 1, "temporal_labels": True},
+    ],
 )
 def test_invalid_arguments(tmp_path: Path, kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):

@@ -17,7 +17,9 @@ from eval.tasks import TASKS, build_task, point_tracks
 def truths(tmp_path_factory: pytest.TempPathFactory):
     directory = tmp_path_factory.mktemp("videos")
     return [
-        generate_video(directory / f"v{i}.mp4", seed=i, frames=6, size=(32, 32), num_objects=3, dense=True)
+        generate_video(
+            directory / f"v{i}.mp4", seed=i, frames=6, size=(32, 32), num_objects=3, dense=True, temporal_labels=True
+        )
         for i in range(3)
     ]
 
@@ -78,6 +80,24 @@ def test_task_readout_trains_on_exact_targets(truths, name: str) -> None:
     with torch.no_grad():
         metrics = task.metrics(task.outputs(readout, features_BTNd, targets), targets)
     assert task.primary in metrics and all(np.isfinite(v) for v in metrics.values())
+
+
+def test_classification_labels(truths, tmp_path: Path) -> None:
+    """The three classification tasks read direction, speed bin and flash order of the same videos."""
+    for name, field, classes in (
+        ("classification", "label", 4),
+        ("classify_speed", "speed_label", 2),
+        ("classify_order", "order_label", 2),
+    ):
+        task = build_task(name)
+        assert task.classes == classes
+        assert task.targets(truths, 4)["label"].tolist() == [getattr(t, field) for t in truths]
+    assert build_task("classification", classes=7).classes == 7
+    plain = generate_video(tmp_path / "v.mp4", seed=0, frames=4, size=(32, 32))
+    with pytest.raises(ValueError, match="temporal_labels"):
+        build_task("classify_order").targets([plain], 4)
+    with pytest.raises(ValueError, match="label"):
+        build_task("classification", label="colour")
 
 
 def test_point_tracking_needs_dense_truth(tmp_path: Path) -> None:

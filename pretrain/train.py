@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         result = Trainer(cfg).train()
     except USER_ERRORS as err:
+        # One line for the user; the traceback with --log-level DEBUG (a ValueError may also be a bug).
+        log.debug("traceback of the error below", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         return 2
     except distributed.CollectiveTimeoutError as err:

@@ -12,8 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from data_shards.build import add_build_arguments, run_build
-from data_shards.features import add_encode_arguments, run_encode
+from data_shards.cli import add_build_arguments, add_encode_arguments, run_build, run_encode
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 

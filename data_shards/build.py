@@ -64,7 +64,6 @@ re-run tries that input again.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import glob
@@ -76,7 +75,6 @@ import logging
 import math
 import multiprocessing
 import os
-import sys
 import tarfile
 import time
 from collections import Counter
@@ -1025,89 +1023,3 @@ def build_shards(
     _atomic_write_text(out_dir / STATS_NAME, json.dumps(stats, indent=1) + "\n")
     logger.info("built %d clips in %d shards; skipped %s", manifest["clips"], len(shards), manifest["skipped"])
     return BuildResult(manifest=manifest, stats=stats, heldout=heldout)
-
-
-def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m data_shards build``."""
-    defaults = BuildArgs()
-    parser.add_argument(
-        "--input",
-        nargs="+",
-        action="extend",
-        required=True,
-        metavar="PATH",
-        help="video files, directories (recursive), globs, or list files (@list.txt / *.txt, one path a line)",
-    )
-    parser.add_argument("--out", required=True, type=Path, help="output directory for shards and manifest.json")
-    parser.add_argument("--clip-frames", type=int, default=defaults.clip_frames, help="frames per clip")
-    parser.add_argument("--fps", type=float, default=defaults.fps, help="output frame rate; 0 = native")
-    parser.add_argument(
-        "--short-side", type=int, default=defaults.short_side, help="resize shorter side to this (even); 0 = no resize"
-    )
-    parser.add_argument(
-        "--stride", type=int, default=None, help="output frames between clip starts (default: clip frames)"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes (0 = in this process)"
-    )
-    parser.add_argument("--crf", type=int, default=defaults.crf, help="x264 constant rate factor")
-    parser.add_argument("--max-samples-per-shard", type=int, default=defaults.max_samples_per_shard)
-    parser.add_argument("--max-shard-bytes", type=int, default=defaults.max_shard_bytes)
-    parser.add_argument(
-        "--holdout-fraction",
-        type=float,
-        default=defaults.holdout_fraction,
-        help="per input, clips in the last F of its frames go to OUT/heldout/ (boundary clips dropped); 0 = off",
-    )
-    parser.add_argument(
-        "--skip-scene-cuts", action="store_true", help="drop clips that cross a detected hard scene cut"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run_build(namespace: argparse.Namespace) -> int:
-    """Run ``build`` from parsed arguments; prints a summary and returns the exit code."""
-    try:
-        args = BuildArgs(
-            clip_frames=namespace.clip_frames,
-            fps=namespace.fps,
-            short_side=namespace.short_side,
-            stride=namespace.stride,
-            crf=namespace.crf,
-            max_samples_per_shard=namespace.max_samples_per_shard,
-            max_shard_bytes=namespace.max_shard_bytes,
-            holdout_fraction=namespace.holdout_fraction,
-            skip_scene_cuts=namespace.skip_scene_cuts,
-        )
-        if namespace.workers < 0:
-            raise ValueError(f"--workers must be >= 0, got {namespace.workers}")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = build_shards(
-            namespace.input, namespace.out, args, workers=namespace.workers, progress=not namespace.no_progress
-        )
-    except BuildArgsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    manifest, stats = result.manifest, result.stats
-    print(
-        f"{manifest['clips']} clips ({manifest['total_duration_s']:.1f} s) in {len(manifest['shards'])} shards "
-        f"from {manifest['ok_inputs']}/{manifest['inputs']} inputs -> {namespace.out}"
-    )
-    if result.heldout is not None:
-        print(f"{result.heldout['clips']} held-out clips -> {Path(namespace.out) / HELDOUT_DIR}")
-    if manifest["clips_dropped_at_holdout"] or manifest["clips_dropped_at_cuts"]:
-        print(
-            f"dropped {manifest['clips_dropped_at_holdout']} clips at the holdout boundary, "
-            f"{manifest['clips_dropped_at_cuts']} at scene cuts"
-        )
-    if manifest["skipped"]:
-        print("skipped: " + ", ".join(f"{reason} {count}" for reason, count in manifest["skipped"].items()))
-    print(
-        f"{stats['input_duration_s']:.1f} s of video in {stats['wall_s']:.1f} s "
-        f"({stats['input_s_per_wall_s']:.2f} video s per s); parts made {stats['parts_made']}, "
-        f"reused {stats['parts_reused']}; shards written {stats['shards_written']}, kept {stats['shards_kept']}"
-    )
-    return 0

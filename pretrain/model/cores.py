@@ -339,15 +339,11 @@ class MambaLayer(nn.Module):
         return x_BTND + y_BTND, state
 
 
-class MambaCore(nn.Module):
-    """Temporal Mamba only ("M" in the paper): depth x (x + MambaBlock(LN(x)))."""
+class _MambaLayerStack(nn.Module):
+    """A stack of layers that each carry one MambaBlock's state under "layer{i}.": forward, step, init_state."""
 
-    def __init__(self, dim: int, *, depth: int, d_state: int, d_conv: int, expand: int) -> None:
-        super().__init__()
-        self.dim = dim
-        self.layers = nn.ModuleList(
-            [MambaLayer(dim, d_state=d_state, d_conv=d_conv, expand=expand) for _ in range(depth)]
-        )
+    dim: int
+    layers: nn.ModuleList
 
     def init_state(self, batch: int, num_tokens: int, device: torch.device | str, dtype: torch.dtype) -> State:
         state: State = {}
@@ -369,6 +365,17 @@ class MambaCore(nn.Module):
         _check_frames(x_BND, 3, "x_BND", self.dim)
         y_B1ND, state = self.forward(x_BND.unsqueeze(1), state)
         return y_B1ND.squeeze(1), state
+
+
+class MambaCore(_MambaLayerStack):
+    """Temporal Mamba only ("M" in the paper): depth x (x + MambaBlock(LN(x)))."""
+
+    def __init__(self, dim: int, *, depth: int, d_state: int, d_conv: int, expand: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.layers = nn.ModuleList(
+            [MambaLayer(dim, d_state=d_state, d_conv=d_conv, expand=expand) for _ in range(depth)]
+        )
 
 
 class GMMixLayer(nn.Module):
@@ -398,7 +405,7 @@ class GMMixLayer(nn.Module):
         return torch.lerp(a_BTND, m_BTND, g_BTND), state
 
 
-class GMMixCore(nn.Module):
+class GMMixCore(_MambaLayerStack):
     """The paper's best core ("GMMix"): depth x GMMixLayer.
 
     Spatial attention needs no state; each layer's Mamba carries
@@ -411,27 +418,6 @@ class GMMixCore(nn.Module):
         self.layers = nn.ModuleList(
             [GMMixLayer(dim, num_heads=num_heads, d_state=d_state, d_conv=d_conv, expand=expand) for _ in range(depth)]
         )
-
-    def init_state(self, batch: int, num_tokens: int, device: torch.device | str, dtype: torch.dtype) -> State:
-        state: State = {}
-        for i, layer in enumerate(self.layers):
-            state.update(_prefixed(layer.mamba.init_state(batch, num_tokens, device, dtype), f"layer{i}."))
-        return state
-
-    def forward(self, x_BTND: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        _check_frames(x_BTND, 4, "x_BTND", self.dim)
-        if state is None:
-            state = self.init_state(x_BTND.shape[0], x_BTND.shape[2], x_BTND.device, x_BTND.dtype)
-        new_state: State = {}
-        for i, layer in enumerate(self.layers):
-            x_BTND, layer_state = layer(x_BTND, _unprefixed(state, f"layer{i}."))
-            new_state.update(_prefixed(layer_state, f"layer{i}."))
-        return x_BTND, new_state
-
-    def step(self, x_BND: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        _check_frames(x_BND, 3, "x_BND", self.dim)
-        y_B1ND, state = self.forward(x_BND.unsqueeze(1), state)
-        return y_B1ND.squeeze(1), state
 
 
 def build_core(

@@ -61,6 +61,25 @@ def random_resized_crop_box(
     return center_crop_box(height, width, ratio=ratio)
 
 
+def even_crop_box(box: CropBox) -> CropBox:
+    """The box with top/left rounded down and height/width rounded down to even numbers (at least 2).
+
+    4:2:0 video stores one chroma sample per 2x2 pixels, so a crop that cuts
+    it without resampling must start and end on even rows and columns. The
+    result moves each edge by at most one pixel (a side never drops below 2).
+    """
+
+    def even(start: int, length: int) -> tuple[int, int]:
+        lo = start - start % 2
+        hi = start + length
+        hi -= hi % 2
+        return lo, max(2, hi - lo)
+
+    top, height = even(box.top, box.height)
+    left, width = even(box.left, box.width)
+    return CropBox(top, left, height, width)
+
+
 def center_crop_box(height: int, width: int, *, ratio: tuple[float, float] = (1.0, 1.0)) -> CropBox:
     """The largest centred box whose aspect (w/h) is clamped into `ratio`; (1, 1) is a centred square."""
     aspect = width / height

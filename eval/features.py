@@ -18,6 +18,12 @@ each and the comparison isolates what pre-training bought:
 - ``random``: the export's architecture (adapter + core), freshly
   initialized from the eval seed; frozen in probe mode like ``pretrained``.
 
+An export trained with ``encoder.feature_layers`` reads several encoder
+blocks mixed by its trained layer adapters: ``load_checked_encoder`` attaches
+those (frozen) adapters to the encoder, and ``encode_frames`` returns the
+mixed tokens for every variant, so all three read the same input features
+and differ only in adapter and core.
+
 Protocols: ``streaming`` runs the core's ``step`` frame by frame (online, as
 the paper evaluates); ``clip`` runs ``forward`` over the whole clip. For a
 causal core the two give the same features.
@@ -25,6 +31,7 @@ causal core the two give the same features.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -38,7 +45,9 @@ from torch import Tensor, nn
 from pretrain.encoder import FrozenEncoder, load_encoder
 from pretrain.export import load_export
 from pretrain.model.cores import IdentityCore
+from pretrain.model.layer_adapters import LayerAdapters
 from pretrain.model.predictor import FuturePredictor, ModelSpec
+from pretrain.model.vit import weights_hash
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +125,36 @@ def load_checked_encoder(export: Export, source: str | None = None, device: str 
             f"but export {export.directory} was trained on {export.config['encoder']['name']!r} "
             f"with weights hash {export.encoder_hash}; refusing to evaluate on different features"
         )
+    if export.model.layer_adapters is not None:
+        attach_layer_adapters(encoder, export.model.layer_adapters)
     return encoder
 
 
+def attach_layer_adapters(encoder: FrozenEncoder, adapters: LayerAdapters) -> None:
+    """Make ``encode_frames`` return the adapted mean of the adapters' blocks (a frozen copy of them).
+
+    Token caches are keyed by ``encoder.weights_hash``; mixed tokens are not the
+    encoder's plain tokens, so the key gets the blocks and the adapters' own hash.
+    """
+    frozen = copy.deepcopy(adapters).to(encoder.mean_C.device).requires_grad_(False).eval()
+    encoder.feature_adapters = frozen
+    layers = "-".join(map(str, frozen.layers))
+    encoder.weights_hash = f"{encoder.weights_hash}-L{layers}-{weights_hash(frozen)[:12]}"
+    log.info("encoder features: blocks %s mixed by the export's trained layer adapters", list(frozen.layers))
+
+
+@torch.no_grad()
 def encode_frames(encoder: FrozenEncoder, frames_BTCHW: Tensor) -> Tensor:
-    """Frozen patch tokens of uint8 RGB frames, (B, T, N, D) float32 on CPU: the only way eval reads pixels."""
-    return encoder.encode(frames_BTCHW).cpu()
+    """Frozen patch tokens of uint8 RGB frames, (B, T, N, D) float32 on CPU: the only way eval reads pixels.
+
+    The final block's tokens, or the export's adapted block mean when
+    ``attach_layer_adapters`` gave the encoder layer adapters.
+    """
+    adapters = encoder.feature_adapters
+    if adapters is None:
+        return encoder.encode(frames_BTCHW).cpu()
+    blocks = encoder.encode_layers(frames_BTCHW, list(adapters.layers))
+    return adapters(blocks).float().cpu()
 
 
 class FeaturePath(nn.Module):

@@ -53,20 +53,26 @@ def window_starts(num_frames: int, source_frames: int, max_offset: int, stride: 
 
 
 def future_batches(
-    videos: list[tuple[torch.Tensor, torch.Tensor]],
+    videos: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
     source_frames: int,
     offset: int,
     max_offset: int,
     stride: int,
     batch_size: int,
 ) -> Iterator[ClipBatch]:
-    """ClipBatches of one target offset over (frames_TCHW, tokens_TND) videos."""
-    sources, targets, target_frames = [], [], []
-    for frames_TCHW, tokens_TND in videos:
+    """ClipBatches of one target offset over (frames_TCHW, tokens_TND, blocks_TLND or None) videos.
+
+    ``blocks_TLND``: the encoder.feature_layers blocks of an export trained on
+    them (its core reads their adapted mean; targets stay final-block tokens).
+    """
+    sources, source_blocks, targets, target_frames = [], [], [], []
+    for frames_TCHW, tokens_TND, blocks_TLND in videos:
         for start in window_starts(len(frames_TCHW), source_frames, max_offset, stride):
             src = [start + i * stride for i in range(source_frames)]
             tgt = start + (source_frames - 1 + offset) * stride
             sources.append(tokens_TND[src])
+            if blocks_TLND is not None:
+                source_blocks.append(blocks_TLND[src])
             targets.append(tokens_TND[tgt : tgt + 1])
             target_frames.append(frames_TCHW[tgt : tgt + 1])
     for i in range(0, len(sources), batch_size):
@@ -76,7 +82,23 @@ def future_batches(
             torch.stack(targets[i : i + batch_size]),
             torch.stack(target_frames[i : i + batch_size]),
             torch.full((n, 1), offset, dtype=torch.long),
+            source_layers_BSLND=torch.stack(source_blocks[i : i + batch_size]) if source_blocks else None,
         )
+
+
+def source_and_target_tokens(
+    encoder: FrozenEncoder, frames_TCHW: torch.Tensor, feature_layers: list[int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Final-block tokens (T, N, D) and, for a feature_layers export, its blocks (T, L, N, D); float32 on CPU.
+
+    The objective's targets are final-block tokens even when the export's core
+    reads several blocks, so this asks the encoder for the plain tokens, not
+    ``encode_frames`` (which returns the adapted mix for such exports).
+    """
+    if not feature_layers:
+        return encode_frames(encoder, frames_TCHW[None])[0], None
+    tokens_1TND, blocks_1TLND = encoder.encode_with_layers(frames_TCHW[None], list(feature_layers))
+    return tokens_1TND[0].cpu(), blocks_1TLND[0].cpu()
 
 
 def future_prediction_eval(
@@ -98,7 +120,7 @@ def future_prediction_eval(
     for path in paths:
         frames_THWC, _ = decode_video(path, fps=fps, short_side=encoder.image_size, max_frames=max_frames)
         frames_TCHW = center_crop_square(torch.from_numpy(frames_THWC), encoder.image_size)
-        videos.append((frames_TCHW, encode_frames(encoder, frames_TCHW[None])[0]))
+        videos.append((frames_TCHW, *source_and_target_tokens(encoder, frames_TCHW, export.spec.feature_layers)))
     by_offset = {
         offset: future_batches(videos, source_frames, offset, offsets[-1], stride, batch_size) for offset in offsets
     }

@@ -54,13 +54,34 @@ class EncoderConfig:
     image_size: int = 224
     """Frames are resized to image_size x image_size before encoding (pixels)."""
     chunk_frames: int = 64
-    """Frames encoded per forward call, bounding activation memory."""
+    """Frames encoded per forward call, bounding activation memory; 0 = auto (from free CUDA memory, 64 on CPU)."""
+    feature_layers: list[int] = field(default_factory=list)
+    """Blocks (0-based) fed to the core through trainable per-block adapters and averaged
+    (the paper: [5, 11, 17, 23] of ViT-L); [] = the final block only. Targets stay final-block."""
+    compile: bool = False
+    """torch.compile the encoder (dynamic=False; chunks padded to chunk_frames so every call has one shape)."""
+    compile_cache_dir: str = ""
+    """Directory for inductor/Triton compile caches, reused across runs ('' = torch's defaults)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "encoder.source", "must not be empty")
         _check(self.image_size > 0, "encoder.image_size", "must be > 0")
         _check_choice("encoder.attn_backend", self.attn_backend, ("sdpa", "xformers", "math"))
-        _check(self.chunk_frames > 0, "encoder.chunk_frames", "must be > 0")
+        _check(self.chunk_frames >= 0, "encoder.chunk_frames", "must be >= 0 (0 = auto)")
+        layers = self.feature_layers
+        _check(len(set(layers)) == len(layers), "encoder.feature_layers", f"{layers} must be distinct")
+        _check(all(i >= 0 for i in layers), "encoder.feature_layers", f"{layers} must be block indices >= 0")
+        if layers and self.arch:
+            # Imported here: the config stays importable without torch for tools that only read it.
+            from pretrain.model.vit import VIT_ARCHS
+
+            if self.arch in VIT_ARCHS:
+                depth = VIT_ARCHS[self.arch].depth
+                _check(
+                    max(layers) < depth,
+                    "encoder.feature_layers",
+                    f"{layers} must lie in [0, {depth}) for encoder.arch={self.arch!r} ({depth} blocks)",
+                )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -305,6 +326,12 @@ class Config:
     def __post_init__(self) -> None:
         if self.distributed.optimizer == "adamw_fused" and self.run.device == "cpu":
             raise ConfigError("config key 'distributed.optimizer': 'adamw_fused' needs CUDA, run.device is 'cpu'")
+        if self.data.source == "features" and self.encoder.feature_layers:
+            raise ConfigError(
+                f"config keys 'encoder.feature_layers' and 'data.source': feature shards store final-block "
+                f"tokens only, so encoder.feature_layers={self.encoder.feature_layers} needs "
+                "data.source='videos' or 'clips' (or set encoder.feature_layers=[])"
+            )
 
     @property
     def run_dir(self) -> Path:

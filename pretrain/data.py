@@ -1,7 +1,8 @@
 """In-memory clip windows over a few videos, with frozen features cached on disk.
 
 Shape legend: T frames of a video, B clips, S source frames, K target frames,
-N patches, D encoder width, C=3, H=W=image_size.
+L chosen encoder blocks (encoder.feature_layers), N patches, D encoder width,
+C=3, H=W=image_size.
 
 This is the small-data path (the demo, tests, the data-efficient regime the
 design argues for): every video is decoded once, its frames encoded once by
@@ -45,6 +46,8 @@ class EncodedVideo:
     """Frozen patch tokens of every frame (float32)."""
     cuts: list[int]
     """Frame indices t where a scene cut lies between t-1 and t."""
+    layers_TLND: Tensor | None = None
+    """Tokens of the encoder.feature_layers blocks of every frame (float32), or None when unused."""
 
     @property
     def num_frames(self) -> int:
@@ -67,6 +70,8 @@ class ClipBatch:
     """Precomputed visible patch indices of the targets (feature shards), or None: the objective draws them."""
     visible_tokens_BKVD: Tensor | None = None
     """Their tokens, encoded from those patches only (float32), or None: the objective encodes them from pixels."""
+    source_layers_BSLND: Tensor | None = None
+    """The encoder.feature_layers blocks of the source frames (float32), or None when unused."""
 
     def to(self, device: torch.device) -> ClipBatch:
         def move(t: Tensor | None) -> Tensor | None:
@@ -79,6 +84,7 @@ class ClipBatch:
             self.offsets_BK.to(device, non_blocking=True),
             move(self.visible_idx_BKV),
             move(self.visible_tokens_BKVD),
+            move(self.source_layers_BSLND),
         )
 
 
@@ -99,8 +105,11 @@ def center_crop_square(frames_THWC: Tensor, size: int) -> Tensor:
     return frames_THWC[:, top : top + size, left : left + size].permute(0, 3, 1, 2).contiguous()
 
 
-def _cache_key(sha: str, encoder: FrozenEncoder, data: DataConfig) -> str:
+def _cache_key(sha: str, encoder: FrozenEncoder, data: DataConfig, layers: list[int]) -> str:
     parts = [sha, encoder.weights_hash, str(encoder.image_size), str(data.fps), str(data.max_frames), "v1"]
+    if layers:
+        # Only with blocks, so caches written before feature_layers existed stay valid.
+        parts.append("layers=" + ",".join(map(str, layers)))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
@@ -116,8 +125,14 @@ def _save_atomic(tensors: dict[str, Tensor], meta: dict[str, str], path: Path) -
             os.unlink(tmp)
 
 
-def encode_video(spec: str, encoder: FrozenEncoder, data: DataConfig, cache_dir: Path) -> EncodedVideo:
-    """Decode one video and return its frames with cached (or freshly encoded) tokens."""
+def encode_video(
+    spec: str, encoder: FrozenEncoder, data: DataConfig, cache_dir: Path, layers: list[int] | None = None
+) -> EncodedVideo:
+    """Decode one video and return its frames with cached (or freshly encoded) tokens.
+
+    With ``layers`` (encoder.feature_layers) the chosen blocks are encoded and cached too, in the same pass.
+    """
+    layers = list(layers or [])
     path = resolve_video(spec)
     sha = file_sha256(path)
     frames_THWC, info = decode_video(
@@ -128,21 +143,30 @@ def encode_video(spec: str, encoder: FrozenEncoder, data: DataConfig, cache_dir:
     )
     frames_TCHW = center_crop_square(torch.from_numpy(frames_THWC), encoder.image_size)
     cuts = detect_scene_cuts(frames_THWC)
-    cache_path = cache_dir / f"{_cache_key(sha, encoder, data)}.safetensors"
+    cache_path = cache_dir / f"{_cache_key(sha, encoder, data, layers)}.safetensors"
     if cache_path.is_file():
-        tokens_TND = load_file(cache_path)["tokens"].float()
+        cached = load_file(cache_path)
+        tokens_TND = cached["tokens"].float()
+        layers_TLND = cached["layers"].float() if layers else None
         log.info("features of %s from cache %s", path.name, cache_path)
     else:
         log.info("encoding %d frames of %s (cached afterwards in %s)", len(frames_TCHW), path.name, cache_dir)
-        tokens_TND = encoder.encode(frames_TCHW[None])[0].cpu()
+        tensors = {}
+        if layers:
+            tokens_1TND, layers_1TLND = encoder.encode_with_layers(frames_TCHW[None], layers)
+            tensors["layers"] = layers_1TLND[0].cpu().to(torch.float16).contiguous()
+        else:
+            tokens_1TND = encoder.encode(frames_TCHW[None])
+        tensors["tokens"] = tokens_1TND[0].cpu().to(torch.float16).contiguous()
         meta = {"video": str(path), "sha256": sha, "encoder": encoder.name, "encoder_hash": encoder.weights_hash}
-        _save_atomic({"tokens": tokens_TND.to(torch.float16).contiguous()}, meta, cache_path)
+        _save_atomic(tensors, meta, cache_path)
         # Train on what the cache holds so a first and a cached run are identical.
-        tokens_TND = tokens_TND.to(torch.float16).float()
+        tokens_TND = tensors["tokens"].float()
+        layers_TLND = tensors["layers"].float() if layers else None
     if tokens_TND.shape[0] != frames_TCHW.shape[0]:
         raise ValueError(f"feature cache {cache_path} holds {tokens_TND.shape[0]} frames, video has {len(frames_TCHW)}")
     fps = data.fps or info.fps
-    return EncodedVideo(path.stem, str(path), sha, fps, frames_TCHW, tokens_TND, cuts)
+    return EncodedVideo(path.stem, str(path), sha, fps, frames_TCHW, tokens_TND, cuts, layers_TLND)
 
 
 def window_frames(objective: ObjectiveConfig, stride: int, offset: int) -> int:
@@ -228,15 +252,20 @@ class WindowSampler:
 def gather_batch(videos: list[EncodedVideo], windows: list[Window], offsets_BK: Tensor, cfg: Config) -> ClipBatch:
     stride = cfg.data.frame_stride
     S = cfg.objective.source_frames
-    sources, target_tokens, target_frames = [], [], []
+    sources, source_layers, target_tokens, target_frames = [], [], [], []
     for window, offsets_K in zip(windows, offsets_BK.tolist(), strict=True):
         video = videos[window.video]
         src_idx = [window.start + i * stride for i in range(S)]
         tgt_idx = [window.start + (S - 1 + o) * stride for o in offsets_K]
         sources.append(video.tokens_TND[src_idx])
+        if video.layers_TLND is not None:
+            source_layers.append(video.layers_TLND[src_idx])
         target_tokens.append(video.tokens_TND[tgt_idx])
         target_frames.append(video.frames_TCHW[tgt_idx])
-    return ClipBatch(torch.stack(sources), torch.stack(target_tokens), torch.stack(target_frames), offsets_BK)
+    batch = ClipBatch(torch.stack(sources), torch.stack(target_tokens), torch.stack(target_frames), offsets_BK)
+    if source_layers:
+        batch.source_layers_BSLND = torch.stack(source_layers)
+    return batch
 
 
 def data_summary(videos: list[EncodedVideo], train: list[Window], heldout: list[Window]) -> dict[str, object]:

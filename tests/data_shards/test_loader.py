@@ -6,6 +6,7 @@ Shape legend: B clips, T frames, C = 3, S = image_size pixels, H x W source pixe
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -365,3 +366,16 @@ def _mp4_by_key(directory: Path) -> dict[str, bytes]:
 
     urls = [str(p) for p in sorted(directory.glob("clips-*.tar"))]
     return {s["__key__"]: s["mp4"] for s in wds.WebDataset(urls, shardshuffle=False)}
+
+
+def test_short_epochs_with_workers_are_warned_about(syn2: tuple[Path, list[str]], caplog) -> None:
+    """Every epoch starts fresh workers; an epoch of a batch or two per worker gets a warning naming the fix."""
+    directory, _ = syn2
+    with caplog.at_level(logging.WARNING, logger="data_shards.loader"):
+        clip_loader(_cfg(directory, num_workers=2), rank=0, world_size=1)
+    assert "data.num_workers" in caplog.text and "data.samples_per_epoch" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="data_shards.loader"):
+        clip_loader(_cfg(directory, num_workers=0), rank=0, world_size=1)
+        clip_loader(_cfg(directory, shard_mode="resampled", samples_per_epoch=64), rank=0, world_size=1)
+    assert caplog.text == ""

@@ -38,9 +38,7 @@ DEMO_VIDEOS = ("bigbuckbunny", "bikes")
 # frames (4 sources, offsets up to 4, stride 3), so each clip holds 9 window starts.
 # Clips start every 10 frames (overlapping): two short videos give ~380 frames, and
 # non-overlapping clips would lose every window that crosses a clip boundary.
-DEMO_BUILD = BuildArgs(
-    clip_frames=30, fps=0.0, short_side=224, stride=10, holdout_fraction=0.25, skip_scene_cuts=True
-)
+DEMO_BUILD = BuildArgs(clip_frames=30, fps=0.0, short_side=224, stride=10, holdout_fraction=0.25, skip_scene_cuts=True)
 
 
 def prepare_features(out: Path, cfg: Config, workers: int) -> tuple[Path, Path]:

@@ -170,7 +170,12 @@ class VideoBatch:
     """A batch of augmented clips from ``clip_loader``."""
 
     frames_BTCHW: Tensor
-    """uint8 RGB, (B, T, 3, image_size, image_size); pinned when asked and CUDA is available."""
+    """uint8 RGB, (B, T, 3, image_size, image_size); pinned when asked and CUDA is available.
+
+    Channels-last in memory: a permuted view of a contiguous (B, T, H, W, 3)
+    block, which is how FFmpeg writes pixels. Transposing to planar CHW on the
+    CPU workers cost more than the crop and resize did; the device (or the
+    encoder's first float conversion) does it instead."""
     frame_index_BT: Tensor
     """int64 index of each sampled frame within its clip (start + t * frame_stride)."""
     keys: list[str]
@@ -622,15 +627,15 @@ class ClipDecoder:
             box = random_resized_crop_box(height, width, scale=self.cfg.crop_scale, ratio=self.cfg.crop_ratio, rng=rng)
             return even_crop_box(box)
 
-        frames_TCHW, box = decode_mp4_crop_resize(
+        frames_THWC, box = decode_mp4_crop_resize(
             sample["mp4"], index_T, draw_box, self.cfg.image_size, key=key, expected_frames=num_frames
         )
         flip = bool(rng.random() < self.cfg.hflip_prob)
         if flip:
-            frames_TCHW = frames_TCHW.flip(-1)
+            frames_THWC = frames_THWC.flip(2)
         draw = {"start_frame": start, "frame_stride": self.cfg.frame_stride, "crop": dataclasses.astuple(box)}
         return {
-            "frames_TCHW": frames_TCHW,
+            "frames_THWC": frames_THWC,
             "frame_index_T": torch.tensor(index_T, dtype=torch.int64),
             "key": key,
             "meta": {**meta, **draw, "crop": list(draw["crop"]), "flip": flip},
@@ -652,7 +657,7 @@ def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         # default_collate stacks straight into shared memory inside a worker,
         # saving the copy that sending a private tensor to the main process costs.
-        "frames_BTCHW": default_collate([s["frames_TCHW"] for s in samples]),
+        "frames_BTCHW": default_collate([s["frames_THWC"] for s in samples]).permute(0, 1, 4, 2, 3),
         "frame_index_BT": torch.stack([s["frame_index_T"] for s in samples]),
         "keys": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
@@ -721,7 +726,7 @@ def decode_mp4_crop_resize(
     key: str = "?",
     expected_frames: int | None = None,
 ) -> tuple[Tensor, CropBox]:
-    """Decode the frames at sorted ``index_T``, crop each to one box and resize: uint8 (T, 3, size, size).
+    """Decode the frames at sorted ``index_T``, crop each to one box and resize: uint8 (T, size, size, 3).
 
     ``draw_box(height, width)`` picks the box once the stream's size is known
     (before any frame is decoded). Crop, resize and the YUV -> RGB conversion
@@ -754,7 +759,7 @@ def decode_mp4_crop_resize(
         raise CorruptSampleError(key, "decode_error", f"{type(e).__name__}: {e}") from e
     if len(frames) < len(index_T):
         raise CorruptSampleError(key, "frame_count", f"decoded {len(frames)} wanted frames, need {len(index_T)}")
-    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2), box
+    return torch.from_numpy(np.stack(frames)), box
 
 
 def _single_thread_video_stream(
@@ -774,6 +779,9 @@ def _single_thread_video_stream(
 def _crop_scale_graph(stream: av.video.stream.VideoStream, box: CropBox, size: int) -> av.filter.Graph:
     """buffer -> crop(box) -> scale(size x size, bilinear) -> rgb24 -> sink, for this stream's frames."""
     graph = av.filter.Graph()
+    # One thread, like the decoder: the loader's workers already occupy the cores
+    # (0 would start a thread per core in every worker).
+    graph.threads = 1
     nodes = [
         graph.add_buffer(template=stream),
         graph.add("crop", f"w={box.width}:h={box.height}:x={box.left}:y={box.top}:exact=1"),

@@ -106,7 +106,8 @@ def test_batch_shapes_and_dtypes(dataset: str, syn4: tuple[Path, list[str]], rea
         assert 1 <= B <= 3
         assert batch.frames_BTCHW.shape == (B, 4, 3, 40, 40)
         assert batch.frames_BTCHW.dtype == torch.uint8
-        assert batch.frames_BTCHW.is_contiguous()
+        # Channels-last: a permuted view of one contiguous (B, T, H, W, 3) block.
+        assert batch.frames_BTCHW.permute(0, 1, 3, 4, 2).is_contiguous()
         assert batch.frame_index_BT.dtype == torch.int64
         starts = batch.frame_index_BT[:, :1]
         assert torch.equal(batch.frame_index_BT, starts + torch.arange(4) * 2)
@@ -152,8 +153,9 @@ def test_fused_crop_resize_matches_torch_on_a_still(tmp_path: Path) -> None:
     mp4 = encode_mp4(np.stack([still_HWC] * 3))
     reference_THWC = decode_mp4_frames(mp4, [0, 2])
     for box in (CropBox(0, 0, 48, 64), CropBox(6, 10, 30, 40), CropBox(20, 2, 28, 28)):
-        got_TCHW, used = decode_mp4_crop_resize(mp4, [0, 2], lambda h, w, box=box: box, 24)
-        assert used == box and got_TCHW.shape == (2, 3, 24, 24) and got_TCHW.dtype == torch.uint8
+        got_THWC, used = decode_mp4_crop_resize(mp4, [0, 2], lambda h, w, box=box: box, 24)
+        assert used == box and got_THWC.shape == (2, 24, 24, 3) and got_THWC.dtype == torch.uint8
+        got_TCHW = got_THWC.permute(0, 3, 1, 2)
         expected_TCHW = crop_resize_frames(reference_THWC, box, 24, flip=False)
         error = (got_TCHW.float() - expected_TCHW.float()).abs()
         assert error.mean() < 2.5 and error.max() <= 8, (box, error.mean(), error.max())

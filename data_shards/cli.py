@@ -120,9 +120,23 @@ def add_encode_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="store visible sets of max(1, round(F*N)) patches per frame, encoded from those patches only (0 = none)",
     )
     parser.add_argument("--visible-sets", type=int, default=2, help="visible sets stored per frame")
+    parser.add_argument(
+        "--feature-layers",
+        type=_block_list,
+        default=[],
+        help="also store these encoder blocks, e.g. 5,11,17,23 (for training with encoder.feature_layers)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--expect-hash", default=None, help="fail unless the encoder's weights hash is this")
     return parser
+
+
+def _block_list(text: str) -> list[int]:
+    """'5,11,17,23' -> [5, 11, 17, 23]; '' -> []."""
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from e
 
 
 def run_encode(args: argparse.Namespace) -> int:
@@ -137,6 +151,7 @@ def run_encode(args: argparse.Namespace) -> int:
         batch_clips=args.batch,
         visible_fraction=args.visible_fraction,
         visible_sets=args.visible_sets,
+        feature_layers=args.feature_layers,
         expected_encoder_hash=args.expect_hash,
         args={k: v for k, v in vars(args).items() if not callable(v)},
     )

@@ -14,12 +14,14 @@ weights hash, so features of two encoders never mix):
   sample has ``safetensors`` (a safetensors blob holding "tokens", bf16
   (T, N, D): the encoder's float32 output rounded once to bf16 and stored
   as raw bf16 bytes, so reading it back is lossless; with visible sets also
-  "visible_idx", int32 (T, M, V), and "visible_tokens", bf16 (T, M, V, D))
+  "visible_idx", int32 (T, M, V), and "visible_tokens", bf16 (T, M, V, D);
+  with ``feature_layers`` also "layers", bf16 (T, L, N, D): the chosen
+  encoder blocks, for a core that mixes them through trainable adapters)
   and ``json`` (the clip's json plus "encoder", "encoder_hash", "grid"
   [gh, gw], "embed_dim", "image_size").
 - ``manifest.json``: "format", "encoder" (``FrozenEncoder.identity()``),
   "grid", "embed_dim", "image_size", "visible_fraction", "visible_sets",
-  "clips", "shards" [{name, bytes, samples, sha256}], "skipped" (clips that
+  "feature_layers", "clips", "shards" [{name, bytes, samples, sha256}], "skipped" (clips that
   failed to decode, by reason), "source" (clip shard directory and a digest
   of its manifest), "args".
 
@@ -104,6 +106,9 @@ class FeatureBatch:
     """int64 visible patch indices of each frame (one stored set, drawn per frame), or None without visible sets."""
     visible_tokens_BTVD: Tensor | None = None
     """bf16 tokens of those patches, encoded from those patches only, or None without visible sets."""
+    layers_BTLND: Tensor | None = None
+    """bf16 tokens of the stored encoder blocks (manifest "feature_layers"), cropped and flipped
+    with the grid, or None when the loader was not asked for them."""
 
 
 @dataclass(slots=True)
@@ -116,11 +121,19 @@ class VisibleSets:
     """bf16 tokens of those patches, encoded from those patches only."""
 
 
-def tokens_to_bytes(tokens_TND: Tensor, visible: VisibleSets | None = None) -> bytes:
+def tokens_to_bytes(tokens_TND: Tensor, visible: VisibleSets | None = None, layers_TLND: Tensor | None = None) -> bytes:
     """A safetensors blob of bf16 tokens (exact bytes, no conversion beyond the one to bf16 already done)."""
     if tokens_TND.dtype != torch.bfloat16:
         raise ValueError(f"feature tokens must be bf16, got {tokens_TND.dtype}")
     tensors = {"tokens": tokens_TND.contiguous()}
+    if layers_TLND is not None:
+        T, N, D = tokens_TND.shape
+        if layers_TLND.dtype != torch.bfloat16 or layers_TLND.dim() != 4 or layers_TLND.shape[::2] != (T, N):
+            raise ValueError(
+                f"layers must be bf16 (T, L, N, D) = ({T}, L, {N}, {D}), got {layers_TLND.dtype} "
+                f"{tuple(layers_TLND.shape)}"
+            )
+        tensors["layers"] = layers_TLND.contiguous()
     if visible is not None:
         if visible.idx_TMV.dtype != torch.int32 or visible.tokens_TMVD.dtype != torch.bfloat16:
             raise ValueError(
@@ -180,6 +193,14 @@ class FeatureBlob:
         self.has_visible = "visible_idx" in self._arrays
         if self.has_visible:
             self._check_visible()
+        self.num_layers = 0
+        if "layers" in self._arrays:
+            layers, dtype = self._arrays["layers"]
+            if dtype is not torch.bfloat16 or layers.ndim != 4 or layers.shape[::2] != tokens[0].shape[:2]:
+                self._corrupt(f"layers {dtype} {layers.shape} do not fit tokens {tokens[0].shape}")
+            if layers.shape[3] != self.dim:
+                self._corrupt(f"layers {layers.shape} do not fit tokens {tokens[0].shape}")
+            self.num_layers = layers.shape[1]
 
     def tokens(self, frames: Sequence[int]) -> Tensor:
         """bf16 (len(frames), N, D) tokens of the given frames (a copy)."""
@@ -190,6 +211,10 @@ class FeatureBlob:
         if not self.has_visible:
             return None
         return VisibleSets(self._take("visible_idx", frames), self._take("visible_tokens", frames))
+
+    def layers(self, frames: Sequence[int]) -> Tensor | None:
+        """bf16 (len(frames), L, N, D) stored encoder blocks of the given frames (a copy), or None when absent."""
+        return self._take("layers", frames) if self.num_layers else None
 
     def _take(self, name: str, frames: Sequence[int]) -> Tensor:
         array, dtype = self._arrays[name]
@@ -318,6 +343,7 @@ def encode_clip_shards(
     batch_clips: int = 8,
     visible_fraction: float = 0.05,
     visible_sets: int = 2,
+    feature_layers: Sequence[int] = (),
     expected_encoder_hash: str | None = None,
     args: dict[str, Any] | None = None,
 ) -> Path:
@@ -331,7 +357,9 @@ def encode_clip_shards(
     concatenated; the encoder is per-frame, so grouping changes no token).
     ``visible_fraction`` F > 0 also stores ``visible_sets`` M visible subsets
     of V = max(1, round(F * N)) patches per frame, encoded from those patches
-    only (see the module docstring); F = 0 stores none.
+    only (see the module docstring); F = 0 stores none. ``feature_layers``
+    (block indices) also stores those blocks' tokens, in the same forward, for
+    training with ``encoder.feature_layers``.
 
     Raises EncoderMismatchError when ``expected_encoder_hash`` is given and
     differs from the encoder's, or when the output directory holds features
@@ -344,6 +372,10 @@ def encode_clip_shards(
     if visible_fraction > 0 and visible_sets < 1:
         raise ValueError(f"visible_sets must be >= 1 with visible_fraction > 0, got {visible_sets}")
     visible_sets = visible_sets if visible_fraction > 0 else 0
+    feature_layers = [int(i) for i in feature_layers]
+    depth = encoder.arch.depth
+    if len(set(feature_layers)) != len(feature_layers) or any(not 0 <= i < depth for i in feature_layers):
+        raise ValueError(f"feature_layers {feature_layers} must be distinct block indices in [0, {depth})")
     identity = encoder.identity()
     weights_hash = str(identity["weights_hash"])
     if expected_encoder_hash is not None and expected_encoder_hash != weights_hash:
@@ -363,12 +395,16 @@ def encode_clip_shards(
             )
         if existing.get("source", {}).get("digest") != source_digest:
             raise FileExistsError(f"{final} holds features of other clip shards; remove it or choose another --out")
-        stored = (existing.get("visible_fraction", 0.0), existing.get("visible_sets", 0))
-        if stored != (visible_fraction, visible_sets):
+        stored = (
+            existing.get("visible_fraction", 0.0),
+            existing.get("visible_sets", 0),
+            existing.get("feature_layers", []),
+        )
+        if stored != (visible_fraction, visible_sets, feature_layers):
             raise FileExistsError(
                 f"{final} holds features of these clip shards with visible_fraction={stored[0]}, "
-                f"visible_sets={stored[1]}; remove it or choose another --out for "
-                f"visible_fraction={visible_fraction}, visible_sets={visible_sets}"
+                f"visible_sets={stored[1]}, feature_layers={stored[2]}; remove it or choose another --out for "
+                f"visible_fraction={visible_fraction}, visible_sets={visible_sets}, feature_layers={feature_layers}"
             )
         logger.info("features of %s by encoder %s already in %s", shards_dir, weights_hash[:16], final)
         return final
@@ -381,7 +417,7 @@ def encode_clip_shards(
         for i, entry in enumerate(entries):
             name = f"features-{i:06d}.tar"
             written = _encode_one_shard(
-                entry.path, tmp / name, encoder, batch_clips, skipped, visible_fraction, visible_sets
+                entry.path, tmp / name, encoder, batch_clips, skipped, visible_fraction, visible_sets, feature_layers
             )
             data_digest, size = _file_digest(tmp / name)
             shard_docs.append({"name": name, "bytes": size, "samples": written, "sha256": data_digest})
@@ -396,6 +432,7 @@ def encode_clip_shards(
             "tokens_dtype": "bfloat16",
             "visible_fraction": visible_fraction,
             "visible_sets": visible_sets,
+            "feature_layers": feature_layers,
             "clips": clips,
             "shards": shard_docs,
             "skipped": dict(skipped),
@@ -418,13 +455,14 @@ def _encode_one_shard(
     skipped: Counter[str],
     visible_fraction: float,
     visible_sets: int,
+    feature_layers: list[int],
 ) -> int:
     """Encode one clip shard into one feature shard; returns the number of clips written."""
     written = 0
     with wds.TarWriter(str(dst)) as sink:
         for group in _decoded_groups(src, encoder.image_size, batch_clips, skipped):
-            encoded = _encode_group(group, encoder, visible_fraction, visible_sets)
-            for key, meta, tokens_TND, visible in zip(*encoded, strict=True):
+            encoded = _encode_group(group, encoder, visible_fraction, visible_sets, feature_layers)
+            for key, meta, tokens_TND, visible, layers_TLND in zip(*encoded, strict=True):
                 sample_meta = {
                     **meta,
                     "encoder": encoder.name,
@@ -436,7 +474,7 @@ def _encode_one_shard(
                 sink.write(
                     {
                         "__key__": key,
-                        "safetensors": tokens_to_bytes(tokens_TND, visible),
+                        "safetensors": tokens_to_bytes(tokens_TND, visible, layers_TLND),
                         "json": json.dumps(sample_meta),
                     }
                 )
@@ -481,12 +519,20 @@ def _encode_group(
     encoder: FrozenEncoder,
     visible_fraction: float = 0.0,
     visible_sets: int = 0,
-) -> tuple[list[str], list[dict[str, Any]], list[Tensor], list[VisibleSets | None]]:
-    """Encode the frames of several clips in one call; bf16 (T, N, D) tokens and visible sets per clip, on the CPU."""
+    feature_layers: Sequence[int] = (),
+) -> tuple[list[str], list[dict[str, Any]], list[Tensor], list[VisibleSets | None], list[Tensor | None]]:
+    """Encode the frames of several clips in one call, on the CPU, per clip: bf16 (T, N, D) tokens,
+    visible sets (or None) and bf16 (T, L, N, D) feature_layers blocks (or None)."""
     keys, metas, frames = zip(*group, strict=True)
     lengths = [f.shape[0] for f in frames]
     frames_TCHW = torch.cat(frames)
-    tokens_TND = encoder.encode(frames_TCHW[None])[0].to("cpu", torch.bfloat16)
+    layers: list[Tensor | None] = [None] * len(keys)
+    if feature_layers:
+        tokens_1TND, layers_1TLND = encoder.encode_with_layers(frames_TCHW[None], list(feature_layers))
+        tokens_TND = tokens_1TND[0].to("cpu", torch.bfloat16)
+        layers = list(layers_1TLND[0].to("cpu", torch.bfloat16).split(lengths))
+    else:
+        tokens_TND = encoder.encode(frames_TCHW[None])[0].to("cpu", torch.bfloat16)
     visible: list[VisibleSets | None] = [None] * len(keys)
     V = visible_count(encoder.num_tokens, visible_fraction)
     if V:
@@ -498,7 +544,7 @@ def _encode_group(
         frames_TMCHW = frames_TCHW[:, None].expand(-1, visible_sets, *frames_TCHW.shape[1:])
         tokens_TMVD = encoder.encode_subset(frames_TMCHW, idx_TMV.long()).to("cpu", torch.bfloat16)
         visible = [VisibleSets(i, v) for i, v in zip(idx_TMV.split(lengths), tokens_TMVD.split(lengths), strict=True)]
-    return list(keys), list(metas), list(tokens_TND.split(lengths)), visible
+    return list(keys), list(metas), list(tokens_TND.split(lengths)), visible, layers
 
 
 def _source_digest(directory: Path, entries: list[Any]) -> str:
@@ -524,6 +570,8 @@ class FeatureDecoder:
 
     cfg: LoaderConfig
     visible: bool = False
+    layers: bool = False
+    """Also return the stored encoder blocks ("layers"), cropped and flipped like the tokens."""
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         key = str(sample.get("__key__"))
@@ -533,6 +581,8 @@ class FeatureDecoder:
         stored = FeatureBlob(sample["safetensors"], key=key)
         if self.visible and not stored.has_visible:
             raise CorruptSampleError(key, "missing_field", "no visible sets, the manifest says there are")
+        if self.layers and not stored.num_layers:
+            raise CorruptSampleError(key, "missing_field", "no encoder blocks, the manifest says there are")
         grid = meta.get("grid")
         if not (isinstance(grid, list) and len(grid) == 2):
             raise CorruptSampleError(key, "bad_json", f"json field 'grid' is {grid!r}")
@@ -546,13 +596,19 @@ class FeatureDecoder:
         index_T = list(range(start, start + span, self.cfg.frame_stride))
         box = random_grid_crop_box(tuple(grid), self.cfg.crop_grid, rng) if self.cfg.crop_grid else None
         flip = bool(rng.random() < self.cfg.hflip_prob)
-        visible_fields = {}
+        extra_fields: dict[str, Tensor] = {}
         if self.visible:
             visible_T = stored.visible(index_T)
             assert visible_T is not None
-            visible_fields = pick_visible_sets(visible_T, list(range(len(index_T))), grid[1], flip, rng)
+            extra_fields = pick_visible_sets(visible_T, list(range(len(index_T))), grid[1], flip, rng)
         try:
             tokens_TND = crop_flip_tokens(stored.tokens(index_T), (grid[0], grid[1]), box, flip=flip)
+            if self.layers:
+                blocks_TLND = stored.layers(index_T)
+                assert blocks_TLND is not None
+                T, L = blocks_TLND.shape[:2]
+                cropped = crop_flip_tokens(blocks_TLND.flatten(0, 1), (grid[0], grid[1]), box, flip=flip)
+                extra_fields["layers_TLND"] = cropped.view(T, L, *cropped.shape[1:])
         except (ValueError, RuntimeError) as e:
             raise CorruptSampleError(key, "bad_json", f"tokens do not fit grid {grid}: {e}") from e
         draw = {
@@ -568,7 +624,7 @@ class FeatureDecoder:
             "frame_index_T": torch.tensor(index_T, dtype=torch.int64),
             "key": key,
             "meta": {**meta, **draw},
-            **visible_fields,
+            **extra_fields,
         }
 
 
@@ -611,6 +667,7 @@ def collate_features(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "meta": [s["meta"] for s in samples],
         "visible_idx_BTV": torch.stack([s["visible_idx_TV"] for s in samples]) if visible else None,
         "visible_tokens_BTVD": torch.stack([s["visible_tokens_TVD"] for s in samples]) if visible else None,
+        "layers_BTLND": torch.stack([s["layers_TLND"] for s in samples]) if "layers_TLND" in samples[0] else None,
     }
 
 
@@ -628,6 +685,7 @@ def feature_loader(
     state: dict[str, Any] | None = None,
     *,
     visible: bool = True,
+    layers: bool = False,
 ) -> ShardLoader:
     """A rank's stream of ``FeatureBatch`` over feature shards (splitting, shuffle, resume: see ShardLoader).
 
@@ -637,7 +695,9 @@ def feature_loader(
     ``crop_scale`` and ``crop_ratio`` are not used; ``crop_grid`` is.
     Batches carry the shards' visible sets when they have them and
     ``visible`` is true (``visible=False`` ignores them); visible sets and
-    ``crop_grid > 0`` do not go together (ValueError).
+    ``crop_grid > 0`` do not go together (ValueError). ``layers=True``
+    adds the stored encoder blocks (``FeatureBatch.layers_BTLND``); shards
+    encoded without ``feature_layers`` raise ValueError.
     """
     directory, manifest = resolve_feature_dir(cfg.shards, expected_encoder_hash)
     grid = manifest["grid"]
@@ -650,12 +710,14 @@ def feature_loader(
             f"LoaderConfig.crop_grid={cfg.crop_grid}: feature shards in {directory} carry visible sets, "
             "which are only supported on the full grid (crop_grid=0, or load with visible=False)"
         )
+    if layers and not manifest.get("feature_layers"):
+        raise ValueError(f"feature shards in {directory} store no encoder blocks (encode them with --feature-layers)")
     return ShardLoader(
         dataclasses.replace(cfg, shards=str(directory)),
         rank=rank,
         world_size=world_size,
         prefix="features",
-        decode=FeatureDecoder(cfg, visible=visible),
+        decode=FeatureDecoder(cfg, visible=visible, layers=layers),
         collate=collate_features,
         to_batch=_to_feature_batch,
         state=state,

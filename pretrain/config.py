@@ -326,12 +326,6 @@ class Config:
     def __post_init__(self) -> None:
         if self.distributed.optimizer == "adamw_fused" and self.run.device == "cpu":
             raise ConfigError("config key 'distributed.optimizer': 'adamw_fused' needs CUDA, run.device is 'cpu'")
-        if self.data.source == "features" and self.encoder.feature_layers:
-            raise ConfigError(
-                f"config keys 'encoder.feature_layers' and 'data.source': feature shards store final-block "
-                f"tokens only, so encoder.feature_layers={self.encoder.feature_layers} needs "
-                "data.source='videos' or 'clips' (or set encoder.feature_layers=[])"
-            )
 
     @property
     def run_dir(self) -> Path:

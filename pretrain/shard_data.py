@@ -101,23 +101,36 @@ def clip_batch_from_frames(
 
 
 def check_feature_shards(cfg: Config, encoder_hash: str) -> None:
-    """Feature shards (data.shards, data.eval_shards) must carry visible sets matching objective.visible_fraction.
+    """Feature shards (data.shards, data.eval_shards) must hold what the objective and the model read.
 
-    With objective.visible_fraction = 0 any feature shards do (stored sets are
-    ignored); otherwise the shards' "visible_fraction" must equal it, since
-    the visible tokens cannot be re-encoded without pixels. Raises ConfigError.
+    - Visible sets matching objective.visible_fraction: with a fraction of 0
+      any shards do (stored sets are ignored); otherwise the shards'
+      "visible_fraction" must equal it, since visible tokens cannot be
+      re-encoded without pixels.
+    - With encoder.feature_layers, the same blocks (manifest "feature_layers");
+      without, stored blocks are ignored.
+
+    Raises ConfigError naming the key.
     """
-    fraction = cfg.objective.visible_fraction
-    if cfg.data.source != "features" or fraction == 0:
+    if cfg.data.source != "features":
         return
+    fraction = cfg.objective.visible_fraction
+    layers = list(cfg.encoder.feature_layers)
     for shards in dict.fromkeys(s for s in (cfg.data.shards, cfg.data.eval_shards) if s):
         directory, manifest = resolve_feature_dir(shards, encoder_hash)
         stored = float(manifest.get("visible_fraction", 0.0)) if manifest.get("visible_sets", 0) else 0.0
-        if not math.isclose(stored, fraction, rel_tol=1e-9, abs_tol=1e-12):
+        if fraction and not math.isclose(stored, fraction, rel_tol=1e-9, abs_tol=1e-12):
             raise ConfigError(
                 f"config key 'objective.visible_fraction': {fraction}, but the feature shards in {directory} "
                 f"carry visible sets of fraction {stored} (re-encode with --visible-fraction {fraction}, "
                 "or set objective.visible_fraction=0 for pure forecasting)"
+            )
+        stored_layers = list(manifest.get("feature_layers", []))
+        if layers and stored_layers != layers:
+            flag = ",".join(map(str, layers))
+            raise ConfigError(
+                f"config key 'encoder.feature_layers': {layers}, but the feature shards in {directory} store "
+                f"blocks {stored_layers} (re-encode with --feature-layers {flag}, or train from clips)"
             )
 
 
@@ -133,6 +146,8 @@ def clip_batch_from_tokens(
     B, K = offsets_BK.shape
     no_pixels = torch.zeros(B, K, 3, 0, 0, dtype=torch.uint8, device=device)
     out = ClipBatch(tokens_BTND[:, :S], tokens_BTND.gather(1, gather), no_pixels, offsets_BK)
+    if batch.layers_BTLND is not None:
+        out.source_layers_BSLND = batch.layers_BTLND[:, :S].to(device, non_blocking=True).float()
     if visible:
         if batch.visible_idx_BTV is None or batch.visible_tokens_BTVD is None:
             raise ValueError("objective.visible_fraction > 0 but the feature batch carries no visible sets")
@@ -155,7 +170,12 @@ class ShardBatchSource:
         loader_cfg = loader_config(cfg, cfg.data.shards)
         if self.features:
             self.loader = feature_loader(
-                loader_cfg, rank, world_size, expected_encoder_hash=encoder.weights_hash, visible=self.visible
+                loader_cfg,
+                rank,
+                world_size,
+                expected_encoder_hash=encoder.weights_hash,
+                visible=self.visible,
+                layers=bool(cfg.encoder.feature_layers),
             )
         else:
             self.loader = clip_loader(loader_cfg, rank, world_size)
@@ -203,7 +223,14 @@ def eval_batches(cfg: Config, encoder: FrozenEncoder, device: torch.device, offs
     while start <= last_start:
         loader_cfg = dataclasses.replace(base, fixed_start=start)
         if cfg.data.source == "features":
-            loader = feature_loader(loader_cfg, 0, 1, expected_encoder_hash=encoder.weights_hash, visible=visible)
+            loader = feature_loader(
+                loader_cfg,
+                0,
+                1,
+                expected_encoder_hash=encoder.weights_hash,
+                visible=visible,
+                layers=bool(cfg.encoder.feature_layers),
+            )
         else:
             loader = clip_loader(loader_cfg, 0, 1)
         for batch in loader.iter_epoch():

@@ -5,6 +5,7 @@ Shape legend: B clips, T frames, N = gh * gw tokens, D encoder width.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -338,3 +339,46 @@ def test_malformed_feature_blobs_are_corrupt_samples(damage: str) -> None:
     with pytest.raises(CorruptSampleError, match="unreadable tokens") as info:
         features_from_bytes(blob, key="k")
     assert info.value.reason == "decode_error"
+
+
+def test_encoder_blocks_round_trip_and_follow_crop_and_flip(clip_dir: Path, encoder: FrozenEncoder, tmp_path) -> None:
+    """--feature-layers stores blocks equal to encode_layers (bf16); the loader crops and mirrors them like tokens."""
+    root = encode_clip_shards(clip_dir, tmp_path / "blocks", encoder, visible_fraction=0, feature_layers=[1, 0])
+    assert json.loads((root / "manifest.json").read_text())["feature_layers"] == [1, 0]
+    clips = {s["__key__"]: s for s in _samples(clip_dir, "clips")}
+    for sample in _samples(root, "features"):
+        stored = FeatureBlob(sample["safetensors"])
+        frames = list(range(stored.num_frames))
+        blocks_TLND = stored.layers(frames)
+        assert blocks_TLND is not None and blocks_TLND.shape == (6, 2, encoder.num_tokens, encoder.embed_dim)
+        frames_TCHW = frames_for_encoding(clips[sample["__key__"]]["mp4"], IMAGE_SIZE)
+        direct = encoder.encode_layers(frames_TCHW[None], [1, 0])
+        for i in range(2):
+            assert torch.equal(blocks_TLND[:, i].view(torch.int16), direct[i][0].to(torch.bfloat16).view(torch.int16))
+    cfg = LoaderConfig(shards=str(root), batch_size=2, frames=3, num_workers=0, crop_grid=2, hflip_prob=0.5)
+    loader = feature_loader(cfg, 0, 1, expected_encoder_hash=encoder.weights_hash, layers=True)
+    flips = set()
+    for batch in loader.iter_epoch():
+        assert batch.layers_BTLND is not None and batch.layers_BTLND.shape[2] == 2
+        for b, meta in enumerate(batch.meta):
+            stored = FeatureBlob(
+                next(s for s in _samples(root, "features") if s["__key__"] == batch.keys[b])["safetensors"]
+            )
+            index = batch.frame_index_BT[b].tolist()
+            top, left, h, w = meta["grid_crop"]
+            grid = encoder.grid
+            expect = stored.layers(index).view(3, 2, grid, grid, -1)[:, :, top : top + h, left : left + w]
+            if meta["flip"]:
+                expect = expect.flip(3)
+            assert torch.equal(
+                batch.layers_BTLND[b].view(torch.int16), expect.reshape(3, 2, h * w, -1).view(torch.int16)
+            )
+            flips.add(meta["flip"])
+    assert flips == {True, False}
+    plain = encode_clip_shards(clip_dir, tmp_path / "plain", encoder, visible_fraction=0)
+    with pytest.raises(ValueError, match="--feature-layers"):
+        feature_loader(
+            dataclasses.replace(cfg, shards=str(plain)), 0, 1, expected_encoder_hash=encoder.weights_hash, layers=True
+        )
+    with pytest.raises(ValueError, match="feature_layers"):
+        encode_clip_shards(clip_dir, tmp_path / "bad", encoder, feature_layers=[encoder.arch.depth])

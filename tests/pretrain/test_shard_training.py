@@ -184,3 +184,43 @@ def test_cli_build_encode_train(tmp_path: Path) -> None:
         f"--data.eval_shards={tmp_path / 'features'}",
     ).stdout
     assert "copy-last" in out
+
+
+def test_train_from_feature_shards_with_encoder_blocks(tmp_path: Path, clip_shards: Path) -> None:
+    """encoder.feature_layers from feature shards: stored blocks feed the adapters; resume is exact;
+    the batch's blocks equal the encoder's for those frames; shards without (or with other) blocks are refused."""
+    encoder = load_encoder("random", arch="vit_test", image_size=56, seed=0)
+    features = encode_clip_shards(
+        clip_shards, tmp_path / "features", encoder, visible_fraction=0.25, feature_layers=[0]
+    )
+    args = ("features", features, features, "--objective.visible_fraction=0.25", "--encoder.feature_layers=[0]")
+    straight = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "a", *args)))
+    batch = straight.sampler.next_batch(straight.cfg.train.micro_batch_size)
+    assert batch.source_layers_BSLND is not None
+    B, S, N, D = batch.source_BSND.shape
+    assert batch.source_layers_BSLND.shape == (B, S, 1, N, D)
+    straight = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "a", *args)))  # unconsumed data
+    result = straight.train()
+    assert result.step == 6 and len(result.heldout) == 3
+    weight = straight.model.layer_adapters.adapters[0].weight.detach()
+    assert not torch.equal(weight, torch.eye(weight.shape[0]))
+
+    first = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "b", *args)))
+    first.train(stop_at=3)
+    resumed = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "b", *args)))
+    resumed.train(finalize=False)
+    assert resumed.state.history == straight.state.history
+
+    plain = encode_clip_shards(clip_shards, tmp_path / "plain", encoder, visible_fraction=0.25)
+    for shards, stored in ((plain, r"\[\]"), (features, r"\[0\]")):
+        layers = "[1]" if shards == features else "[0]"
+        overrides = _shard_overrides(
+            tmp_path,
+            "features",
+            shards,
+            shards,
+            "--objective.visible_fraction=0.25",
+            f"--encoder.feature_layers={layers}",
+        )
+        with pytest.raises(ConfigError, match=rf"encoder\.feature_layers.*store blocks {stored}"):
+            Trainer(load_config("tiny-cpu", overrides))

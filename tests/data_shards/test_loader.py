@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -18,10 +19,12 @@ from data_shards.augment import CropBox, crop_resize_frames, even_crop_box
 from data_shards.loader import (
     RESUME_MAX_REPLAYED_SAMPLES,
     RESUME_MAX_SKIPPED_SAMPLES,
+    ClipDecoder,
     LoaderConfig,
     ShardLoader,
     VideoBatch,
     clip_loader,
+    collate_clips,
     decode_mp4_crop_resize,
     decode_mp4_frames,
 )
@@ -381,3 +384,23 @@ def test_short_epochs_with_workers_are_warned_about(syn2: tuple[Path, list[str]]
         clip_loader(_cfg(directory, num_workers=0), rank=0, world_size=1)
         clip_loader(_cfg(directory, shard_mode="resampled", samples_per_epoch=64), rank=0, world_size=1)
     assert caplog.text == ""
+
+
+def _collate_with_pid(samples: list[dict]) -> dict:
+    return {**collate_clips(samples), "pid": os.getpid()}
+
+
+def test_workers_persist_across_epochs(syn4: tuple[Path, list[str]]) -> None:
+    """Epochs reuse the same worker processes (no fork per epoch) and still cover every sample once each."""
+    directory, keys = syn4
+    cfg = _cfg(directory, num_workers=2, shard_mode="split")
+    loader = ShardLoader(
+        cfg, rank=0, world_size=1, prefix="clips", decode=ClipDecoder(cfg), collate=_collate_with_pid, to_batch=dict
+    )
+    pids, epochs = set(), []
+    for _ in range(3):
+        batches = list(loader.iter_epoch())
+        pids |= {b["pid"] for b in batches}
+        epochs.append(sorted(k for b in batches for k in b["keys"]))
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert epochs == [sorted(keys)] * 3

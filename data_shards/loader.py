@@ -599,7 +599,7 @@ class ShardLoader:
         self._next_worker = 0
 
     def _fold_live_counts(self) -> None:
-        # A new DataLoader's workers count from zero again: bank what they reported.
+        # Each epoch's worker streams count from zero again: bank what they reported.
         for counts in self._corrupt_live:
             self._corrupt_before.update(counts)
         self._corrupt_live = [{} for _ in range(self.num_slots)]

@@ -20,6 +20,9 @@ from typing import Any
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
 class ConfigError(ValueError):
     """A config key is unknown, ill-typed or out of range; the message names it."""
 
@@ -62,12 +65,16 @@ class EncoderConfig:
     """torch.compile the encoder (dynamic=False; chunks padded to chunk_frames so every call has one shape)."""
     compile_cache_dir: str = ""
     """Directory for inductor/Triton compile caches, reused across runs ('' = torch's defaults)."""
+    compile_mode: str = "default"
+    """torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs: the static chunk shapes make them
+    replayable) or 'max-autotune' (also searches matmul/attention kernels; long first compile)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "encoder.source", "must not be empty")
         _check(self.image_size > 0, "encoder.image_size", "must be > 0")
         _check_choice("encoder.attn_backend", self.attn_backend, ("sdpa", "xformers", "math"))
         _check(self.chunk_frames >= 0, "encoder.chunk_frames", "must be >= 0 (0 = auto)")
+        _check_choice("encoder.compile_mode", self.compile_mode, COMPILE_MODES)
         layers = self.feature_layers
         _check(len(set(layers)) == len(layers), "encoder.feature_layers", f"{layers} must be distinct")
         _check(all(i >= 0 for i in layers), "encoder.feature_layers", f"{layers} must be block indices >= 0")

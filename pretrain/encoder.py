@@ -167,18 +167,21 @@ class FrozenEncoder(nn.Module):
         # Frozen: stays in eval mode whatever the surrounding module asks.
         return super().train(False)
 
-    def enable_compile(self, cache_dir: str | Path = "") -> None:
+    def enable_compile(self, cache_dir: str | Path = "", mode: str = "default") -> None:
         """Compile the ViT's forwards with static shapes (``dynamic=False``) and pad chunks to one size.
 
         Compilation happens lazily at the first call. Every chunk of a call has
         one shape (see ``_chunked``), so each call site compiles once and then
-        never recompiles (CUDA graphs possible).
+        never recompiles: ``mode='reduce-overhead'`` can capture and replay
+        CUDA graphs. Outputs are copied out of the compiled region at once
+        (``_chunked`` converts them to float32), so a graph replay never
+        overwrites tokens still in use.
         """
         if cache_dir:
             set_compile_cache_dir(cache_dir)
-        self._vit_forward = torch.compile(self.vit.forward, dynamic=False)
-        self._vit_forward_layers = torch.compile(self.vit.forward_layers, dynamic=False)
-        self._vit_forward_subset = torch.compile(self.vit.forward_subset, dynamic=False)
+        self._vit_forward = torch.compile(self.vit.forward, dynamic=False, mode=mode)
+        self._vit_forward_layers = torch.compile(self.vit.forward_layers, dynamic=False, mode=mode)
+        self._vit_forward_subset = torch.compile(self.vit.forward_subset, dynamic=False, mode=mode)
         self.static_shapes = True
         self.compiled = True
 
@@ -203,7 +206,8 @@ class FrozenEncoder(nn.Module):
             if self.static_shapes and real < size:
                 pad = size - real
                 chunk = [torch.cat([x, x[-1:].expand(pad, *x.shape[1:])]) for x in chunk]
-            per_chunk.append([out[:real].float() for out in fn(*chunk)])
+            # A copy when compiled: CUDA-graph replays reuse their output memory.
+            per_chunk.append([out[:real].to(torch.float32, copy=self.compiled) for out in fn(*chunk)])
         return [torch.cat(outs) for outs in zip(*per_chunk, strict=True)]
 
     def identity(self) -> dict[str, object]:
@@ -305,6 +309,7 @@ def load_encoder(
     attn_backend: str = "sdpa",
     compile: bool = False,
     compile_cache_dir: str = "",
+    compile_mode: str = "default",
 ) -> FrozenEncoder:
     """Build the frozen encoder from a weights source.
 
@@ -319,7 +324,8 @@ def load_encoder(
     ``attn_backend``: 'sdpa' (default), 'xformers' (CUDA, when installed) or 'math'.
     ``chunk_frames``: frames per ViT call; 0 = chosen from free CUDA memory (64 on CPU).
     ``compile``: torch.compile the ViT with static shapes (chunks padded to one size);
-    ``compile_cache_dir``: where inductor/Triton keep compiled kernels ('' = their defaults).
+    ``compile_cache_dir``: where inductor/Triton keep compiled kernels ('' = their defaults);
+    ``compile_mode``: torch.compile's mode ('default', 'reduce-overhead' for CUDA graphs, 'max-autotune').
     """
     device = torch.device(device)
     backend = resolve_attn_backend(attn_backend, device)
@@ -349,7 +355,7 @@ def load_encoder(
         vit, name=name, image_size=image_size, chunk_frames=chunk_frames, weights_hash_hex=fp32_hash
     ).to(device)
     if compile:
-        encoder.enable_compile(compile_cache_dir)
+        encoder.enable_compile(compile_cache_dir, compile_mode)
     log.info(
         "encoder %s (%s), hash %s, on %s %s, attention backend %s, torch.compile %s, chunk %d frames (%s)",
         name,
@@ -358,7 +364,7 @@ def load_encoder(
         device,
         encoder.dtype,
         backend,
-        "on (static shapes, chunks padded)" if compile else "off",
+        f"on (mode {compile_mode}, static shapes, chunks padded)" if compile else "off",
         chunk_frames,
         chunk_source,
     )

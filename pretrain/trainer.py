@@ -162,6 +162,7 @@ class Trainer:
             attn_backend=cfg.encoder.attn_backend,
             compile=cfg.encoder.compile,
             compile_cache_dir=cfg.encoder.compile_cache_dir,
+            compile_mode=cfg.encoder.compile_mode,
         )
         try:
             check_feature_layers(cfg.encoder.feature_layers, self.encoder.arch.depth)

@@ -107,6 +107,30 @@ def test_encoder_speed_config_keys() -> None:
     assert cfg.encoder.chunk_frames == 0 and cfg.encoder.compile and cfg.encoder.compile_cache_dir == "/tmp/c"
     with pytest.raises(ConfigError, match=r"encoder\.chunk_frames"):
         load_config("tiny-cpu", ["--encoder.chunk_frames=-1"])
+    assert load_config("tiny-cpu", ["--encoder.compile_mode=reduce-overhead"]).encoder.compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match=r"encoder\.compile_mode"):
+        load_config("tiny-cpu", ["--encoder.compile_mode=fastest"])
+
+
+def test_compiled_outputs_are_copies(caplog: pytest.LogCaptureFixture) -> None:
+    """Compiled, each chunk's tokens are copied out at once: a CUDA-graph replay rewrites one static
+    output buffer, which here a stand-in forward does on every call."""
+    with caplog.at_level(logging.INFO, logger="pretrain.encoder"):
+        encoder = load_encoder("random", arch="vit_test16", image_size=32, chunk_frames=2, compile=True)
+    assert "torch.compile on (mode default" in caplog.text
+    static: list[torch.Tensor] = []
+
+    def replay(images_BCHW: torch.Tensor) -> torch.Tensor:
+        out = encoder.vit(images_BCHW)
+        if not static:
+            static.append(torch.empty_like(out))
+        return static[0].copy_(out)
+
+    encoder._vit_forward = replay  # eager math, graph-like output memory, no compile time
+    frames = _frames(1, 4, size=32)
+    tokens = encoder.encode(frames)
+    eager = load_encoder("random", arch="vit_test16", image_size=32, chunk_frames=2)
+    torch.testing.assert_close(tokens, eager.encode(frames), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

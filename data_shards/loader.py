@@ -545,7 +545,7 @@ class ShardLoader:
         The DataLoader is built once and its workers persist across epochs:
         forking a trainer process that holds gigabytes every epoch made the
         trainer pay copy-on-write page faults on its whole working set after
-        each fork (measured: 3.6x slower steps with epochs of a batch or two per
+        each fork (measured: 3.4x slower steps with epochs of a batch or two per
         worker). Each epoch's plan reaches the live workers through shared
         memory (``position_I``), read when the DataLoader restarts their
         iteration; batches and saved state are those of a fresh DataLoader per

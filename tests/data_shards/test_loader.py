@@ -404,3 +404,13 @@ def test_workers_persist_across_epochs(syn4: tuple[Path, list[str]]) -> None:
         epochs.append(sorted(k for b in batches for k in b["keys"]))
     assert len(pids) == 2 and os.getpid() not in pids
     assert epochs == [sorted(keys)] * 3
+
+
+def test_rewinding_a_live_loader_replays_exactly(syn4: tuple[Path, list[str]]) -> None:
+    """load_state_dict on a loader whose persistent workers are mid-epoch: the next batches are the saved ones."""
+    loader = clip_loader(_cfg(syn4[0], num_workers=2, frame_stride=1), rank=0, world_size=1)
+    _run_keys(loader, 2)
+    state = loader.state_dict()
+    after_save = _run_keys(loader, 5)  # runs into the next epoch
+    loader.load_state_dict(state)
+    assert _run_keys(loader, 5) == after_save

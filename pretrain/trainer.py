@@ -390,6 +390,11 @@ class Trainer:
             result = TrainResult(self.state.step, stopped or self.state.step < cfg.train.steps, self.run_dir)
             if finalize and not result.stopped_early:
                 self._finalize(result)
+                # The other ranks wait here while rank 0 evaluates and exports, so that every
+                # rank leaves the process group together: a rank tearing its group down while a
+                # peer still holds it open was seen to abort (gloo: "terminate called without
+                # an active exception"). Bounded by distributed.timeout_s.
+                self.ctx.barrier("run finished (rank 0 evaluated and exported)")
             status = "FINISHED" if not result.stopped_early else "KILLED"
             result.tracking = self.logger.where
             return result

@@ -25,11 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from data_shards import GroundTruth, decode_video, file_sha256, generate_dataset
 from eval.features import encode_frames
+from pretrain.data import save_safetensors_atomic
 from pretrain.encoder import FrozenEncoder
 from pretrain.weights import default_cache_root
 
@@ -142,18 +143,6 @@ def dataset_hash(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _save_atomic(tensors: dict[str, Tensor], meta: dict[str, str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def cached_tokens(videos: list[Path], data_hash: str, encoder: FrozenEncoder, cache_dir: Path) -> Tensor:
     """Frozen tokens of equally long videos, (V, T, N, D) float16, encoded once per (dataset, encoder)."""
     path = cache_dir / "tokens" / f"{data_hash[:16]}-{encoder.weights_hash}-{encoder.image_size}.safetensors"
@@ -168,7 +157,7 @@ def cached_tokens(videos: list[Path], data_hash: str, encoder: FrozenEncoder, ca
         tokens.append(encode_frames(encoder, frames_1TCHW)[0].to(torch.float16))
     tokens_VTND = torch.stack(tokens).contiguous()
     meta = {"dataset_hash": data_hash, "encoder": encoder.name, "encoder_hash": encoder.weights_hash}
-    _save_atomic({"tokens": tokens_VTND}, meta, path)
+    save_safetensors_atomic({"tokens": tokens_VTND}, meta, path)
     return tokens_VTND
 
 

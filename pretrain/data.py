@@ -113,7 +113,8 @@ def _cache_key(sha: str, encoder: FrozenEncoder, data: DataConfig, layers: list[
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def _save_atomic(tensors: dict[str, Tensor], meta: dict[str, str], path: Path) -> None:
+def save_safetensors_atomic(tensors: dict[str, Tensor], meta: dict[str, str], path: Path) -> None:
+    """Write a safetensors file under a temporary name, then rename: a reader never sees half a cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
@@ -159,7 +160,7 @@ def encode_video(
             tokens_1TND = encoder.encode(frames_TCHW[None])
         tensors["tokens"] = tokens_1TND[0].cpu().to(torch.float16).contiguous()
         meta = {"video": str(path), "sha256": sha, "encoder": encoder.name, "encoder_hash": encoder.weights_hash}
-        _save_atomic(tensors, meta, cache_path)
+        save_safetensors_atomic(tensors, meta, cache_path)
         # Train on what the cache holds so a first and a cached run are identical.
         tokens_TND = tensors["tokens"].float()
         layers_TLND = tensors["layers"].float() if layers else None

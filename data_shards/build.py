@@ -43,6 +43,14 @@ name and renamed when complete; an unchanged shard (same planned content, same
 SHA-256 on disk) is kept as it is. Running two builds into one directory at the
 same time is not supported.
 
+Because a build writes into OUT in place (that is what makes it resumable),
+OUT is checked before anything is written (``data_shards.io.check_output_dir``):
+it must be new, empty, or an earlier or unfinished build (``is_build_dir``: its
+``manifest.json`` or its ``.parts/`` cache); ``.``, the home directory and the
+like are refused whatever they hold. A build with nothing to build (no input
+path exists, or the inputs name no video file) raises NoInputsError and writes
+nothing.
+
 Skipped inputs never stop a build; each is counted under one reason:
 DECODE_ERROR_REASONS from data_shards.video, plus
 
@@ -89,6 +97,7 @@ import av
 import numpy as np
 from tqdm import tqdm
 
+from data_shards.io import atomic_path, check_output_dir, write_text_atomic
 from data_shards.scenes import detect_scene_cuts
 from data_shards.video import DECODE_ERROR_REASONS, VideoDecodeError, decode_video, file_sha256, probe_video
 
@@ -151,6 +160,10 @@ _TAR_MTIME = 0
 
 class BuildArgsError(ValueError):
     """The output directory already holds a build made with different arguments."""
+
+
+class NoInputsError(ValueError):
+    """The inputs of a build name no file that exists: there is nothing to build."""
 
 
 class InputRejectedError(Exception):
@@ -429,24 +442,21 @@ def _read_member(archive: tarfile.TarFile, name: str) -> bytes:
 
 def _make_part(path: Path, sha256: str, args: BuildArgs, encoder: str, part_path: Path) -> None:
     """Encode every clip of ``path`` into a part, or record why it is skipped; atomic rename at the end."""
-    tmp_path = part_path.with_name(f".{part_path.name}.{os.getpid()}.tmp")
     record: dict[str, Any] = {"format": _PART_FORMAT, "source_sha256": sha256, "clips": [], "source_duration_s": 0.0}
-    try:
-        with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as part:
-            frame_log = _FrameLog(detect_cuts=args.skip_scene_cuts)
-            record["source_duration_s"] = _encode_clips_into(path, args, encoder, part, record["clips"], frame_log)
-            record.update(reason=None, detail="", output_frames=frame_log.frames, cuts=frame_log.finish())
-            _add_member(part, "result.json", json.dumps(record, sort_keys=True).encode())
-    except (VideoDecodeError, InputRejectedError) as e:
-        logger.info("skipping %s: %s: %s", path, e.reason, e.detail)
-        # Rewrite the part with the verdict alone: clips made before the problem showed are dropped.
-        record.update(reason=e.reason, detail=e.detail, clips=[], source_duration_s=0.0)
-        with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as part:
-            _add_member(part, "result.json", json.dumps(record, sort_keys=True).encode())
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    _fsync_and_replace(tmp_path, part_path)
+    # A temporary sibling unique to this process (workers share .parts/); removed if anything below raises.
+    with atomic_path(part_path) as tmp_path:
+        try:
+            with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as part:
+                frame_log = _FrameLog(detect_cuts=args.skip_scene_cuts)
+                record["source_duration_s"] = _encode_clips_into(path, args, encoder, part, record["clips"], frame_log)
+                record.update(reason=None, detail="", output_frames=frame_log.frames, cuts=frame_log.finish())
+                _add_member(part, "result.json", json.dumps(record, sort_keys=True).encode())
+        except (VideoDecodeError, InputRejectedError) as e:
+            logger.info("skipping %s: %s: %s", path, e.reason, e.detail)
+            # Rewrite the part with the verdict alone: clips made before the problem showed are dropped.
+            record.update(reason=e.reason, detail=e.detail, clips=[], source_duration_s=0.0)
+            with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as part:
+                _add_member(part, "result.json", json.dumps(record, sort_keys=True).encode())
 
 
 def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -454,12 +464,6 @@ def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     info.size = len(data)
     info.mtime = _TAR_MTIME
     archive.addfile(info, io.BytesIO(data))
-
-
-def _fsync_and_replace(tmp_path: Path, final_path: Path) -> None:
-    with open(tmp_path, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp_path, final_path)
 
 
 def _encode_clips_into(
@@ -805,39 +809,52 @@ def _plan_hash(shard: list[_Sample]) -> str:
 
 
 def _write_shard(path: Path, shard: list[_Sample], parts_dir: Path) -> None:
-    """Write a shard under a temporary dot-name, then rename it into place."""
+    """Write a shard under a temporary dot-name (fsynced), then rename it into place."""
     # Imported here so that worker processes, which never write shards, skip the import.
     from webdataset import TarWriter
 
-    tmp_path = path.with_name(f".{path.name}.tmp")
+    with atomic_path(path) as tmp_path, open(tmp_path, "wb") as f:
+        writer = TarWriter(f, encoder=False, user=_TAR_USER, group=_TAR_USER, mtime=_TAR_MTIME)
+        try:
+            # Samples of one input are adjacent, so each part is opened once per shard.
+            for part_name, part_samples in itertools.groupby(shard, key=lambda sample: sample.part_name):
+                with tarfile.open(parts_dir / part_name) as part:
+                    for sample in part_samples:
+                        mp4 = _read_member(part, sample.member)
+                        writer.write({"__key__": sample.key, "json": sample.json_bytes, "mp4": mp4})
+        finally:
+            # Also on failure, so that the tar stream does not flush into a closed file later.
+            writer.close()
+
+
+def is_build_dir(path: Path) -> bool:
+    """Whether ``path`` holds an earlier or unfinished build: its parts cache, or a manifest written by a build.
+
+    The parts cache is made before anything else, so even a build killed at
+    its first input is recognised; a manifest alone (the cache deleted to
+    save space) must have the build manifest's fields, not just its name.
+    """
+    if (path / PARTS_DIR).is_dir():
+        return True
     try:
-        with open(tmp_path, "wb") as f:
-            writer = TarWriter(f, encoder=False, user=_TAR_USER, group=_TAR_USER, mtime=_TAR_MTIME)
-            try:
-                # Samples of one input are adjacent, so each part is opened once per shard.
-                for part_name, part_samples in itertools.groupby(shard, key=lambda sample: sample.part_name):
-                    with tarfile.open(parts_dir / part_name) as part:
-                        for sample in part_samples:
-                            mp4 = _read_member(part, sample.member)
-                            writer.write({"__key__": sample.key, "json": sample.json_bytes, "mp4": mp4})
-            finally:
-                # Also on failure, so that the tar stream does not flush into a closed file later.
-                writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    os.replace(tmp_path, path)
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and {"version", "args", "inputs", "shards"} <= manifest.keys()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp_path = path.with_name(f".{path.name}.tmp")
-    with open(tmp_path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
+def _check_something_to_build(specs: Sequence[str | os.PathLike[str]], paths: list[Path]) -> None:
+    """Raise NoInputsError when no input file exists (missing inputs alone are skipped, never a build)."""
+    if not paths:
+        named = ", ".join(os.fspath(spec) for spec in specs)
+        raise NoInputsError(
+            f"nothing to build: {named} names no video file (directories are searched for "
+            f"{', '.join(sorted(VIDEO_EXTENSIONS))})"
+        )
+    if len(paths) == 1 and not paths[0].is_file():
+        raise NoInputsError(f"nothing to build: the input {paths[0]} does not exist or is not a file")
+    if not any(path.is_file() for path in paths):
+        raise NoInputsError(f"nothing to build: none of the {len(paths)} input files exists (such as {paths[0]})")
 
 
 def _check_existing_manifest(out_dir: Path, args: BuildArgs) -> None:
@@ -919,7 +936,7 @@ def _assemble(
         if stale.name not in names:
             (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
             stale.unlink()
-    _atomic_write_text(record_path, json.dumps(records, indent=1, sort_keys=True))
+    write_text_atomic(record_path, json.dumps(records, indent=1, sort_keys=True))
     shard_records = [
         {"name": name, "bytes": rec["bytes"], "samples": rec["samples"], "sha256": rec["sha256"]}
         for name, rec in records.items()
@@ -943,7 +960,7 @@ def _write_shard_set(
     manifest_text = json.dumps(manifest, indent=1) + "\n"
     manifest_path = out_dir / MANIFEST_NAME
     if not manifest_path.exists() or manifest_path.read_text() != manifest_text:
-        _atomic_write_text(manifest_path, manifest_text)
+        write_text_atomic(manifest_path, manifest_text)
     return manifest, written
 
 
@@ -959,8 +976,11 @@ def build_shards(
 
     Args:
         inputs: files, directories, globs or list files (see expand_inputs).
-        out_dir: created if needed. If it holds a manifest made with other
-            arguments, BuildArgsError is raised and nothing is touched.
+            If no input file exists, NoInputsError is raised and nothing is written.
+        out_dir: created if needed. It must be new, empty or an earlier build
+            (``is_build_dir``); anything else raises OutputDirError and nothing
+            is touched. If it holds a manifest made with other arguments,
+            BuildArgsError is raised and nothing is touched.
         args: clip, encoding and shard settings; defaults to BuildArgs().
         workers: worker processes (spawned; each opens its own files);
             None = min(4, CPU count); 0 runs in this process (no isolation
@@ -980,14 +1000,16 @@ def build_shards(
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     started = time.perf_counter()
-    out_dir = Path(out_dir)
+    # Every refusal comes before the first write: a refused OUT is left exactly as it was.
+    out_dir = check_output_dir(out_dir, is_ours=is_build_dir, what="clip-shard build")
+    paths = expand_inputs(inputs)
+    _check_something_to_build(inputs, paths)
+    _check_existing_manifest(out_dir, args)
     parts_dir = out_dir / PARTS_DIR
     parts_dir.mkdir(parents=True, exist_ok=True)
-    _check_existing_manifest(out_dir, args)
     _remove_temporaries(out_dir, parts_dir)
 
     encoder = h264_encoder()
-    paths = expand_inputs(inputs)
     jobs = [_Job(path=str(p), args=args, encoder=encoder, parts_dir=str(parts_dir)) for p in paths]
     logger.info("building clips of %d inputs into %s with %d workers", len(jobs), out_dir, workers)
     results = _mark_duplicates(_run_jobs(jobs, workers, progress))
@@ -1020,6 +1042,6 @@ def build_shards(
         "workers": workers,
         "encoder": encoder,
     }
-    _atomic_write_text(out_dir / STATS_NAME, json.dumps(stats, indent=1) + "\n")
+    write_text_atomic(out_dir / STATS_NAME, json.dumps(stats, indent=1) + "\n")
     logger.info("built %d clips in %d shards; skipped %s", manifest["clips"], len(shards), manifest["skipped"])
     return BuildResult(manifest=manifest, stats=stats, heldout=heldout)

@@ -1,6 +1,10 @@
 """Command-line layer of ``python -m data_shards build`` and ``encode``: arguments, exit codes, printed results.
 
-The library (``data_shards.build``) only logs; this module may print.
+The library (``data_shards.build``, ``data_shards.features``) only logs; this
+module may print. Exit codes: 0 done; 2 a request that cannot be carried out
+as asked (bad arguments, an output directory that would lose files, nothing
+to build, unreadable clip shards), reported as one ``error:`` line on stderr
+with nothing written.
 """
 
 from __future__ import annotations
@@ -10,8 +14,13 @@ import os
 import sys
 from pathlib import Path
 
-from data_shards.build import HELDOUT_DIR, BuildArgs, BuildArgsError, build_shards
-from data_shards.features import encode_clip_shards
+from data_shards.build import HELDOUT_DIR, BuildArgs, BuildArgsError, NoInputsError, build_shards
+from data_shards.features import ClipShardError, EncoderMismatchError, check_feature_root, encode_clip_shards
+from data_shards.io import OutputDirError
+
+# Refusals of the build and encode commands: each message names the path and what to do.
+_BUILD_REFUSALS = (BuildArgsError, NoInputsError, OutputDirError)
+_ENCODE_REFUSALS = (ClipShardError, EncoderMismatchError, OutputDirError, FileExistsError)
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,15 +78,13 @@ def run_build(namespace: argparse.Namespace) -> int:
         if namespace.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {namespace.workers}")
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _refuse(e)
     try:
         result = build_shards(
             namespace.input, namespace.out, args, workers=namespace.workers, progress=not namespace.no_progress
         )
-    except BuildArgsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except _BUILD_REFUSALS as e:
+        return _refuse(e)
     manifest, stats = result.manifest, result.stats
     print(
         f"{manifest['clips']} clips ({manifest['total_duration_s']:.1f} s) in {len(manifest['shards'])} shards "
@@ -98,6 +105,12 @@ def run_build(namespace: argparse.Namespace) -> int:
         f"reused {stats['parts_reused']}; shards written {stats['shards_written']}, kept {stats['shards_kept']}"
     )
     return 0
+
+
+def _refuse(error: Exception) -> int:
+    """Report a refused request as one ``error:`` line on stderr; returns exit code 2."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
 
 
 def add_encode_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -140,21 +153,29 @@ def _block_list(text: str) -> list[int]:
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    """The encode command on parsed arguments; prints the feature directory, returns 0."""
+    """The encode command on parsed arguments; prints the feature directory and returns 0, or 2 when refused."""
     from pretrain.encoder import load_encoder
 
+    try:
+        # Before loading weights: a refused --out fails at once.
+        check_feature_root(args.out)
+    except OutputDirError as e:
+        return _refuse(e)
     encoder = load_encoder(args.encoder, arch=args.arch, image_size=args.image_size, device=args.device, seed=args.seed)
-    out = encode_clip_shards(
-        args.shards,
-        args.out,
-        encoder,
-        batch_clips=args.batch,
-        visible_fraction=args.visible_fraction,
-        visible_sets=args.visible_sets,
-        feature_layers=args.feature_layers,
-        expected_encoder_hash=args.expect_hash,
-        args={k: v for k, v in vars(args).items() if not callable(v)},
-    )
+    try:
+        out = encode_clip_shards(
+            args.shards,
+            args.out,
+            encoder,
+            batch_clips=args.batch,
+            visible_fraction=args.visible_fraction,
+            visible_sets=args.visible_sets,
+            feature_layers=args.feature_layers,
+            expected_encoder_hash=args.expect_hash,
+            args={k: v for k, v in vars(args).items() if not callable(v)},
+        )
+    except _ENCODE_REFUSALS as e:
+        return _refuse(e)
     # The command's result, for scripts: the directory to pass to the feature loader.
     print(out)
     return 0

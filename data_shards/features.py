@@ -19,7 +19,7 @@ weights hash, so features of two encoders never mix):
   encoder blocks, for a core that mixes them through trainable adapters)
   and ``json`` (the clip's json plus "encoder", "encoder_hash", "grid"
   [gh, gw], "embed_dim", "image_size").
-- ``manifest.json``: "format", "encoder" (``FrozenEncoder.identity()``),
+- ``manifest.json``: "format" (FEATURES_FORMAT), "encoder" (``FrozenEncoder.identity()``),
   "grid", "embed_dim", "image_size", "visible_fraction", "visible_sets",
   "feature_layers", "clips", "shards" [{name, bytes, samples, sha256}], "skipped" (clips that
   failed to decode, by reason), "source" (clip shard directory and a digest
@@ -38,19 +38,28 @@ i.e. "resize the short side to image_size, centre-crop the square", up to
 sub-pixel rounding; no random augmentation (the feature loader augments the
 token grid instead).
 
+Writing the output never loses files that are not ours (``data_shards.io``):
+OUT must be new, empty, or hold earlier feature directories
+(``is_feature_root``), and ``OUT/<hash[:16]>/`` is filled as a temporary
+sibling and renamed into place whole, replacing only an earlier feature
+directory (``is_feature_dir``). Clip shards are checked to be whole tars
+before anything is written; unreadable ones raise ClipShardError, and a
+failed run leaves neither a temporary directory nor an OUT it created.
+
 This module imports no model code at import time: ``pretrain.encoder`` is
 imported inside the encode command only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
-import os
-import shutil
+import re
+import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -65,9 +74,11 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from data_shards.augment import center_crop_box, crop_flip_tokens, crop_resize_frames, random_grid_crop_box
+from data_shards.io import check_output_dir, output_dir, write_text_atomic
 from data_shards.loader import (
     CorruptSampleError,
     LoaderConfig,
+    ShardEntry,
     ShardLoader,
     decode_mp4_frames,
     draw_start,
@@ -82,10 +93,19 @@ logger = logging.getLogger(__name__)
 
 FEATURES_FORMAT = "features-v1"
 HASH_DIR_CHARS = 16
+# Temporary and set-aside siblings of a feature directory (data_shards.io.output_dir,
+# publish_dir) that a killed run can leave in OUT: still our own files.
+_LEFTOVER_DIR = re.compile(r"\.(tmp|old)-[0-9a-f]+-")
+# A tar ends with at least two zero blocks; without them it was cut short.
+_TAR_END_BYTES = 2 * tarfile.BLOCKSIZE
 
 
 class EncoderMismatchError(ValueError):
     """Feature shards (or an encode run) belong to a different encoder than expected."""
+
+
+class ClipShardError(ValueError):
+    """The clip shards to encode are missing or unreadable (no shards, a truncated or foreign tar)."""
 
 
 @dataclass(slots=True)
@@ -335,6 +355,70 @@ def resolve_feature_dir(path: str | Path, expected_encoder_hash: str) -> tuple[P
     )
 
 
+def is_feature_dir(path: Path) -> bool:
+    """Whether ``path`` holds feature shards written by an encode run (its manifest has FEATURES_FORMAT)."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FEATURES_FORMAT
+
+
+def is_feature_root(path: Path) -> bool:
+    """Whether ``path`` is an OUT an encode run wrote into: a feature directory, or what a killed run left."""
+    return any(
+        child.is_dir() and (is_feature_dir(child) or _LEFTOVER_DIR.match(child.name) is not None)
+        for child in path.iterdir()
+    )
+
+
+def check_feature_root(out_root: str | Path) -> Path:
+    """Refuse an encode OUT that holds anything but earlier feature output (OutputDirError); returns it."""
+    return check_output_dir(out_root, is_ours=is_feature_root, what="feature shards")
+
+
+def read_clip_shards(shards_dir: str | Path) -> tuple[list[ShardEntry], dict[str, Any] | None]:
+    """The clip shards of ``shards_dir`` and its manifest, each checked to be a whole tar; ClipShardError if not.
+
+    Reads tar headers only (and each shard's size against the manifest), so
+    the check costs a seek per sample, not a read of the data.
+    """
+    try:
+        entries, manifest = list_shards(shards_dir, "clips")
+    except FileNotFoundError as e:
+        raise ClipShardError(f"nothing to encode: {e}") from e
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ClipShardError(f"cannot list the clip shards of {shards_dir}: {type(e).__name__}: {e}") from e
+    listed_bytes = {s.get("name"): s.get("bytes") for s in (manifest or {}).get("shards", []) if isinstance(s, dict)}
+    for entry in entries:
+        path = Path(entry.path)
+        _check_whole_tar(path, listed_bytes.get(path.name))
+    return entries, manifest
+
+
+def _check_whole_tar(path: Path, expected_bytes: int | None) -> None:
+    """Raise ClipShardError unless ``path`` is a complete uncompressed tar (of ``expected_bytes``, when known)."""
+    size = path.stat().st_size
+    if expected_bytes is not None and size != expected_bytes:
+        raise ClipShardError(
+            f"clip shard {path} is {size} bytes but its manifest says {expected_bytes}: truncated or changed"
+        )
+    try:
+        with tarfile.open(path, "r:") as archive:
+            for _ in archive:
+                pass
+            # tarfile stops quietly at a cut or garbled header after the first member: what follows
+            # the last member must be the end-of-archive zero blocks.
+            end = archive.offset
+    except (tarfile.TarError, OSError) as e:
+        raise ClipShardError(f"clip shard {path} is not a readable tar ({e})") from e
+    with open(path, "rb") as f:
+        f.seek(end)
+        tail = f.read()
+    if len(tail) < _TAR_END_BYTES or tail.count(0) != len(tail):
+        raise ClipShardError(f"clip shard {path} is truncated or damaged after byte {end} (no end-of-archive marker)")
+
+
 def encode_clip_shards(
     shards_dir: str | Path,
     out_root: str | Path,
@@ -351,7 +435,11 @@ def encode_clip_shards(
 
     Writes ``out_root/<hash[:16]>/`` atomically (a temporary directory, then
     a rename). If that directory already holds features of the same encoder
-    for the same clip shards it is kept and returned. Clips that fail to
+    for the same clip shards it is kept and returned. ``out_root`` must be
+    new, empty or hold earlier feature directories, and the feature
+    directory new, empty or an earlier one (OutputDirError otherwise,
+    nothing written). Clip shards that are missing or not whole tars raise
+    ClipShardError before anything is written. Clips that fail to
     decode are skipped, counted in the manifest's "skipped" and logged.
     ``batch_clips`` clips are encoded per encoder call (their frames
     concatenated; the encoder is per-frame, so grouping changes no token).
@@ -383,9 +471,11 @@ def encode_clip_shards(
             f"encoder {identity['name']} has weights hash {weights_hash}, "
             f"but encoder hash {expected_encoder_hash} was expected"
         )
-    entries, clip_manifest = list_shards(shards_dir, "clips")
+    # Every refusal comes before the first write.
+    root = check_feature_root(out_root)
+    entries, clip_manifest = read_clip_shards(shards_dir)
     source_digest = _source_digest(Path(shards_dir), entries)
-    final = feature_dir(out_root, weights_hash)
+    final = feature_dir(root, weights_hash)
     if (final / "manifest.json").is_file():
         existing = json.loads((final / "manifest.json").read_text())
         found = existing.get("encoder", {}).get("weights_hash")
@@ -409,10 +499,10 @@ def encode_clip_shards(
         logger.info("features of %s by encoder %s already in %s", shards_dir, weights_hash[:16], final)
         return final
 
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with (
+        _removed_if_left_empty(root),
+        output_dir(final, is_ours=is_feature_dir, what="feature shards") as tmp,
+    ):
         shard_docs, skipped, clips = [], Counter(), 0
         for i, entry in enumerate(entries):
             name = f"features-{i:06d}.tar"
@@ -439,12 +529,24 @@ def encode_clip_shards(
             "source": {"shards": str(shards_dir), "digest": source_digest, "clips": (clip_manifest or {}).get("clips")},
             "args": args or {},
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1))
     logger.info("wrote %d clips of features to %s (skipped: %s)", clips, final, dict(skipped) or "none")
     return final
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(directory: Path) -> Iterator[None]:
+    """Create ``directory`` (and missing parents); if the body raises, remove those it created that are empty."""
+    created = [path for path in (directory, *directory.parents) if not path.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        # Innermost first: a parent is empty only once its child is gone.
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
 
 
 def _encode_one_shard(
@@ -459,7 +561,7 @@ def _encode_one_shard(
 ) -> int:
     """Encode one clip shard into one feature shard; returns the number of clips written."""
     written = 0
-    with wds.TarWriter(str(dst)) as sink:
+    with wds.TarWriter(str(dst)) as sink, _unreadable_tar_is_clip_shard_error(src):
         for group in _decoded_groups(src, encoder.image_size, batch_clips, skipped):
             encoded = _encode_group(group, encoder, visible_fraction, visible_sets, feature_layers)
             for key, meta, tokens_TND, visible, layers_TLND in zip(*encoded, strict=True):
@@ -480,6 +582,15 @@ def _encode_one_shard(
                 )
                 written += 1
     return written
+
+
+@contextlib.contextmanager
+def _unreadable_tar_is_clip_shard_error(src: str) -> Iterator[None]:
+    """Report a tar that fails while it is read (after passing read_clip_shards) as ClipShardError."""
+    try:
+        yield
+    except tarfile.TarError as e:
+        raise ClipShardError(f"clip shard {src} became unreadable while encoding ({e})") from e
 
 
 def _decoded_groups(

@@ -16,9 +16,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from data_shards import GroundTruth, decode_video, file_sha256, generate_dataset
+from data_shards.io import output_dir, write_text_atomic
 from eval.features import encode_frames
 from pretrain.data import save_safetensors_atomic
 from pretrain.encoder import FrozenEncoder
@@ -109,13 +107,16 @@ def _config_key(cfg: ProceduralConfig) -> str:
     return hashlib.sha256(record.encode()).hexdigest()[:16]
 
 
+def _is_generated(directory: Path) -> bool:
+    """A finished procedural set: its ``done`` file is written last, inside the unpublished directory."""
+    return (directory / "done").is_file()
+
+
 def _generate_once(cfg: ProceduralConfig, directory: Path) -> None:
-    """Write the dataset into directory atomically (a temp dir renamed into place)."""
-    if (directory / "done").is_file():
+    """Write the dataset into directory once, published whole (``data_shards.io.output_dir``)."""
+    if _is_generated(directory):
         return
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}-"))
-    try:
+    with output_dir(directory, is_ours=_is_generated, what="procedural eval set") as tmp:
         generate_dataset(
             tmp,
             cfg.train_videos + cfg.test_videos,
@@ -126,13 +127,7 @@ def _generate_once(cfg: ProceduralConfig, directory: Path) -> None:
             dense=True,
             temporal_labels=cfg.temporal_labels,
         )
-        (tmp / "done").write_text(json.dumps(dataclasses.asdict(cfg)) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_text_atomic(tmp / "done", json.dumps(dataclasses.asdict(cfg)) + "\n")
 
 
 def dataset_hash(paths: list[Path]) -> str:

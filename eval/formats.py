@@ -13,7 +13,9 @@ it cannot read. Videos named by a record are decoded later with
 - Kinetics: CSV with label, youtube_id, time_start, time_end[, split];
   clips named ``<youtube_id>_<start:06d>_<end:06d>.mp4``.
 - TAP-Vid: pickled dict {name: {"video", "points", "occluded"}} (DAVIS
-  layout; points normalized to [0, 1]) or an .npz with the same keys.
+  layout; points normalized to [0, 1]) or a list of such records, or an .npz
+  with the same keys. Pickles are read by ``SafeUnpickler``, which builds
+  only builtin containers and numpy arrays: a crafted file cannot run code.
 - ScanNet-style folders: ``<scene>/color/<i>.jpg`` + ``<scene>/depth/<i>.png``
   (uint16 millimetres).
 - MOT-style boxes: ``gt.txt`` rows frame,id,x,y,w,h[,conf,class,visibility]
@@ -24,13 +26,23 @@ it cannot read. Videos named by a record are decoded later with
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import pickle
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
+
+try:
+    from numpy._core import multiarray as _multiarray
+    from numpy._core import numeric as _numeric
+except ImportError:  # numpy < 1.26 has no numpy._core
+    from numpy.core import multiarray as _multiarray
+    from numpy.core import numeric as _numeric
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +98,80 @@ class PointTrackVideo:
     """bool: the point is visible."""
 
 
-def _tapvid_record(name: str, record: dict, source: Path) -> PointTrackVideo:
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle names a global that is not plain data (a function or class that could run code)."""
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol 2 uses it for bytes (array buffers); any other codec is refused."""
+    if encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"_codecs.encode with encoding {encoding!r}; only latin1 (bytes) is plain data")
+    return codecs.encode(text, encoding)
+
+
+# numpy 1.x pickles arrays under numpy.core, numpy 2.x under numpy._core; both
+# names map to this numpy's objects, so numpy.core (a deprecated alias in 2.x)
+# is never imported. _frombuffer is what protocol 5 uses for contiguous arrays.
+_NUMPY_CORE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("multiarray", "_reconstruct"): _multiarray._reconstruct,
+    ("multiarray", "scalar"): _multiarray.scalar,
+    ("numeric", "_frombuffer"): _numeric._frombuffer,
+}
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    **{
+        (f"{package}.{module}", name): obj
+        for package in ("numpy.core", "numpy._core")
+        for (module, name), obj in _NUMPY_CORE_GLOBALS.items()
+    },
+    ("_codecs", "encode"): _latin1_encode,
+    # Protocols 0-2 name builtins by their Python 2 module, __builtin__.
+    **{
+        (module, builtin.__name__): builtin
+        for module in ("builtins", "__builtin__")
+        for builtin in (set, frozenset, complex, bytearray)
+    },
+    ("collections", "OrderedDict"): OrderedDict,
+}
+"""Every global a pickle of builtin containers, scalars and numpy arrays needs (protocols 2 to 5)."""
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """An Unpickler that builds plain data only: builtin containers and scalars, numpy arrays and dtypes.
+
+    ``pickle.load`` calls whatever callable a file names, so a crafted file runs
+    code as the user. Dicts, lists, tuples, strings, numbers and bytes need no
+    global at all; numpy arrays need the few in ``_SAFE_GLOBALS``, none of
+    which reads or writes files or imports modules. Any other global (os.system,
+    eval, a class with a custom ``__reduce__``) raises ``UnsafePickleError``
+    before it is called.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"refusing to load global {module}.{name}: only builtin containers and numpy arrays are read"
+            ) from None
+
+
+def safe_load_pickle(f: BinaryIO, source: Path) -> Any:
+    """Unpickle plain data from ``f``; any failure is a ValueError naming ``source``."""
+    try:
+        return SafeUnpickler(f).load()
+    except UnsafePickleError as err:
+        raise ValueError(f"{source}: not a plain-data pickle ({err}); it was not loaded") from err
+    # A file that is not a pickle fails in many ways (bad opcode, EOF, wrong
+    # argument types for the allowed constructors); none of them ran code.
+    except Exception as err:
+        raise ValueError(f"{source}: not a readable pickle ({type(err).__name__}: {err})") from err
+
+
+def _tapvid_record(name: str, record: Any, source: Path) -> PointTrackVideo:
+    if not isinstance(record, dict):
+        raise ValueError(f"{source}: video {name!r} is a {type(record).__name__}, not a dict of arrays")
     for key in ("video", "points", "occluded"):
         if key not in record:
             raise ValueError(f"{source}: video {name!r} lacks {key!r} (has {sorted(record)})")
@@ -101,16 +186,24 @@ def _tapvid_record(name: str, record: dict, source: Path) -> PointTrackVideo:
 
 
 def read_tapvid(path: Path) -> list[PointTrackVideo]:
-    """TAP-Vid DAVIS-style pickle ({name: record} or a list of records) or .npz of one video."""
+    """TAP-Vid DAVIS-style pickle ({name: record} or a list of records) or .npz of one video.
+
+    Pickles are read with ``SafeUnpickler`` (plain data only); .npz files with
+    ``allow_pickle=False``.
+    """
     path = Path(path)
     if path.suffix == ".npz":
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             return [_tapvid_record(path.stem, dict(data), path)]
     with open(path, "rb") as f:
-        # TAP-Vid ships pickles; only open files from the benchmark itself.
-        data = pickle.load(f)
-    items = data.items() if isinstance(data, dict) else ((str(i), r) for i, r in enumerate(data))
-    return [_tapvid_record(name, record, path) for name, record in items]
+        data = safe_load_pickle(f, path)
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, list | tuple):
+        items = ((str(i), r) for i, r in enumerate(data))
+    else:
+        raise ValueError(f"{path}: holds a {type(data).__name__}, not a dict or list of TAP-Vid videos")
+    return [_tapvid_record(str(name), record, path) for name, record in items]
 
 
 @dataclass(frozen=True, slots=True)

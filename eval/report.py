@@ -1,5 +1,13 @@
 """Reports (markdown + JSON) and MLflow logging for eval runs.
 
+Every report directory (``OUT/<task>/<variant>``, ``OUT/future``,
+``OUT/suite``) is filled as a temporary sibling and published whole
+(``data_shards.io.output_dir``): an existing directory is replaced only when
+its ``report.json`` is an earlier report of the same kind, anything else is
+refused with an ``OutputDirError`` (a ValueError) naming the path, and a
+failed run leaves nothing behind. ``OUT`` itself may not be ``.``, a parent
+of the working directory, the home directory or ``/``.
+
 MLflow's default store is a SQLite file in the output directory;
 ``MLFLOW_TRACKING_URI`` wins. Telemetry is switched off before mlflow is
 imported, and mlflow is imported only when a run is logged.
@@ -10,19 +18,57 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from data_shards.io import OutputDirError, check_output_dir, forbidden_output, output_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "video-pretrain-eval"
 
 
+REPORT_JSON = "report.json"
+"""The file that marks a directory as an eval report (and holds the record)."""
+
+
 def write_json(record: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return path
+    return write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def report_kind(key: str) -> Callable[[Path], bool]:
+    """``is_ours`` for ``output_dir``: the directory's report.json is a JSON object with ``key``."""
+
+    def is_report(directory: Path) -> bool:
+        try:
+            record = json.loads((directory / REPORT_JSON).read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(record, dict) and key in record
+
+    return is_report
+
+
+is_task_report = report_kind("task")
+"""An earlier eval.run report (one task, or the future eval): its record names the task."""
+is_suite_report = report_kind("records")
+"""An earlier eval.suite report: its record holds every task's record."""
+
+
+def check_out_root(out: Path) -> Path:
+    """Refuse an ``--out`` that must never hold reports (``.``, home, ``/``, a parent of the working directory)."""
+    why = forbidden_output(Path(out))
+    if why is not None:
+        raise OutputDirError(f"refusing to write eval reports under {out}: {why}; give a new directory")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise OutputDirError(f"refusing to write eval reports under {out}: it exists and is not a directory")
+    return Path(out)
+
+
+def check_report_dir(out_dir: Path, is_ours: Callable[[Path], bool] = is_task_report) -> Path:
+    """Refuse, before any work, a report directory that ``output_dir`` would refuse after it."""
+    return check_output_dir(out_dir, is_ours=is_ours, what="eval report")
 
 
 def format_metric(value: float) -> str:
@@ -51,11 +97,30 @@ def task_markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def skipped_lines(skipped: list[dict[str, str]]) -> list[str]:
+    """Markdown list item naming the unreadable videos, or nothing when every video was read."""
+    if not skipped:
+        return []
+    names = ", ".join(f"`{s['name']}` ({s['reason']})" for s in skipped)
+    return [f"- skipped {len(skipped)} unreadable videos: {names}"]
+
+
+def write_report_files(record: dict[str, Any], markdown: str, directory: Path) -> list[Path]:
+    """report.md and report.json in ``directory``; returns their paths."""
+    md = write_text_atomic(directory / "report.md", markdown)
+    return [md, write_json(record, directory / REPORT_JSON)]
+
+
+def publish_report(record: dict[str, Any], markdown: str, out_dir: Path) -> list[Path]:
+    """Write report.md + report.json as the whole of ``out_dir`` (replacing only an earlier task report)."""
+    with output_dir(out_dir, is_ours=is_task_report, what="eval report") as tmp:
+        names = [p.name for p in write_report_files(record, markdown, tmp)]
+    return [out_dir / name for name in names]
+
+
 def write_task_report(record: dict[str, Any], out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / "report.md"
-    md.write_text(task_markdown(record))
-    return [md, write_json(record, out_dir / "report.json")]
+    """One task run's report directory; returns (report.md, report.json)."""
+    return publish_report(record, task_markdown(record), out_dir)
 
 
 def tracking_uri(out_dir: Path) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from data_shards import VideoDecodeError
 from eval.data import ClipSet, ProceduralConfig, load_procedural
 from eval.datasets import FORMAT_TASKS, check_task, load_format, parse_data
 from eval.features import (
@@ -46,7 +47,7 @@ from eval.features import (
     read_export,
 )
 from eval.probe import FeatureCache, ReadoutConfig, train_and_evaluate
-from eval.report import log_to_mlflow, write_task_report
+from eval.report import check_out_root, check_report_dir, log_to_mlflow, write_task_report
 from eval.tasks import TASKS, build_task
 
 log = logging.getLogger(__name__)
@@ -167,11 +168,20 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
+def report_dir(args: argparse.Namespace) -> Path:
+    """Where eval.run publishes its report: OUT/future, else OUT/<task>/<variant>."""
+    if args.task == "future":
+        return args.out / "future"
+    return args.out / args.task / (args.baseline or "pretrained")
+
+
 def _main(args: argparse.Namespace) -> int:
-    # Check the data against the task before anything heavy is loaded.
+    # Check the data against the task, and the output, before anything heavy is loaded.
     data_format = None if args.task == "future" else parse_data(args.data)
     if data_format is not None:
         check_task(data_format[0], args.task)
+    check_out_root(args.out)
+    check_report_dir(report_dir(args))
     export = read_export(args.export)
     encoder = load_checked_encoder(export, args.encoder)
     if args.task == "future":
@@ -192,7 +202,7 @@ def _main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     record = evaluate_task(args.task, variant, export, clips, settings)
     record["wall_seconds"] = time.perf_counter() - start
-    out_dir = args.out / args.task / variant
+    out_dir = report_dir(args)
     paths = write_task_report(record, out_dir)
     print(paths[0].read_text())
     if not args.no_mlflow:
@@ -218,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return _main(args)
-    except (EncoderMismatchError, FileNotFoundError, ValueError) as err:
+    except (EncoderMismatchError, FileNotFoundError, ValueError, VideoDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -7,7 +7,9 @@ Every video is decoded at the export's frame rate and stride, center-cropped
 to the encoder's image size and encoded once. Windows (S source frames, then
 a target ``offset`` strided frames after the last source) are laid
 end to end; the same windows are scored at every offset, so the offsets are
-comparable. Scoring is the trainer's own held-out metric
+comparable. A video that cannot be decoded (empty, truncated, not a video)
+is skipped, counted and named in the report; only a folder with no readable
+video at all is an error. Scoring is the trainer's own held-out metric
 (``pretrain.objective.evaluate_batches``): masked-position L1 of the
 predicted layer-normed features, and of copy-last on the same positions.
 A randomly initialized model is exactly copy-last (zero-initialized residual
@@ -26,10 +28,10 @@ from typing import Any
 
 import torch
 
-from data_shards import decode_video, file_sha256
+from data_shards import VideoDecodeError, decode_video, file_sha256
 from eval.data import dataset_hash
 from eval.features import Export, encode_frames, export_summary
-from eval.report import log_to_mlflow, write_json
+from eval.report import log_to_mlflow, publish_report, skipped_lines
 from pretrain.data import ClipBatch, center_crop_square
 from pretrain.encoder import FrozenEncoder
 from pretrain.objective import HeldoutResult, evaluate_batches
@@ -40,10 +42,18 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 
 
 def find_videos(folder: Path) -> list[Path]:
+    """The video files under ``folder`` (by suffix, recursively), or ``folder`` itself when it is a file."""
+    if Path(folder).is_file():
+        return [Path(folder)]
     videos = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
     if not videos:
         raise FileNotFoundError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) under {folder}")
     return videos
+
+
+def _video_name(path: Path, folder: Path) -> str:
+    """``path`` relative to the dataset folder (its file name when the dataset is one file)."""
+    return path.name if path == Path(folder) else str(path.relative_to(folder))
 
 
 def window_starts(num_frames: int, source_frames: int, max_offset: int, stride: int) -> list[int]:
@@ -101,6 +111,43 @@ def source_and_target_tokens(
     return tokens_1TND[0].cpu(), blocks_1TLND[0].cpu()
 
 
+VideoTokens = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+"""(frames_TCHW, tokens_TND, blocks_TLND or None) of one video, as ``future_batches`` reads them."""
+
+
+def load_videos(
+    export: Export,
+    encoder: FrozenEncoder,
+    paths: list[Path],
+    folder: Path,
+    *,
+    fps: float | None,
+    max_frames: int | None,
+) -> tuple[list[tuple[Path, VideoTokens]], list[dict[str, str]]]:
+    """Decode, crop and encode every readable video; the others become {"name", "reason", "detail"} records.
+
+    Raises ValueError naming the first few failures when no video is readable.
+    """
+    loaded, skipped = [], []
+    for path in paths:
+        try:
+            frames_THWC, _ = decode_video(path, fps=fps, short_side=encoder.image_size, max_frames=max_frames)
+        except VideoDecodeError as err:
+            skipped.append({"name": _video_name(path, folder), "reason": err.reason, "detail": err.detail})
+            continue
+        frames_TCHW = center_crop_square(torch.from_numpy(frames_THWC), encoder.image_size)
+        tokens = source_and_target_tokens(encoder, frames_TCHW, export.spec.feature_layers)
+        loaded.append((path, (frames_TCHW, *tokens)))
+    if not loaded:
+        shown = "; ".join(f"{s['name']}: {s['reason']} ({s['detail']})" for s in skipped[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        raise ValueError(f"no readable video in {folder}: {shown}{more}")
+    if skipped:
+        names = ", ".join(f"{s['name']} ({s['reason']})" for s in skipped)
+        log.warning("skipped %d unreadable videos in %s: %s", len(skipped), folder, names)
+    return loaded, skipped
+
+
 def future_prediction_eval(
     export: Export,
     encoder: FrozenEncoder,
@@ -109,18 +156,19 @@ def future_prediction_eval(
     batch_size: int = 16,
     seed: int = 1234,
 ) -> tuple[list[HeldoutResult], dict[str, Any]]:
-    """Held-out future-feature L1 of the export and of copy-last per offset, and the dataset record."""
+    """Held-out future-feature L1 of the export and of copy-last per offset, and the dataset record.
+
+    ``folder`` is a folder of videos or one video file; unreadable videos are
+    skipped and listed in the record's ``skipped``.
+    """
     train_cfg = export.config["config"]
     fps = train_cfg["data"]["fps"] or None
     stride = train_cfg["data"]["frame_stride"]
     offsets = sorted(export.config["objective"]["target_offsets"])
     source_frames = export.spec.max_source_frames
-    paths = find_videos(folder)
-    videos = []
-    for path in paths:
-        frames_THWC, _ = decode_video(path, fps=fps, short_side=encoder.image_size, max_frames=max_frames)
-        frames_TCHW = center_crop_square(torch.from_numpy(frames_THWC), encoder.image_size)
-        videos.append((frames_TCHW, *source_and_target_tokens(encoder, frames_TCHW, export.spec.feature_layers)))
+    loaded, skipped = load_videos(export, encoder, find_videos(folder), folder, fps=fps, max_frames=max_frames)
+    paths = [path for path, _ in loaded]
+    videos = [video for _, video in loaded]
     by_offset = {
         offset: future_batches(videos, source_frames, offset, offsets[-1], stride, batch_size) for offset in offsets
     }
@@ -132,7 +180,8 @@ def future_prediction_eval(
     dataset = {
         "kind": "video_folder",
         "dir": str(folder),
-        "videos": [{"name": p.name, "sha256": file_sha256(p)} for p in paths],
+        "videos": [{"name": _video_name(p, folder), "sha256": file_sha256(p)} for p in paths],
+        "skipped": skipped,
         "hash": dataset_hash(paths),
         "fps": fps,
         "frame_stride": stride,
@@ -153,7 +202,9 @@ def future_markdown(results: list[HeldoutResult], record: dict[str, Any]) -> str
         ),
         "",
         f"- export: `{record['export']['dir']}` sha256 `{record['export']['sha256']}`",
-        f"- dataset: {record['dataset']['dir']} hash `{record['dataset']['hash']}`",
+        f"- dataset: {record['dataset']['dir']} hash `{record['dataset']['hash']}` "
+        f"({len(record['dataset']['videos'])} videos)",
+        *skipped_lines(record["dataset"]["skipped"]),
         f"- seed (visible-patch masks): {record['seed']}",
         "",
     ]
@@ -172,11 +223,8 @@ def run_future_eval(export: Export, encoder: FrozenEncoder, args: argparse.Names
         "results": [{**asdict(r), "gain": r.gain} for r in results],
         "wall_seconds": time.perf_counter() - start,
     }
-    out_dir = args.out / "future"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / "report.md"
-    md.write_text(future_markdown(results, record))
-    paths = [md, write_json(record, out_dir / "report.json")]
+    paths = publish_report(record, future_markdown(results, record), args.out / "future")
+    md = paths[0]
     if args.no_mlflow:
         return md, None
     metrics = {f"{k}_offset{r.offset}": v for r in results for k, v in (("l1", r.model_l1), ("gain", r.gain))}

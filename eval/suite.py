@@ -9,6 +9,10 @@ gets the same training budget. The three classification tasks
 (classification = drift direction, classify_speed, classify_order) read
 labels of the same videos, so they add readout training only. ``--videos`` adds the self-supervised
 future-feature eval on a folder of real videos.
+
+Everything is written at the end, as one directory ``OUT/suite`` published
+whole (``eval.report``): an earlier suite report there is replaced, any
+other non-empty directory is refused before the suite starts.
 """
 
 from __future__ import annotations
@@ -20,10 +24,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from data_shards import VideoDecodeError
+from data_shards.io import atomic_path, output_dir, write_text_atomic
 from eval.data import load_procedural
 from eval.features import VARIANTS, EncoderMismatchError, load_checked_encoder, read_export
 from eval.probe import FeatureCache
-from eval.report import format_metric, log_to_mlflow, write_json, write_task_report
+from eval.report import (
+    check_out_root,
+    check_report_dir,
+    format_metric,
+    is_suite_report,
+    log_to_mlflow,
+    skipped_lines,
+    task_markdown,
+    write_json,
+    write_report_files,
+)
 from eval.run import add_common_args, evaluate_task, procedural_from_args, settings_from_args, setup_logging
 from eval.tasks import TASKS
 
@@ -87,13 +103,17 @@ def bar_chart(records: list[dict[str, Any]], path: Path) -> Path:
         ax.set_title(f"{task}\n{primary} ({arrow} is better)", fontsize=9)
         ax.tick_params(axis="x", labelsize=8, rotation=20)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        # The temporary name ends in .tmp, so the format cannot come from it.
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
 
 
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
+    out_dir = args.out / "suite"
+    check_out_root(args.out)
+    check_report_dir(out_dir, is_suite_report)
     start = time.perf_counter()
     export = read_export(args.export)
     encoder = load_checked_encoder(export, args.encoder)
@@ -101,12 +121,10 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     data_seconds = time.perf_counter() - start
     settings = settings_from_args(args)
     cache = FeatureCache()
-    out_dir = args.out / "suite"
     records = []
     for task in args.tasks:
         for variant in VARIANTS:
             record = evaluate_task(task, variant, export, clips, settings, cache)
-            write_task_report(record, out_dir / task / variant)
             records.append(record)
             print(f"{task:>15} {variant:>10}: {record['metrics']}", flush=True)
     future = None
@@ -135,20 +153,31 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         "wall_seconds": wall,
         "data_seconds": data_seconds,
     }
-    md = out_dir / "report.md"
-    md.write_text(_summary_markdown(summary))
-    artifacts = [md, write_json(summary, out_dir / "report.json"), bar_chart(records, out_dir / "bars.png")]
+    artifacts = write_suite_report(summary, out_dir)
     print(table)
     if future is not None:
         for r in future["results"]:
             gain = 100 * r["gain"]
             print(f"future offset {r['offset']}: L1 {r['l1']:.4f} vs copy-last {r['copy_last_l1']:.4f} ({gain:+.1f}%)")
+        for line in skipped_lines(future["dataset"]["skipped"]):
+            print(f"future: {line.removeprefix('- ')}")
     print(f"suite wall time {wall:.0f} s (data and tokens {data_seconds:.0f} s); reports in {out_dir}")
     if not args.no_mlflow:
         metrics = {f"{r['task']}.{r['variant']}.{k}": v for r in records for k, v in r["metrics"].items()}
         params = {k: summary[k] for k in ("export", "dataset", "probe", "protocol", "seed", "readout_steps")}
         print(f"logged to {log_to_mlflow(args.out, 'suite', params, metrics, artifacts)}")
     return summary
+
+
+def write_suite_report(summary: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Publish OUT/suite whole: per-task reports, report.md, report.json, bars.png; returns the last three."""
+    with output_dir(out_dir, is_ours=is_suite_report, what="eval suite report") as tmp:
+        for record in summary["records"]:
+            write_report_files(record, task_markdown(record), tmp / record["task"] / record["variant"])
+        write_text_atomic(tmp / "report.md", _summary_markdown(summary))
+        write_json(summary, tmp / "report.json")
+        bar_chart(summary["records"], tmp / "bars.png")
+    return [out_dir / "report.md", out_dir / "report.json", out_dir / "bars.png"]
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:
@@ -183,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         run_suite(args)
-    except (EncoderMismatchError, FileNotFoundError, ValueError) as err:
+    except (EncoderMismatchError, FileNotFoundError, ValueError, VideoDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -148,6 +148,10 @@ class LoaderConfig:
         return (self.frames - 1) * self.frame_stride + 1
 
 
+class NoUsableSampleError(ValueError):
+    """A whole epoch yielded no batch: every sample (or shard) is unreadable or too short."""
+
+
 class CorruptSampleError(Exception):
     """A sample that cannot be used; ``reason`` names the kind, for counting."""
 
@@ -530,8 +534,9 @@ class ShardLoader:
                 yield batch
             # A whole epoch without a batch would loop forever: every sample is unusable.
             if fresh and delivered == 0:
-                raise RuntimeError(
-                    f"epoch {self.epoch - 1} of {self.cfg.shards} on rank {self.rank} produced no batch "
+                raise NoUsableSampleError(
+                    f"epoch {self.epoch - 1} of {self.cfg.shards} on rank {self.rank} produced no batch: "
+                    "every sample was skipped (unreadable or truncated shards, or clips too short) "
                     f"(skipped so far: {self.corrupt_by_reason})"
                 )
 

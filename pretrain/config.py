@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_shards.io import write_text_atomic
+
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
@@ -40,7 +42,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_choice("run.device", self.device, ("auto", "cpu", "cuda"))
-        _check(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'")
+        # The run directory is out_dir/name: a separator or a dot-name would put it (and what
+        # the run writes or deletes there) outside out_dir.
+        _check(
+            bool(self.name) and not any(sep in self.name for sep in ("/", "\\", "\0")) and self.name not in (".", ".."),
+            "run.name",
+            "must be a plain directory name (no path separator, not '.' or '..')",
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -254,8 +262,12 @@ class TrainConfig:
     """Steps between held-out evaluations (0 = only at the end)."""
     progress: bool = True
     """Show a progress bar."""
+    resume: str = "auto"
+    """'auto': continue from the newest checkpoint that verifies, if any; 'must': refuse to start without one;
+    'never': refuse to start when the run directory already holds checkpoints (choose a new run.name)."""
 
     def __post_init__(self) -> None:
+        _check_choice("train.resume", self.resume, ("never", "auto", "must"))
         for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "keep_last", "max_nonfinite_steps"):
             _check(getattr(self, key) > 0, f"train.{key}", "must be > 0")
         for key in ("warmup_steps", "ckpt_every", "eval_every"):
@@ -480,4 +492,4 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    write_text_atomic(path, json.dumps(config_to_dict(cfg), indent=2) + "\n")

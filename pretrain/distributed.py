@@ -36,7 +36,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pretrain.config import Config
+from pretrain.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def resolve_device(cfg: Config, local_rank: int) -> torch.device:
     """run.device for this rank: CUDA ranks take GPU LOCAL_RANK."""
     name = cfg.run.device
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device='cuda' but CUDA is not available")
+        raise ConfigError("config key 'run.device': 'cuda' but this torch sees no CUDA device (use 'cpu' or 'auto')")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     torch.cuda.set_device(local_rank)

@@ -13,19 +13,25 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pretrain.checkpoint import LAYOUT_DEEPSPEED, CheckpointError, load_checkpoint, read_latest
+from data_shards.io import OutputDirError, output_dir
+from pretrain.checkpoint import (
+    LAYOUT_DEEPSPEED,
+    CheckpointError,
+    checkpoint_dir,
+    list_checkpoints,
+    load_checkpoint,
+    verify_checkpoint,
+)
 from pretrain.model.predictor import FuturePredictor, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -67,32 +73,37 @@ def export_config(meta: dict[str, Any], config: dict[str, Any], step: int) -> di
     }
 
 
-def write_export(model_state: dict[str, torch.Tensor], export_cfg: dict[str, Any], out_dir: Path, dtype: str) -> Path:
-    """Write model.safetensors + config.json into out_dir atomically."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
+def is_export_dir(path: Path) -> bool:
+    """An earlier export (its config.json names the export format): the only directory an export replaces."""
     try:
+        return json.loads((Path(path) / "config.json").read_text()).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_export(model_state: dict[str, torch.Tensor], export_cfg: dict[str, Any], out_dir: Path, dtype: str) -> Path:
+    """Write model.safetensors + config.json as one directory, published whole.
+
+    ``out_dir`` may not exist, be empty, or hold an earlier export; anything
+    else is refused (OutputDirError) before a byte is written.
+    """
+    with output_dir(out_dir, is_ours=is_export_dir, what="an export") as tmp:
         tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model_state.items()}
         save_file(tensors, tmp / "model.safetensors", metadata={"format": EXPORT_FORMAT})
         (tmp / "config.json").write_text(json.dumps({**export_cfg, "dtype": dtype}, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32") -> Path:
-    """Export the latest checkpoint of a run."""
-    latest = read_latest(Path(run_dir))
-    if latest is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint to export (expected {run_dir}/checkpoints/latest)")
-    state, config = load_checkpoint(latest)
+    """Export the newest checkpoint of a run, after checking it against its checksum manifest."""
+    tags = list_checkpoints(checkpoint_dir(run_dir))
+    if not tags:
+        raise CheckpointError(f"{run_dir} has no checkpoint to export (expected {checkpoint_dir(run_dir)}/step_*)")
+    newest = tags[-1]
+    verify_checkpoint(newest)
+    state, config = load_checkpoint(newest)
     export_cfg = export_config(state["meta"], config, state["trainer"]["step"])
-    return write_export(checkpoint_weights(latest, state), export_cfg, out_dir, dtype)
+    return write_export(checkpoint_weights(newest, state), export_cfg, out_dir, dtype)
 
 
 def checkpoint_weights(tag_dir: Path, state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -112,12 +123,19 @@ def load_export(export_dir: Path, device: str | torch.device = "cpu") -> tuple[F
     for path in (cfg_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"export is missing {path}")
-    export_cfg = json.loads(cfg_path.read_text())
-    if export_cfg.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{cfg_path}: format {export_cfg.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    try:
+        export_cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{cfg_path} is not valid JSON: {err}") from err
+    if not isinstance(export_cfg, dict) or export_cfg.get("format") != EXPORT_FORMAT:
+        found = export_cfg.get("format") if isinstance(export_cfg, dict) else type(export_cfg).__name__
+        raise ValueError(f"{cfg_path}: format {found!r}, expected {EXPORT_FORMAT!r}")
     spec = ModelSpec(**export_cfg["model_spec"])
     model = FuturePredictor(spec)
-    state = {k: v.float() for k, v in load_file(weights_path).items()}
+    try:
+        state = {k: v.float() for k, v in load_file(weights_path).items()}
+    except (OSError, SafetensorError) as err:  # a truncated or foreign file
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {err}") from err
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{weights_path} does not match its model_spec: missing {missing}, unexpected {unexpected}")
@@ -136,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export_run(args.run_dir, args.out_dir, args.dtype)
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
+    except (CheckpointError, OutputDirError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"exported {out}")

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from pretrain.checkpoint import check_engine_files, safe_torch_load
 from pretrain.config import BatchPlan, Config
 from pretrain.distributed import DistContext
 
@@ -239,6 +240,8 @@ class DeepSpeedEngine:
             self.engine.save_checkpoint(str(tag_dir), tag=ENGINE_SUBDIR, save_latest=False)
 
     def load(self, tag_dir: Path) -> None:
+        # DeepSpeed unpickles its files unrestricted: vet what they would import first.
+        check_engine_files(tag_dir)
         with self.ctx.collective("checkpoint load"):
             path, _ = self.engine.load_checkpoint(str(tag_dir), tag=ENGINE_SUBDIR, load_lr_scheduler_states=False)
         if path is None:
@@ -267,7 +270,8 @@ def consolidate_zero_checkpoint(tag_dir: Path) -> dict[str, torch.Tensor]:
     model_file = engine_dir / "mp_rank_00_model_states.pt"
     if not model_file.is_file():
         raise FileNotFoundError(f"no DeepSpeed model state at {model_file}")
-    saved = torch.load(model_file, map_location="cpu", weights_only=False)
+    check_engine_files(tag_dir)
+    saved = safe_torch_load(model_file)
     state = {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
     if not list(engine_dir.glob("*zero_pp_rank_*optim_states.pt")):
         # ZeRO-0 in fp32: the optimizer lives in the model state file and the module weights are the masters.

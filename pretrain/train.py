@@ -17,21 +17,41 @@ import logging
 import sys
 
 from data_shards import VideoDecodeError
+from data_shards.io import OutputDirError
 from pretrain import distributed
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError, load_config
-from pretrain.trainer import NonFiniteLossError, Trainer, TrainResult
+from pretrain.trainer import NonFiniteLossError, StopFlag, Trainer, TrainResult
 
 log = logging.getLogger("pretrain")
 
 # Errors a user can fix from the message alone: one line, exit code 2.
-USER_ERRORS = (ConfigError, FileNotFoundError, VideoDecodeError, CheckpointError, NonFiniteLossError, ValueError)
+USER_ERRORS = (
+    ConfigError,
+    FileNotFoundError,
+    VideoDecodeError,
+    CheckpointError,
+    NonFiniteLossError,
+    ValueError,
+    OutputDirError,
+)
 
 
 def format_report(result: TrainResult) -> str:
     lines = [f"run: {result.run_dir}  (step {result.step})"]
     if result.stopped_early:
-        lines.append("stopped before the last step; a checkpoint was written. Re-run the same command to resume.")
+        if result.step == 0:
+            lines.append("stopped before the first step; nothing was trained. Re-run the same command to start.")
+        else:
+            lines.append(f"stopped at step {result.step}; a checkpoint was written. Re-run the same command to resume.")
+        return "\n".join(lines)
+    if not result.heldout:
+        lines += [
+            "",
+            "no held-out evaluation was run (no held-out data: set data.eval_shards, or train from data.videos).",
+            f"export: {result.export_dir}",
+            f"tracking: {result.tracking}",
+        ]
         return "\n".join(lines)
     untrained = {r.offset: r for r in result.heldout_untrained}
     lines += [
@@ -76,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     level = args.log_level if rank == 0 else "WARNING"
     logging.basicConfig(level=level, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, overrides)
-        result = Trainer(cfg).train()
+        # SIGTERM is handled from here on: start-up (encoder loading, video encoding) included.
+        with StopFlag() as stop:
+            cfg = load_config(args.config, overrides)
+            result = Trainer(cfg, stop=stop).train()
     except USER_ERRORS as err:
         # One line for the user; the traceback with --log-level DEBUG (a ValueError may also be a bug).
         log.debug("traceback of the error below", exc_info=True)

@@ -14,6 +14,7 @@ at the same step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -35,9 +36,14 @@ from pretrain import distributed
 from pretrain.checkpoint import (
     LAYOUT_DEEPSPEED,
     CheckpointError,
+    checkpoint_dir,
+    describe_resume,
+    find_resume_point,
+    list_checkpoints,
     load_checkpoint,
     load_rank_state,
     read_latest,
+    remove_stale_temporaries,
     save_checkpoint,
     save_sharded_checkpoint,
 )
@@ -75,11 +81,12 @@ class TrainState:
     mlflow_run_id: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
+        # Tensors and plain data only, so a checkpoint loads with torch.load(weights_only=True).
         return {
             **dataclasses.asdict(self),
             "rng_torch": torch.get_rng_state(),
             "rng_python": random.getstate(),
-            "rng_numpy": np.random.get_state(),
+            "rng_numpy": _numpy_rng_to_plain(np.random.get_state()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -87,7 +94,25 @@ class TrainState:
             setattr(self, f.name, state[f.name])
         torch.set_rng_state(state["rng_torch"])
         random.setstate(state["rng_python"])
-        np.random.set_state(state["rng_numpy"])
+        np.random.set_state(_numpy_rng_from_plain(state["rng_numpy"]))
+
+
+def _numpy_rng_to_plain(state: tuple) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached_gaussian = state
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+
+
+def _numpy_rng_from_plain(state: dict[str, Any] | tuple) -> tuple:
+    if isinstance(state, tuple):  # checkpoints written before RNG state became plain data
+        return state
+    keys = state["keys"].numpy().astype(np.uint32)
+    return (state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"])
 
 
 def seed_everything(seed: int) -> None:
@@ -110,14 +135,19 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-class _StopFlag:
-    """Set by SIGTERM; the loop checkpoints at the next step boundary."""
+class StopFlag:
+    """Set by SIGTERM. The loop checkpoints at the next step boundary; start-up stops before the first
+    step; the final evaluation and export, already under way, are finished. Every case exits normally.
+
+    ``pretrain.train`` installs it before start-up (encoder loading and video encoding can take
+    minutes); a Trainer used from Python installs its own for ``train()``.
+    """
 
     def __init__(self) -> None:
         self.requested = False
         self._previous = None
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> StopFlag:
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: no handler, nothing to restore
@@ -125,7 +155,7 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        log.warning("SIGTERM: checkpointing at the end of this step")
+        log.warning("SIGTERM: stopping at the next safe point (a checkpoint is written if training has begun)")
         self.requested = True
 
     def __exit__(self, *exc) -> None:
@@ -145,8 +175,9 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, ctx: DistContext | None = None) -> None:
+    def __init__(self, cfg: Config, ctx: DistContext | None = None, stop: StopFlag | None = None) -> None:
         self.cfg = cfg
+        self._outer_stop = stop
         self.ctx = ctx if ctx is not None else distributed.setup(cfg)
         self.rank = self.ctx.rank
         self.device = self.ctx.device
@@ -199,7 +230,8 @@ class Trainer:
         self.mask_generator = torch.Generator().manual_seed(rank_seed + 1)
         self.state = TrainState()
         self.logger: MetricLogger | None = None
-        self._stop = _StopFlag()
+        self._stop = stop if stop is not None else StopFlag()
+        self.resumed_from: Path | None = None
         log.info(
             "model: %d trainable parameters (%s core); data %s; %s engine; batch: micro %d x accum %d x ranks %d = %d",
             count_parameters(self.model),
@@ -257,6 +289,8 @@ class Trainer:
 
     def save(self) -> Path:
         config = config_to_dict(self.cfg)
+        if self.ctx.is_main:
+            save_config(self.cfg, self.run_dir / "config.json")
         if isinstance(self.engine, LocalEngine):
             return save_checkpoint(self.run_dir, self.state.step, self.state_dict(), config, self.cfg.train.keep_last)
         shared = {
@@ -277,9 +311,24 @@ class Trainer:
         )
 
     def maybe_resume(self) -> None:
-        latest = read_latest(self.run_dir)
-        if latest is None:
+        """Continue from the newest checkpoint that verifies; ``train.resume`` says what having none means."""
+        root = checkpoint_dir(self.run_dir)
+        if self.ctx.is_main:
+            remove_stale_temporaries(self.run_dir)
+        if self.cfg.train.resume == "never":
+            if list_checkpoints(root):
+                raise CheckpointError(
+                    f"{self.run_dir} already holds checkpoints and train.resume='never'; "
+                    "choose a new run.name, or train.resume=auto to continue that run"
+                )
             return
+        point = find_resume_point(self.run_dir)
+        if point is None:
+            if self.cfg.train.resume == "must":
+                raise CheckpointError(f"train.resume='must' but {root} holds no checkpoint")
+            return
+        (log.warning if point.skipped else log.info)(describe_resume(point, root))
+        latest = point.path
         state, saved_cfg = load_checkpoint(latest)
         current = config_to_dict(self.cfg)
         changed = [
@@ -304,6 +353,7 @@ class Trainer:
             )
         else:
             self.load_state_dict(state)
+        self.resumed_from = latest
         log.info("resumed from %s at step %d", latest, self.state.step)
 
     def _resume_sharded(self, latest: Path, state: dict[str, Any]) -> None:
@@ -374,21 +424,31 @@ class Trainer:
 
     def train(self, stop_at: int | None = None, finalize: bool = True) -> TrainResult:
         """Train to train.steps (or stop_at, checkpointing there); then evaluate and export."""
+        stop_context = contextlib.nullcontext(self._outer_stop) if self._outer_stop is not None else StopFlag()
+        with stop_context as stop:
+            self._stop = stop
+            return self._train(stop_at, finalize)
+
+    def _train(self, stop_at: int | None, finalize: bool) -> TrainResult:
         cfg = self.cfg
         self.maybe_resume()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.ctx.is_main:
-            save_config(cfg, self.run_dir / "config.json")
-        self.logger = build_logger(cfg, self.rank, resume_run_id=self.state.mlflow_run_id)
+        self.logger = build_logger(
+            cfg, self.rank, resume_run_id=self.state.mlflow_run_id, resume_step=self.state.step, run_dir=self.run_dir
+        )
         self.state.mlflow_run_id = getattr(self.logger, "run_id", None)
         end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
         status = "FAILED"
         try:
-            with _StopFlag() as stop, _progress(cfg, self.state.step, end, self.ctx.is_main) as bar:
-                self._stop = stop
+            if self._stop_requested_by_any_rank():
+                log.warning("SIGTERM during start-up: stopped before step %d; nothing new to save", self.state.step + 1)
+                status = "KILLED"
+                return TrainResult(self.state.step, True, self.run_dir, tracking=self.logger.where)
+            with _progress(cfg, self.state.step, end, self.ctx.is_main) as bar:
                 stopped = self._loop(end, bar)
             result = TrainResult(self.state.step, stopped or self.state.step < cfg.train.steps, self.run_dir)
             if finalize and not result.stopped_early:
+                # A SIGTERM from here on is noted, not obeyed: the last checkpoint is written and
+                # evaluation and export are bounded, so finishing them loses nothing.
                 self._finalize(result)
                 # The other ranks wait here while rank 0 evaluates and exports, so that every
                 # rank leaves the process group together: a rank tearing its group down while a
@@ -400,6 +460,11 @@ class Trainer:
             return result
         finally:
             self.logger.close(status)
+
+    def _stop_requested_by_any_rank(self) -> bool:
+        """All ranks agree whether a SIGTERM arrived during start-up, so they all stop or all train."""
+        flag_V = torch.tensor([float(self._stop.requested)], dtype=torch.float64)
+        return bool(self.ctx.all_reduce_sum(flag_V, "start-up stop flag")[0].item() > 0)
 
     def _loop(self, end: int, bar) -> bool:
         cfg = self.cfg

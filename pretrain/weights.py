@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -30,6 +31,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pretrain.model.vit import VisionTransformer, ViTArch, rope_periods
@@ -381,6 +383,18 @@ def infer_arch(
     return ViTArch(**common, position="rope", rope_base=rope_base, ln_eps=_DINOV3_LN_EPS)
 
 
+def _read_meta_checkpoint(path: Path) -> object:
+    """The raw object in a Meta checkpoint file; a ValueError naming the file when it is not one."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        # weights_only: a .pth is a pickle; never run code from a downloaded file.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, SafetensorError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a readable weights file (truncated, or not tensors only): {first}") from err
+
+
 def load_meta(path: Path, arch: ViTArch | None = None) -> tuple[ViTArch, StateDict]:
     """Load a Meta DINOv2 or DINOv3 checkpoint (.pth, or .safetensors in Meta names).
 
@@ -390,11 +404,7 @@ def load_meta(path: Path, arch: ViTArch | None = None) -> tuple[ViTArch, StateDi
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Meta checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        raw: object = load_file(path)
-    else:
-        # weights_only: a .pth is a pickle; never run code from a downloaded file.
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw = _read_meta_checkpoint(path)
     state = _unwrap_checkpoint(raw, path)
     family = detect_family(state)
     native, periods_Q = meta_to_native(state)

@@ -21,6 +21,7 @@ from data_shards.loader import (
     RESUME_MAX_SKIPPED_SAMPLES,
     ClipDecoder,
     LoaderConfig,
+    NoUsableSampleError,
     ShardLoader,
     VideoBatch,
     clip_loader,
@@ -265,7 +266,7 @@ def test_corrupt_samples_are_skipped_and_counted(corrupt: tuple[Path, list[str],
 
 def test_too_short_clips_are_skipped(syn2: tuple[Path, list[str]]) -> None:
     loader = clip_loader(_cfg(syn2[0], frames=5, frame_stride=2, num_workers=0), rank=0, world_size=1)
-    with pytest.raises(RuntimeError, match="produced no batch"):
+    with pytest.raises(NoUsableSampleError, match="produced no batch"):
         next(iter(loader))
     assert loader.corrupt_by_reason == {"too_short": 6}
 

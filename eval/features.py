@@ -8,13 +8,13 @@ Three variants build the same path, so a readout is trained the same way on
 each and the comparison isolates what pre-training bought:
 
 - ``pretrained``: the export's adapter and core.
-- ``identity``: the image-only baseline. The core is the identity; the
-  adapter (LayerNorm + Linear D -> d, the export's shape; the LayerNorm's
-  affine is folded into the Linear) is freshly initialized and always
-  trained with the readout, so the baseline reads the
-  frozen encoder through a task-trained projection. This is the strongest
-  honest image-only baseline of the same width: it gets more task-trained
-  parameters than the pretrained probe, never fewer.
+- ``identity``: the image-only baseline: the export's adapter and no
+  temporal core. It differs from ``pretrained`` in the core alone, and in
+  each probe mode it trains exactly what ``pretrained`` trains, minus the
+  core (frozen: the readout only). An earlier protocol gave it a fresh
+  task-trained projection that the pretrained probe lacked (24,640 extra
+  trainable parameters on the demo export), which measured the projection,
+  not pre-training.
 - ``random``: the export's architecture (adapter + core), freshly
   initialized from the eval seed; frozen in probe mode like ``pretrained``.
 
@@ -203,14 +203,11 @@ def build_feature_path(export: Export, variant: Variant, protocol: Protocol, pro
             fresh = FuturePredictor(spec)
             adapter, core = fresh.adapter, fresh.core
         else:
-            # LayerNorm's affine folds into the Linear, so leaving it out keeps the
-            # function class and spares the backward pass through the normalization.
-            adapter = nn.Sequential(
-                nn.LayerNorm(spec.encoder_dim, elementwise_affine=False), nn.Linear(spec.encoder_dim, spec.dim)
-            )
-            core = IdentityCore(spec.dim)
+            fresh = FuturePredictor(spec)
+            fresh.load_state_dict(export.model.state_dict())
+            adapter, core = fresh.adapter, IdentityCore(spec.dim)
     path = FeaturePath(adapter, core, protocol)
-    path.requires_grad_(probe == "finetune" or variant == "identity")
+    path.requires_grad_(probe == "finetune")
     return path.eval()
 
 

@@ -4,8 +4,8 @@ Shape legend: V videos, T frames, N patch tokens, D encoder width, d feature wid
 
 A feature path with nothing to train (frozen probe of the pretrained or
 random core) is run once over every video and its features are shared by
-all tasks (``FeatureCache``); otherwise (the identity baseline's projection,
-finetuning) the path runs inside the training step. Either way the readout
+all tasks (``FeatureCache``); otherwise (finetuning) the path runs inside
+the training step. Either way the readout
 sees the same features for the same video: one ``FeaturePath.forward``.
 Everything random (readout init, batch order) follows the seed, so two runs
 with the same seed give the same numbers on CPU.
@@ -36,9 +36,9 @@ class ReadoutConfig:
     batch_size: int = 8
     """Videos per step."""
     lr: float = 2e-3
-    """AdamW learning rate of the readout (and the identity baseline's projection)."""
+    """AdamW learning rate of the readout."""
     finetune_lr: float = 1e-4
-    """Learning rate of the pretrained or random adapter and core in finetune mode."""
+    """Learning rate of the feature path (adapter and core) in finetune mode; the same for every variant."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     eval_batch_size: int = 8
@@ -88,6 +88,10 @@ class ProbeResult:
     final_loss: float
     train_seconds: float
     trainable_parameters: dict[str, int]
+    test_outputs: Batch
+    """The readout's outputs on the test videos, in test_idx order (for per-clip statistics)."""
+    test_targets: Batch
+    """The targets of the test videos, in the same order."""
 
 
 def train_and_evaluate(
@@ -101,24 +105,28 @@ def train_and_evaluate(
     cfg: ReadoutConfig,
     seed: int,
     features_VTNd: Tensor | None = None,
+    streaming: bool | None = None,
 ) -> ProbeResult:
     """Train the task's readout on train_idx videos and score it on test_idx.
 
     ``features_VTNd``: precomputed features of a frozen path (required to be
-    None when the path has trainable parameters).
+    None when the path has trainable parameters). ``streaming``: build the
+    task's streaming (True) or all-frames (False) readout; None follows the
+    path's protocol.
     """
     if features_VTNd is not None and path.trainable:
         raise ValueError("precomputed features were passed for a path that trains")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     frames, dim = tokens_VTND.shape[1], path.core.dim
-    readout = task.build_readout(dim, grid, frames, streaming=path.protocol == "streaming")
+    if streaming is None:
+        streaming = path.protocol == "streaming"
+    readout = task.build_readout(dim, grid, frames, streaming=streaming)
     groups: list[dict[str, Any]] = [{"params": list(readout.parameters()), "lr": cfg.lr}]
     path_params = [p for p in path.parameters() if p.requires_grad]
     if path_params:
-        # The identity baseline's projection belongs to the readout; a finetuned core moves slowly.
-        finetuning = any(p.requires_grad for p in path.core.parameters())
-        groups.append({"params": path_params, "lr": cfg.finetune_lr if finetuning else cfg.lr})
+        # One learning rate for every variant's feature path, so a comparison is not one of step sizes.
+        groups.append({"params": path_params, "lr": cfg.finetune_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
     def features(idx: Tensor) -> Tensor:
@@ -150,9 +158,10 @@ def train_and_evaluate(
             batch = _index(targets, idx)
             outputs.append({k: v.float() for k, v in task.outputs(readout, features(idx), batch).items()})
             batches.append(batch)
-    metrics = task.metrics(_cat(outputs), _cat(batches))
+    test_outputs, test_targets = _cat(outputs), _cat(batches)
+    metrics = task.metrics(test_outputs, test_targets)
     trainable = {
         "readout": sum(p.numel() for p in readout.parameters()),
         "feature_path": sum(p.numel() for p in path_params),
     }
-    return ProbeResult(metrics, float(loss.item()), train_seconds, trainable)
+    return ProbeResult(metrics, float(loss.item()), train_seconds, trainable, test_outputs, test_targets)

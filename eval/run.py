@@ -60,7 +60,7 @@ class EvalSettings:
     """Everything a task evaluation depends on besides the export and the data."""
 
     probe: Probe = "frozen"
-    """frozen: only the readout trains (plus the identity baseline's projection); finetune: the core too."""
+    """frozen: only the readout trains; finetune: the adapter and core too."""
     protocol: Protocol = "streaming"
     """streaming: the core's step, frame by frame; clip: forward over the clip."""
     seed: int = 0

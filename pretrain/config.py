@@ -262,6 +262,9 @@ class TrainConfig:
     """Steps between held-out evaluations (0 = only at the end)."""
     progress: bool = True
     """Show a progress bar."""
+    identity_control: bool = True
+    """After training, train the same config with core.kind='identity' (run NAME-identity) and report it beside
+    copy-last: the temporal core earns its keep only where it beats this image-only model on held-out frames."""
     resume: str = "auto"
     """'auto': continue from the newest checkpoint that verifies, if any; 'must': refuse to start without one;
     'never': refuse to start when the run directory already holds checkpoints (choose a new run.name)."""

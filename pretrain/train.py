@@ -37,6 +37,23 @@ USER_ERRORS = (
 )
 
 
+def _verdict(heldout: list, identity: dict) -> str:
+    """Copy-last first, then the identity-core control: only a win over both is a temporal one."""
+    beaten = [r.offset for r in heldout if r.model_l1 < r.copy_last_l1]
+    if not beaten:
+        return "the pre-trained core does NOT beat copy-last on held-out frames (too little video to generalise)."
+    vs_copy = "every offset" if len(beaten) == len(heldout) else f"offset(s) {beaten} only"
+    if not identity:
+        return f"the pre-trained core beats copy-last at {vs_copy} (no identity-core control was trained)."
+    temporal = [r.offset for r in heldout if r.offset in identity and r.model_l1 < identity[r.offset].model_l1]
+    if not temporal:
+        return (
+            f"the pre-trained core beats copy-last at {vs_copy}, but NOT the identity-core control: "
+            "the gain is the predictor's, not the temporal core's."
+        )
+    return f"the pre-trained core beats copy-last at {vs_copy} and the identity-core control at offset(s) {temporal}."
+
+
 def format_report(result: TrainResult) -> str:
     lines = [f"run: {result.run_dir}  (step {result.step})"]
     if result.stopped_early:
@@ -54,24 +71,22 @@ def format_report(result: TrainResult) -> str:
         ]
         return "\n".join(lines)
     untrained = {r.offset: r for r in result.heldout_untrained}
+    identity = {r.offset: r for r in result.identity.heldout} if result.identity else {}
     lines += [
         "",
         "held-out future-feature prediction, masked-token L1 vs layer-normed frozen features (lower is better)",
-        f"{'offset':>6} {'windows':>7} {'copy-last':>10} {'untrained':>10} {'pre-trained':>11} {'vs copy-last':>12}",
+        f"{'offset':>6} {'windows':>7} {'copy-last':>10} {'untrained':>10} {'identity':>10} {'pre-trained':>11} "
+        f"{'vs copy-last':>12} {'vs identity':>11}",
     ]
+    nan = float("nan")
     for r in result.heldout:
-        u = untrained.get(r.offset)
+        u, i = untrained.get(r.offset), identity.get(r.offset)
+        vs_identity = 100 * (1 - r.model_l1 / i.model_l1) if i else nan
         lines.append(
-            f"{r.offset:>6} {r.windows:>7} {r.copy_last_l1:>10.4f} {u.model_l1 if u else float('nan'):>10.4f} "
-            f"{r.model_l1:>11.4f} {100 * r.gain:>+11.1f}%"
+            f"{r.offset:>6} {r.windows:>7} {r.copy_last_l1:>10.4f} {u.model_l1 if u else nan:>10.4f} "
+            f"{i.model_l1 if i else nan:>10.4f} {r.model_l1:>11.4f} {100 * r.gain:>+11.1f}% {vs_identity:>+10.1f}%"
         )
-    beaten = [r.offset for r in result.heldout if r.model_l1 < r.copy_last_l1]
-    if len(beaten) == len(result.heldout):
-        verdict = "the pre-trained core beats copy-last at every offset."
-    elif beaten:
-        verdict = f"the pre-trained core beats copy-last only at offset(s) {beaten}."
-    else:
-        verdict = "the pre-trained core does NOT beat copy-last on held-out frames (too little video to generalise)."
+    verdict = _verdict(result.heldout, identity)
     lines += ["", f"finding: {verdict}", f"export: {result.export_dir}", f"tracking: {result.tracking}"]
     if result.tracking.startswith("MLflow"):
         uri = result.tracking.split(" in ", 1)[1]

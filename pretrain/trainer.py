@@ -172,6 +172,8 @@ class TrainResult:
     heldout: list[HeldoutResult] = field(default_factory=list)
     heldout_untrained: list[HeldoutResult] = field(default_factory=list)
     tracking: str = ""
+    identity: TrainResult | None = None
+    """The identity-core control run (train.identity_control), trained the same way."""
 
 
 class Trainer:
@@ -446,6 +448,9 @@ class Trainer:
             with _progress(cfg, self.state.step, end, self.ctx.is_main) as bar:
                 stopped = self._loop(end, bar)
             result = TrainResult(self.state.step, stopped or self.state.step < cfg.train.steps, self.run_dir)
+            if finalize and not result.stopped_early and self._wants_identity_control():
+                result.identity = self._train_identity_control()
+                result.stopped_early = result.identity.stopped_early
             if finalize and not result.stopped_early:
                 # A SIGTERM from here on is noted, not obeyed: the last checkpoint is written and
                 # evaluation and export are bounded, so finishing them loses nothing.
@@ -460,6 +465,20 @@ class Trainer:
             return result
         finally:
             self.logger.close(status)
+
+    def _wants_identity_control(self) -> bool:
+        return self.cfg.train.identity_control and self.cfg.core.kind != "identity"
+
+    def _train_identity_control(self) -> TrainResult:
+        """The same data, objective, steps and seed with no temporal core, as its own run (NAME-identity)."""
+        cfg = dataclasses.replace(
+            self.cfg,
+            run=dataclasses.replace(self.cfg.run, name=f"{self.cfg.run.name}-identity"),
+            core=dataclasses.replace(self.cfg.core, kind="identity"),
+            train=dataclasses.replace(self.cfg.train, identity_control=False),
+        )
+        log.info("identity-core control: training %s the same way", cfg.run_dir)
+        return Trainer(cfg, self.ctx, stop=self._stop).train()
 
     def _stop_requested_by_any_rank(self) -> bool:
         """All ranks agree whether a SIGTERM arrived during start-up, so they all stop or all train."""
@@ -537,6 +556,12 @@ class Trainer:
                 step=self.state.step,
             )
         export_cfg = export_config(self.meta(), config_to_dict(self.cfg), self.state.step)
+        export_cfg["heldout"] = [dataclasses.asdict(r) for r in result.heldout]
+        if result.identity is not None:
+            export_cfg["identity_control"] = {
+                "export": str(result.identity.export_dir),
+                "heldout": [dataclasses.asdict(r) for r in result.identity.heldout],
+            }
         result.export_dir = write_export(weights, export_cfg, self.run_dir / "export", "fp32")
         plot = write_loss_curve(self.state.history, self.run_dir / "loss_curve.png")
         report = self.run_dir / "heldout.json"
@@ -547,6 +572,9 @@ class Trainer:
                     "metric": "masked-token L1 vs layer-normed frozen features, held-out windows",
                     "pretrained": [dataclasses.asdict(r) for r in result.heldout],
                     "untrained": [dataclasses.asdict(r) for r in result.heldout_untrained],
+                    "identity_control": (
+                        [dataclasses.asdict(r) for r in result.identity.heldout] if result.identity else None
+                    ),
                 },
                 indent=2,
             )

@@ -50,12 +50,16 @@ def test_variants_train_what_the_probe_mode_says(tiny_export: Path) -> None:
     def trainable(variant: str, probe: str) -> bool:
         return build_feature_path(export, variant, "clip", probe, seed=0).trainable
 
-    # The identity baseline's projection always trains with the readout; frozen cores never do.
-    assert [trainable(v, "frozen") for v in VARIANTS] == [False, True, False]
+    # Frozen means frozen for every variant: the readout is the only thing that trains.
+    assert [trainable(v, "frozen") for v in VARIANTS] == [False, False, False]
     assert all(trainable(v, "finetune") for v in VARIANTS)
     pretrained = build_feature_path(export, "pretrained", "clip", "frozen", seed=0)
     for name, value in pretrained.core.state_dict().items():
         torch.testing.assert_close(value, export.model.core.state_dict()[name])
+    # The identity baseline reads the export's own adapter: it differs from pretrained in the core alone.
+    identity = build_feature_path(export, "identity", "clip", "frozen", seed=0)
+    for name, value in identity.adapter.state_dict().items():
+        torch.testing.assert_close(value, export.model.adapter.state_dict()[name])
     random_core = build_feature_path(export, "random", "clip", "frozen", seed=0).core.state_dict()
     assert any(not torch.equal(random_core[k], v) for k, v in pretrained.core.state_dict().items())
     # Finetuning a variant must not move the export's own weights (the suite shares them).

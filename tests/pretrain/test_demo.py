@@ -28,3 +28,13 @@ def test_shard_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "copy-last" in out and "finding:" in out
     assert (tmp_path / "demo-data" / "clips" / "heldout" / "manifest.json").is_file()
     assert (tmp_path / "tiny-cpu" / "export" / "model.safetensors").is_file()
+    # The identity-core control was trained the same way and reported beside copy-last.
+    assert "vs identity" in out and "identity-core control" in out
+    control = tmp_path / "tiny-cpu-identity" / "export"
+    assert (control / "model.safetensors").is_file()
+    import json
+
+    exported = json.loads((tmp_path / "tiny-cpu" / "export" / "config.json").read_text())
+    assert exported["identity_control"]["export"] == str(control)
+    assert len(exported["identity_control"]["heldout"]) == len(exported["heldout"]) == 3
+    assert json.loads((control / "config.json").read_text())["model_spec"]["core_kind"] == "identity"

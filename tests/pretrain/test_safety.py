@@ -433,3 +433,17 @@ def test_training_on_unreadable_shards(tmp_path: Path, damage: str, capsys: pyte
     assert train_cli.main(["--config", "tiny-cpu", *overrides]) == 2
     _one_error(capsys, "produced no batch")
     assert not (tmp_path / "tiny-cpu").exists()
+
+
+def test_report_separates_copy_last_from_the_identity_control() -> None:
+    from pretrain.objective import HeldoutResult
+
+    heldout = [HeldoutResult(1, 10, 0.50, 0.60), HeldoutResult(2, 10, 0.55, 0.70)]
+    control = TrainResult(
+        6, False, Path("r-identity"), heldout=[HeldoutResult(1, 10, 0.49, 0.6), HeldoutResult(2, 10, 0.56, 0.7)]
+    )
+    report = format_report(TrainResult(6, False, Path("r"), heldout=heldout, identity=control, tracking="t"))
+    assert "beats copy-last at every offset and the identity-core control at offset(s) [2]" in report
+    control.heldout = [HeldoutResult(1, 10, 0.40, 0.6), HeldoutResult(2, 10, 0.50, 0.7)]
+    report = format_report(TrainResult(6, False, Path("r"), heldout=heldout, identity=control, tracking="t"))
+    assert "NOT the identity-core control" in report

@@ -12,13 +12,25 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from data_shards.cli import add_build_arguments, add_encode_arguments, run_build, run_encode
+from data_shards.cli import (
+    add_build_arguments,
+    add_encode_arguments,
+    add_procedural_arguments,
+    run_build,
+    run_encode,
+    run_procedural,
+)
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 COMMANDS: dict[str, Command] = {
     "build": ("video files -> WebDataset shards of H.264 clips", add_build_arguments, run_build),
     "encode": ("clip shards -> feature shards of frozen-encoder tokens (bf16)", add_encode_arguments, run_encode),
+    "procedural": (
+        "procedural videos -> clip shards for pre-training (unlabeled, seeds apart from the eval sets')",
+        add_procedural_arguments,
+        run_procedural,
+    ),
 }
 
 

@@ -1,6 +1,6 @@
-"""Command-line layer of ``python -m data_shards build`` and ``encode``: arguments, exit codes, printed results.
+"""Command-line layer of ``python -m data_shards build``, ``encode`` and ``procedural``: arguments, exit codes, output.
 
-The library (``data_shards.build``, ``data_shards.features``) only logs; this
+The library (``data_shards.build``, ``data_shards.features``, ``data_shards.procedural``) only logs; this
 module may print. Exit codes: 0 done; 2 a request that cannot be carried out
 as asked (bad arguments, an output directory that would lose files, nothing
 to build, unreadable clip shards), reported as one ``error:`` line on stderr
@@ -17,6 +17,7 @@ from pathlib import Path
 from data_shards.build import HELDOUT_DIR, BuildArgs, BuildArgsError, NoInputsError, build_shards
 from data_shards.features import ClipShardError, EncoderMismatchError, check_feature_root, encode_clip_shards
 from data_shards.io import OutputDirError
+from data_shards.procedural import CorpusArgs, write_corpus
 
 # Refusals of the build and encode commands: each message names the path and what to do.
 _BUILD_REFUSALS = (BuildArgsError, NoInputsError, OutputDirError)
@@ -178,6 +179,53 @@ def run_encode(args: argparse.Namespace) -> int:
         return _refuse(e)
     # The command's result, for scripts: the directory to pass to the feature loader.
     print(out)
+    return 0
+
+
+def add_procedural_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m data_shards procedural``."""
+    defaults = CorpusArgs(videos=1)
+    parser.add_argument("--out", required=True, type=Path, help="output directory for shards and manifest.json")
+    parser.add_argument("--videos", required=True, type=int, help="number of procedural videos")
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="corpus seed (its videos never repeat an eval set's)"
+    )
+    parser.add_argument("--frames", type=int, default=defaults.frames, help="frames per video")
+    parser.add_argument("--size", type=int, default=defaults.size, help="frame height and width in pixels (even)")
+    parser.add_argument("--clip-frames", type=int, default=defaults.clip_frames, help="frames per clip")
+    parser.add_argument("--fps", type=float, default=defaults.fps, help="frame rate written into the clips")
+    parser.add_argument("--crf", type=int, default=defaults.crf, help="x264 constant rate factor")
+    parser.add_argument("--max-samples-per-shard", type=int, default=defaults.max_samples_per_shard)
+    parser.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes (0 = in this process)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_procedural(namespace: argparse.Namespace) -> int:
+    """Run ``procedural`` from parsed arguments; prints a one-line summary and returns the exit code."""
+    try:
+        args = CorpusArgs(
+            videos=namespace.videos,
+            seed=namespace.seed,
+            frames=namespace.frames,
+            size=namespace.size,
+            clip_frames=namespace.clip_frames,
+            fps=namespace.fps,
+            crf=namespace.crf,
+            max_samples_per_shard=namespace.max_samples_per_shard,
+        )
+        if namespace.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {namespace.workers}")
+        result = write_corpus(namespace.out, args, workers=namespace.workers, progress=not namespace.no_progress)
+    except (ValueError, OutputDirError) as e:
+        return _refuse(e)
+    manifest = result.manifest
+    print(
+        f"{args.videos} videos -> {manifest['clips']} clips ({manifest['total_duration_s']:.1f} s) "
+        f"in {len(manifest['shards'])} shards, {result.bytes} bytes, {result.wall_s:.1f} s -> {namespace.out}"
+        + (" (already there, nothing written)" if result.unchanged else "")
+    )
     return 0
 
 

@@ -61,6 +61,11 @@ class ProceduralConfig:
     """Dataset seed (independent of the readout seed, so seeds vary the readout, not the data)."""
     temporal_labels: bool = True
     """Vary speed and flash order inside the same videos, for the classify_speed / classify_order tasks."""
+    anchor_frame: str = "middle"
+    """Frame at which object positions are drawn uniformly: "middle" or "last" (then no late frame tells
+    direction or speed: the data-efficiency experiment's setting)."""
+    pan_speed: tuple[float, float] = (0.5, 1.5)
+    """Camera pan speed range, pixels per frame."""
 
     def __post_init__(self) -> None:
         for name in ("train_videos", "test_videos", "num_objects"):
@@ -102,8 +107,24 @@ class ClipSet:
         return torch.arange(self.num_train, len(self.tokens_VTND))
 
 
+# Fields added after caches existed: part of the key only when set, so earlier caches stay valid.
+_LATER_FIELDS = {"anchor_frame": "middle", "pan_speed": (0.5, 1.5)}
+
+
+def _config_defaults(cfg: ProceduralConfig) -> set[str]:
+    """The later fields of cfg left at their defaults (not passed on, so old videos are reproduced)."""
+    return {
+        name
+        for name, default in _LATER_FIELDS.items()
+        if (tuple(getattr(cfg, name)) if isinstance(default, tuple) else getattr(cfg, name)) == default
+    }
+
+
 def _config_key(cfg: ProceduralConfig) -> str:
-    record = json.dumps({**dataclasses.asdict(cfg), "version": _CACHE_VERSION}, sort_keys=True)
+    fields = dataclasses.asdict(cfg)
+    for name in _config_defaults(cfg):
+        del fields[name]
+    record = json.dumps({**fields, "version": _CACHE_VERSION}, sort_keys=True)
     return hashlib.sha256(record.encode()).hexdigest()[:16]
 
 
@@ -126,6 +147,7 @@ def _generate_once(cfg: ProceduralConfig, directory: Path) -> None:
             num_objects=cfg.num_objects,
             dense=True,
             temporal_labels=cfg.temporal_labels,
+            **{name: getattr(cfg, name) for name in _LATER_FIELDS if name not in _config_defaults(cfg)},
         )
         write_text_atomic(tmp / "done", json.dumps(dataclasses.asdict(cfg)) + "\n")
 

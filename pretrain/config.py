@@ -154,8 +154,13 @@ class ObjectiveConfig:
     """Target frames predicted per clip, drawn from target_offsets."""
     visible_fraction: float = 0.05
     """Fraction of each target frame's patches encoded and shown to the predictor (0 = pure forecasting)."""
+    memory: str = "all"
+    """What the predictor reads of the core: 'all' source steps' outputs, or the 'last' step's only (then the
+    core's state must summarize the past, as a streaming readout reads it, and the predictor cannot do the
+    temporal work itself by attending across source frames)."""
 
     def __post_init__(self) -> None:
+        _check_choice("objective.memory", self.memory, ("all", "last"))
         _check(self.source_frames > 0, "objective.source_frames", "must be > 0")
         _check(len(self.target_offsets) > 0, "objective.target_offsets", "must not be empty")
         _check(all(o > 0 for o in self.target_offsets), "objective.target_offsets", "offsets must be > 0")

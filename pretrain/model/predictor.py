@@ -55,6 +55,8 @@ class ModelSpec:
     max_offset: int
     feature_layers: list[int] = field(default_factory=list)
     """Encoder blocks mixed by trainable adapters into the core's input; [] = final block only."""
+    memory: str = "all"
+    """The predictor attends to 'all' source steps' core outputs or the 'last' one's (objective.memory)."""
 
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int) -> Tensor:
@@ -205,6 +207,10 @@ class FuturePredictor(nn.Module):
             raise ValueError(f"target offsets must be in [1, {self.spec.max_offset}]")
         x_BSNd, memory_BSNd = self.memory(source_BSND, source_layers_BSLND)
         d = x_BSNd.shape[-1]
+        if self.spec.memory == "last":
+            # Only the core's current state: what the past left in it is all the predictor can use.
+            memory_BSNd = memory_BSNd[:, -1:]
+            S = 1
 
         queries_BKNd = self.mask_token.expand(B, K, N, d).clone()
         if visible_idx_BKV.shape[-1] > 0:
@@ -245,6 +251,7 @@ def spec_from_config(cfg, encoder_dim: int, grid_h: int, grid_w: int) -> ModelSp
         max_source_frames=cfg.objective.source_frames,
         max_offset=max(cfg.objective.target_offsets),
         feature_layers=list(cfg.encoder.feature_layers),
+        memory=cfg.objective.memory,
     )
 
 

@@ -5,15 +5,18 @@ Shape legend: T frames, H height, W width, C = 3 colour channels (RGB), O object
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
 from data_shards import GroundTruth, decode_video, generate_dataset, generate_video
-from data_shards.procedural import BACKGROUND_DEPTH, LABEL_NAMES, ORDER_NAMES, SPEED_NAMES
+from data_shards.build import h264_encoder
+from data_shards.procedural import BACKGROUND_DEPTH, LABEL_NAMES, ORDER_NAMES, SPEED_NAMES, render_video
 
 
 @pytest.fixture(scope="module")
@@ -261,8 +264,210 @@ def test_temporal_labels_json_round_trip_and_old_records(tmp_path: Path) -> None
         {"fps": 0},
         {"frames": 3, "temporal_labels": True},
         {"num_objects": 1, "temporal_labels": True},
+        {"anchor_frame": "first"},
+        {"pan_speed": (3.0, 1.0)},
+        {"pan_speed": (-1.0, 1.0)},
+        {"frames": 3, "speed_change": True},
     ],
 )
 def test_invalid_arguments(tmp_path: Path, kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         generate_video(tmp_path / "v.mp4", seed=0, **kwargs)
+
+
+# Pinned before anchor_frame, pan_speed and speed_change existed (PyAV 18.1.0, FFmpeg 8.1.2, libx264):
+# sha256 of the rendered frames, of the ground-truth JSON, and of the mp4 file.
+_PINNED = [
+    (
+        {"seed": 7, "frames": 8, "size": (32, 32)},
+        "95df34012e7f18a1628898bc17c5d937cb02d80ca17351f4a7452bc17f488ba3",
+        "b88b6d8cb928d92af61d9cd1bc05df74f5500a6e357e363b89bf73d55733adbc",
+        "56df0485ac002b6a721899b564195a05b5b42dfa6702a98533a1188eff83bf4a",
+    ),
+    (
+        {"seed": 3, "frames": 8, "size": (64, 48), "temporal_labels": True, "dense": True},
+        "61cc13b4ba4131fa16d40ff6b3a49949304e22928fe4c7968d6eefd02e27d3b4",
+        "ce4b410d889431f707517407fb89cdb220bdfc77502d22473eb9a056a9a5d63a",
+        "6955c00d7124b3203cfe5e88fdfeeea445dca43906e8a23df32584247fd0f7d0",
+    ),
+    (
+        {"seed": 5, "frames": 6, "size": (32, 32), "occlusions": False, "num_objects": 4, "camera_pan": False},
+        "810be5fc6689bbe134f1b6f488a6217bb6069e29b522f6d6d67c22d653a6d64c",
+        "175aa2630778bb733a717fd8c02c612fcaf9d85a2d93fc674a18b9b13c0dbb09",
+        "06914cc9a22e06b2415cbfb37043048c43ff53c93b2dca85fed2a398c4725880",
+    ),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "frames_sha", "truth_sha", "mp4_sha"), _PINNED)
+def test_new_options_at_their_defaults_keep_the_pinned_output(
+    tmp_path: Path, kwargs: dict[str, object], frames_sha: str, truth_sha: str, mp4_sha: str
+) -> None:
+    """Cached eval sets and their token caches stay valid: defaults give the same frames, record and file."""
+    defaults = {"anchor_frame": "middle", "pan_speed": (0.5, 1.5), "speed_change": False}
+    frames_THWC, truth = render_video(**kwargs, **defaults)
+    assert hashlib.sha256(frames_THWC.tobytes()).hexdigest() == frames_sha
+    assert hashlib.sha256(truth.to_json().encode()).hexdigest() == truth_sha
+    generate_video(tmp_path / "v.mp4", **kwargs)
+    # The file's bytes also depend on the encoder build; the frames above do not.
+    if av.__version__ == "18.1.0" and av.ffmpeg_version_info == "8.1.2" and h264_encoder() == "libx264":
+        assert hashlib.sha256((tmp_path / "v.mp4").read_bytes()).hexdigest() == mp4_sha
+
+
+def _ridge_accuracy(features_NF: np.ndarray, labels_N: np.ndarray, train: int) -> float:
+    """Held-out accuracy of a one-vs-rest ridge classifier on standardized features and their squares."""
+    x_NF = (features_NF - features_NF.mean(0)) / (features_NF.std(0) + 1e-6)
+    x_NF = np.concatenate([x_NF, x_NF**2, np.ones((len(x_NF), 1))], axis=1)
+    targets_NK = np.eye(labels_N.max() + 1)[labels_N]
+    a_NF = x_NF[:train]
+    weights_FK = np.linalg.solve(a_NF.T @ a_NF + np.eye(a_NF.shape[1]), a_NF.T @ targets_NK[:train])
+    return float((np.argmax(x_NF[train:] @ weights_FK, axis=1) == labels_N[train:]).mean())
+
+
+def _frame_features(truths: list[GroundTruth], t: int) -> np.ndarray:
+    """(N, F): every object's centre and box at frame t."""
+    return np.stack(
+        [np.concatenate([truth.centers_OT2[:, t].ravel(), truth.boxes_OT4[:, t].ravel()]) for truth in truths]
+    )
+
+
+@pytest.fixture(scope="module")
+def anchored_truths() -> dict[str, list[GroundTruth]]:
+    """300 ground truths (32x32, 8 frames, temporal labels) per anchor_frame; rendered, no file written."""
+    return {
+        anchor: [
+            render_video(seed=seed, frames=8, size=(32, 32), temporal_labels=True, anchor_frame=anchor)[1]
+            for seed in range(300)
+        ]
+        for anchor in ("middle", "last")
+    }
+
+
+def test_anchor_last_leaves_no_direction_or_speed_in_the_last_frame(
+    anchored_truths: dict[str, list[GroundTruth]],
+) -> None:
+    """From the last frame's centres and boxes a classifier is at chance; from the first it is not."""
+    truths = anchored_truths["last"]
+    direction_N = np.array([truth.label for truth in truths])
+    speed_N = np.array([truth.speed_label for truth in truths])
+    last, first = _frame_features(truths, -1), _frame_features(truths, 0)
+    assert _ridge_accuracy(last, direction_N, 200) < 0.40
+    assert _ridge_accuracy(last, speed_N, 200) < 0.65
+    # The same classifier reads both where the positions do carry them: the test can fail.
+    assert _ridge_accuracy(first, direction_N, 200) > 0.6
+    assert _ridge_accuracy(first, speed_N, 200) > 0.7
+    # ... and so it does in the last frame of middle-anchored videos (the problem anchor_frame="last" fixes).
+    middle = anchored_truths["middle"]
+    assert _ridge_accuracy(_frame_features(middle, -1), np.array([truth.label for truth in middle]), 200) > 0.5
+
+
+def test_anchor_last_places_objects_inside_the_last_frame(tmp_path: Path) -> None:
+    met = 0
+    for seed in range(8):
+        truth = generate_video(
+            tmp_path / f"a{seed}.mp4", seed=seed, frames=9, size=(64, 64), anchor_frame="last", dense=True
+        )
+        plain = generate_video(tmp_path / f"m{seed}.mp4", seed=seed, frames=9, size=(64, 64), dense=True)
+        last_O2 = truth.centers_OT2[:, -1]
+        inside_O = ((last_O2 >= truth.extents_O2 - 1e-4) & (last_O2 <= 64 - truth.extents_O2 + 1e-4)).all(axis=1)
+        # Object 1 meets object 0 at the middle frame instead.
+        assert inside_O[[0, *range(2, truth.num_objects)]].all()
+        np.testing.assert_allclose(truth.centers_OT2[0, 4], truth.centers_OT2[1, 4], atol=1e-4)
+        # The meeting is seen where it happens inside the frame (object 0 is only placed at the last frame).
+        if truth.visible_fraction_OT[:2, 4].max() == 1.0:
+            met += 1
+            farther = 0 if truth.depths_O[0] > truth.depths_O[1] else 1
+            assert truth.occluded_OT[farther, 4] and not truth.occluded_OT[1 - farther, 4]
+        # Straight lines at the same velocities as the middle-anchored video: only the placement differs,
+        # but for object 1, which moves at object 0's velocity plus a small drift across the motion.
+        others = [0, *range(2, truth.num_objects)]
+        np.testing.assert_allclose(
+            np.diff(truth.centers_OT2[others], axis=1), np.diff(plain.centers_OT2[others], axis=1), atol=1e-4
+        )
+        drift_2 = truth.velocities_O2[1] - truth.velocities_O2[0]
+        assert np.linalg.norm(drift_2) <= 0.8 + 1e-5
+        assert abs(float(drift_2 @ _DIRECTIONS[truth.label])) < 1e-5
+        assert truth.label == plain.label
+        np.testing.assert_array_equal(truth.colors_O3, plain.colors_O3)
+    assert met >= 4
+
+
+_DIRECTIONS = np.array([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])
+
+
+def test_anchor_last_pair_distance_does_not_tell_the_speed(tmp_path: Path) -> None:
+    """The best threshold on the last-frame distance of objects 0 and 1 is near chance for the speed bin."""
+    distances, speeds = [], []
+    for seed in range(200):
+        _, truth = render_video(seed=seed, frames=16, size=(112, 112), anchor_frame="last", temporal_labels=True)
+        distances.append(float(np.linalg.norm(truth.centers_OT2[0, -1] - truth.centers_OT2[1, -1])))
+        speeds.append(truth.speed_label)
+    distances_N, speeds_N = np.array(distances), np.array(speeds)
+    best = max(
+        max(np.mean((distances_N > t) == speeds_N), np.mean((distances_N <= t) == speeds_N)) for t in distances_N
+    )
+    assert best < 0.62, best
+
+
+@pytest.mark.parametrize("pan_speed", [(0.5, 1.5), (2.0, 6.0), (4.0, 4.0)])
+def test_pan_speed_range(pan_speed: tuple[float, float]) -> None:
+    """The measured pan (over the clip, whole-pixel offsets) lies in the range, and the background follows it."""
+    low, high = pan_speed
+    speeds = []
+    for seed in range(12):
+        frames_THWC, truth = render_video(seed=seed, frames=24, size=(48, 48), pan_speed=pan_speed, dense=True)
+        step_T = np.linalg.norm(np.diff(truth.camera_T2, axis=0), axis=1)
+        # Offsets are rounded to whole pixels: a step is off by less than a pixel per axis, the whole pan by half.
+        assert (step_T >= low - 1.42).all() and (step_T <= high + 1.42).all()
+        speed = np.linalg.norm(truth.camera_T2[-1] - truth.camera_T2[0]) / 23
+        assert low - 0.75 / 23 <= speed <= high + 0.75 / 23
+        speeds.append(speed)
+        # The background of frame t + 1 is frame t's, shifted by exactly the offset step (no codec in the way).
+        for t in (0, 22):
+            dx, dy = (truth.camera_T2[t + 1] - truth.camera_T2[t]).astype(int)
+            ys, xs = np.mgrid[0:48, 0:48]
+            ok = (ys + dy >= 0) & (ys + dy < 48) & (xs + dx >= 0) & (xs + dx < 48)
+            ys, xs = ys[ok], xs[ok]
+            background = (truth.masks_THW[t + 1][ys, xs] == 0) & (truth.masks_THW[t][ys + dy, xs + dx] == 0)
+            later = frames_THWC[t + 1][ys[background], xs[background]]
+            np.testing.assert_array_equal(later, frames_THWC[t][ys[background] + dy, xs[background] + dx])
+    if high - low > 1:
+        assert max(speeds) - min(speeds) > (high - low) / 3
+
+
+def test_speed_change_is_one_break_in_a_straight_line(tmp_path: Path) -> None:
+    frames = 16
+    for seed in range(10):
+        truth = generate_video(
+            tmp_path / f"s{seed}.mp4", seed=seed, frames=frames, size=(64, 64), speed_change=True, temporal_labels=True
+        )
+        plain = generate_video(tmp_path / f"p{seed}.mp4", seed=seed, frames=frames, size=(64, 64), temporal_labels=True)
+        steps_OT2 = np.diff(truth.centers_OT2.astype(np.float64), axis=1)
+        for o in range(truth.num_objects):
+            k, factor = int(truth.speed_change_frames_O[o]), float(truth.speed_factors_O[o])
+            assert 4 <= k <= 11 and 0.5 <= factor <= 2.0
+            # The step from frame t to t + 1 is the velocity before k and factor times it from k on.
+            np.testing.assert_allclose(steps_OT2[o, :k], np.broadcast_to(truth.velocities_O2[o], (k, 2)), atol=1e-3)
+            np.testing.assert_allclose(
+                steps_OT2[o, k:], np.broadcast_to(factor * truth.velocities_O2[o], (15 - k, 2)), atol=1e-3
+            )
+            # speed_label is the bin of the mean speed: the travel over the clip, as without the change.
+            direction_2 = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]])[truth.label]
+            travel = (truth.centers_OT2[o, -1] - truth.centers_OT2[o, 0]) @ direction_2 / 15 * frames / 64
+            low, high = {"slow": (0.25, 0.45), "fast": (0.7, 1.0)}[SPEED_NAMES[truth.speed_label]]
+            assert low - 1e-4 <= travel <= high + 1e-4
+        # Everything else is drawn as without speed changes.
+        assert (truth.label, truth.speed_label, truth.order_label) == (
+            plain.label,
+            plain.speed_label,
+            plain.order_label,
+        )
+        np.testing.assert_array_equal(truth.camera_T2, plain.camera_T2)
+        np.testing.assert_array_equal(truth.depths_O, plain.depths_O)
+        # Objects 0 and 1 still meet at the middle frame (7.5: frames 7 and 8 lie on one straight step).
+        np.testing.assert_allclose(truth.centers_OT2[0, 7:9].mean(0), truth.centers_OT2[1, 7:9].mean(0), atol=1e-3)
+        back = GroundTruth.from_json(truth.to_json())
+        assert back.to_json() == truth.to_json() and back.speed_change_frames_O.dtype == np.int64
+    # Without speed changes the record has no such fields (it is the record written before they existed).
+    assert "speed_change_frames_O" not in json.loads(plain.to_json())
+    assert GroundTruth.from_json(plain.to_json()).speed_factors_O is None

@@ -1,0 +1,646 @@
+"""Data efficiency: what pre-training buys with few labels, per task, with confidence intervals.
+
+    python -m eval.efficiency --export DIR --out OUT [--quick] [--tasks a,b] [--budgets 8,32,128,512]
+        [--seeds 3] [--test-videos 100] [--steps 150] [--readings streaming,all-frames] [--encoder PATH]
+        [--no-mlflow]
+
+For every task and every budget N of labelled clips, the same readout is
+trained on the same N clips for each variant and scored on one fixed test set:
+
+- ``pretrained``: the export's adapter and core, frozen (probe);
+- ``pretrained-ft``: the same, fine-tuned with the readout;
+- ``scratch``: the same architecture from a fresh init, trained with the
+  readout: what a user gets without pre-training (the data-efficiency control);
+- ``random``: the same architecture, fresh and frozen ("any fixed mixing helps");
+- ``identity`` / ``identity-ft``: the export's adapter and no temporal core
+  (image only), frozen / fine-tuned.
+
+Positive control per task: ``control-allframes``, the identity path with the
+all-frames readout (every frame's tokens, no memory needed) on all labels; a
+task it cannot learn is reported as unlearnable here, not as a loss of the
+core. ``scratch`` at the largest budget is the end-to-end control.
+
+Seeds vary the readout init, the batch order, the fresh inits of ``scratch``
+and ``random`` and which labelled clips are drawn (the budgets of one seed
+are nested: the first N of one permutation of the training pool); seed s of
+every variant sees the same clips. Means are over seeds of the metric on the
+whole test set; intervals and paired differences come from a hierarchical
+bootstrap over seeds and test clips (``eval.stats``), plus an exact McNemar
+test for classification. Readings: ``streaming`` (the headline: every answer
+read from one frame's core output, so whatever a task needs from the past
+must come through the core) and ``all-frames`` (a 4DS-style probe over every
+frame's outputs).
+
+Fairness, checked and recorded: every variant of a reading has the same
+readout (architecture and width); frozen variants train the readout only, so
+they train the same number of parameters; ``pretrained-ft`` and ``scratch``
+train the same parameters; ``identity-ft`` trains the adapter only (it has no
+core). Same optimizer, steps, batch, learning rates and seed schedule for all.
+
+Writes OUT/efficiency.json (one row per task, metric, variant, budget and
+reading), OUT/efficiency.md, one PNG per task, and logs them to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_shards.io import OutputDirError, output_dir
+from eval.data import ClipSet, ProceduralConfig, load_procedural
+from eval.features import (
+    EncoderMismatchError,
+    Export,
+    FeaturePath,
+    build_feature_path,
+    export_summary,
+    load_checked_encoder,
+    read_export,
+)
+from eval.probe import FeatureCache, ProbeResult, ReadoutConfig, train_and_evaluate
+from eval.report import check_out_root, log_to_mlflow
+from eval.stats import (
+    BootstrapDraws,
+    bootstrap_p_value,
+    bootstrap_scores,
+    intervals_overlap,
+    mcnemar_exact,
+    percentile_interval,
+)
+from eval.tasks import Batch, Task, build_task
+
+log = logging.getLogger(__name__)
+
+FORMAT = "video-pretrain-efficiency/1"
+# variant -> (feature path of eval.features, probe mode)
+VARIANTS: dict[str, tuple[str, str]] = {
+    "pretrained": ("pretrained", "frozen"),
+    "pretrained-ft": ("pretrained", "finetune"),
+    "scratch": ("random", "finetune"),
+    "random": ("random", "frozen"),
+    "identity": ("identity", "frozen"),
+    "identity-ft": ("identity", "finetune"),
+}
+CONTROL = "control-allframes"
+READINGS: dict[str, bool] = {"streaming": True, "all-frames": False}
+"""reading -> the ``streaming`` flag a task's readout is built with."""
+TASKS: tuple[str, ...] = (
+    "classification",
+    "classify_speed",
+    "classify_order",
+    "point_tracking",
+    "box_tracking",
+    "camera_pose",
+)
+TEMPORAL_TASKS: tuple[str, ...] = TASKS[:5]
+"""The tasks the verdict counts: each needs information from earlier frames."""
+TARGET_TASKS = 3
+"""The target: pre-training wins on at least this many temporal tasks at the two smallest budgets."""
+
+
+@dataclass(kw_only=True, slots=True)
+class EfficiencyConfig:
+    """The experiment's protocol; every variant gets exactly this."""
+
+    budgets: tuple[int, ...] = (8, 32, 128, 512)
+    """Labelled training clips per readout (the training pool holds the largest)."""
+    seeds: int = 3
+    """Seeds per (variant, budget)."""
+    test_videos: int = 100
+    """Fixed test set: with 100 clips one clip is one point of top-1."""
+    tasks: tuple[str, ...] = TASKS
+    """Tasks to run (the eval.tasks names)."""
+    readings: tuple[str, ...] = ("streaming", "all-frames")
+    """Readout readings; the first is the headline."""
+    readout: ReadoutConfig = dataclasses.field(default_factory=lambda: ReadoutConfig(finetune_lr=5e-4))
+    """Readout training: steps, batch, learning rates (the feature path's in finetune variants)."""
+    frames: int = 16
+    """Frames per procedural clip."""
+    size: int = 112
+    """Procedural frame side in pixels."""
+    data_seed: int = 1000
+    """Seed of the procedural eval set (disjoint from the pre-training corpus)."""
+    draws: int = 400
+    """Bootstrap draws per comparison."""
+
+    def __post_init__(self) -> None:
+        if not self.budgets or min(self.budgets) < 1 or list(self.budgets) != sorted(set(self.budgets)):
+            raise ValueError(f"budgets must be increasing positive counts, got {self.budgets}")
+        if self.seeds < 2:
+            raise ValueError(f"seeds must be >= 2 for an interval, got {self.seeds}")
+        if self.test_videos < 10:
+            raise ValueError(f"test_videos must be >= 10, got {self.test_videos}")
+        unknown = [t for t in self.tasks if t not in TASKS and t != "depth"]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; known: {', '.join(TASKS)}, depth")
+        unknown = [r for r in self.readings if r not in READINGS]
+        if unknown or not self.readings:
+            raise ValueError(f"readings must be among {list(READINGS)}, got {list(self.readings)}")
+
+
+QUICK = {"budgets": (8, 64), "readings": ("streaming",)}
+"""What --quick changes: two budgets and the headline reading only."""
+
+
+def procedural_config(cfg: EfficiencyConfig) -> ProceduralConfig:
+    """The labelled procedural set: a training pool of the largest budget and a fixed test set.
+
+    Objects are placed uniformly at the last frame (so no single late frame
+    tells direction or speed) and the camera pans 2-6 px per frame.
+    """
+    return ProceduralConfig(
+        train_videos=max(cfg.budgets),
+        test_videos=cfg.test_videos,
+        frames=cfg.frames,
+        size=cfg.size,
+        seed=cfg.data_seed,
+        anchor_frame="last",
+        pan_speed=(2.0, 6.0),
+    )
+
+
+def labelled_subset(seed: int, budget: int, pool: int) -> torch.Tensor:
+    """The first ``budget`` clips of seed's permutation of the pool: nested over budgets, shared by variants."""
+    order = np.random.default_rng([seed, 0x5EED]).permutation(pool)
+    return torch.from_numpy(order[:budget].copy())
+
+
+@dataclass(slots=True)
+class Trained:
+    """One readout's result: its test outputs and what trained."""
+
+    result: ProbeResult
+    budget: int
+    seed: int
+
+
+class Experiment:
+    """Runs every (variant, budget, seed) of one task and reading; frozen features shared across tasks."""
+
+    def __init__(self, export: Export, clips: ClipSet, cfg: EfficiencyConfig) -> None:
+        self.export, self.clips, self.cfg = export, clips, cfg
+        self.cache = FeatureCache()
+        self.grid = export.spec.grid_h
+
+    def path(self, variant: str, seed: int) -> FeaturePath:
+        base, probe = VARIANTS[variant] if variant != CONTROL else ("identity", "frozen")
+        # The clip protocol runs the core's parallel forward; for these causal cores it equals the
+        # loop of step (tests/eval/test_features.py), and every readout reads frame t's output only.
+        return build_feature_path(self.export, base, "clip", probe, seed)
+
+    def train(self, task: Task, targets: Batch, variant: str, budget: int, seed: int, streaming: bool) -> Trained:
+        path = self.path(variant, seed)
+        features = None
+        if not path.trainable:
+            base = VARIANTS.get(variant, ("identity",))[0]
+            key = (base, str(seed) if base == "random" else "")
+            features = self.cache.get(key, path, self.clips.tokens_VTND, self.cfg.readout.eval_batch_size)
+        train_idx = labelled_subset(seed, budget, self.clips.num_train)
+        result = train_and_evaluate(
+            task,
+            path,
+            self.clips.tokens_VTND,
+            targets,
+            train_idx,
+            self.clips.test_idx,
+            self.grid,
+            self.cfg.readout,
+            seed,
+            features,
+            streaming=streaming,
+        )
+        return Trained(result, budget, seed)
+
+
+def _index(batch: Batch, idx: np.ndarray) -> Batch:
+    index = torch.from_numpy(idx)
+    return {k: v[index] for k, v in batch.items()}
+
+
+def _scorer(task: Task, runs: list[Trained]):
+    """score(seed_index, clips) of one (variant, budget): the primary metric on those test clips."""
+
+    def score(s: int, clips_C: np.ndarray) -> float:
+        result = runs[s].result
+        return task.metrics(_index(result.test_outputs, clips_C), _index(result.test_targets, clips_C))[task.primary]
+
+    return score
+
+
+def _correct(task: Task, trained: Trained) -> np.ndarray | None:
+    """Per test clip right/wrong of a classification readout, else None."""
+    outputs, targets = trained.result.test_outputs, trained.result.test_targets
+    if "logits" not in outputs or "label" not in targets:
+        return None
+    return (outputs["logits"].argmax(-1) == targets["label"]).numpy()
+
+
+def summarize_task(
+    task: Task, reading: str, runs: dict[tuple[str, int], list[Trained]], cfg: EfficiencyConfig, num_test: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows (task, metric, variant, budget) with mean and CI, and paired comparisons of pre-training."""
+    draws = BootstrapDraws.draw(cfg.seeds, num_test, cfg.draws, seed=0)
+    samples: dict[tuple[str, int], np.ndarray] = {}
+    rows = []
+    for (variant, budget), trained in runs.items():
+        samples[(variant, budget)] = bootstrap_scores(_scorer(task, trained), draws)
+        values = [t.result.metrics[task.primary] for t in trained]
+        low, high = percentile_interval(samples[(variant, budget)])
+        rows.append(
+            {
+                "task": task.name,
+                "metric": task.primary,
+                "higher_is_better": task.higher_is_better,
+                "reading": reading,
+                "variant": variant,
+                "budget": budget,
+                "seeds": [t.seed for t in trained],
+                "mean": float(np.mean(values)),
+                "ci95_low": low,
+                "ci95_high": high,
+                "values": values,
+            }
+        )
+    comparisons = []
+    sign = 1.0 if task.higher_is_better else -1.0
+    for budget in cfg.budgets:
+        for ours in ("pretrained", "pretrained-ft"):
+            for theirs in ("scratch", "identity", "identity-ft"):
+                if (ours, budget) not in samples or (theirs, budget) not in samples:
+                    continue
+                diff_B = sign * (samples[(ours, budget)] - samples[(theirs, budget)])
+                record = {
+                    "task": task.name,
+                    "reading": reading,
+                    "budget": budget,
+                    "variant": ours,
+                    "against": theirs,
+                    "gain": float(np.mean(diff_B)),
+                    "gain_ci95": list(percentile_interval(diff_B)),
+                    "p_bootstrap": bootstrap_p_value(diff_B),
+                }
+                a = [_correct(task, t) for t in runs[(ours, budget)]]
+                b = [_correct(task, t) for t in runs[(theirs, budget)]]
+                if all(x is not None for x in (*a, *b)):
+                    only_ours, only_theirs, p = mcnemar_exact(np.concatenate(a), np.concatenate(b))
+                    record["mcnemar"] = {"only_ours_right": only_ours, "only_theirs_right": only_theirs, "p": p}
+                comparisons.append(record)
+    return rows, comparisons
+
+
+def fairness(task: Task, runs: dict[tuple[str, int], list[Trained]]) -> dict[str, Any]:
+    """Trainable parameters per variant and the invariants they must satisfy (raises if one does not hold)."""
+    counts = {}
+    for (variant, _), trained in runs.items():
+        counts.setdefault(variant, trained[0].result.trainable_parameters)
+    readouts = {v: c["readout"] for v, c in counts.items() if v != CONTROL}
+    frozen = {
+        v: c["readout"] + c["feature_path"] for v, c in counts.items() if VARIANTS.get(v, ("", ""))[1] == "frozen"
+    }
+    checks = {
+        "same readout for every variant": len(set(readouts.values())) == 1,
+        "frozen variants train the same number of parameters": len(set(frozen.values())) <= 1,
+        "pretrained-ft and scratch train the same number of parameters": (
+            "pretrained-ft" not in counts
+            or "scratch" not in counts
+            or counts["pretrained-ft"]["feature_path"] == counts["scratch"]["feature_path"]
+        ),
+    }
+    failed = [name for name, ok in checks.items() if not ok]
+    if failed:
+        raise AssertionError(f"{task.name}: fairness invariant broken: {failed}; counts {counts}")
+    return {"trainable_parameters": counts, "invariants": list(checks)}
+
+
+def verdict(rows: list[dict[str, Any]], cfg: EfficiencyConfig, reading: str) -> dict[str, Any]:
+    """The target: pretrained(-ft) above scratch and identity, CIs apart, at the two smallest budgets."""
+    table = {(r["task"], r["variant"], r["budget"]): r for r in rows if r["reading"] == reading}
+    small = cfg.budgets[:2]
+    wins: dict[str, bool] = {}
+    for task in (t for t in TEMPORAL_TASKS if t in cfg.tasks):
+        higher = next((r["higher_is_better"] for r in rows if r["task"] == task), True)
+
+        def above(a: dict[str, Any], b: dict[str, Any], higher: bool = higher) -> bool:
+            separated = not intervals_overlap((a["ci95_low"], a["ci95_high"]), (b["ci95_low"], b["ci95_high"]))
+            return separated and (a["mean"] > b["mean"]) == higher
+
+        def wins_at(budget: int, task: str = task, above=above) -> bool:
+            controls = [table.get((task, v, budget)) for v in ("scratch", "identity")]
+            if any(c is None for c in controls):
+                return False
+            return any(
+                (ours := table.get((task, v, budget))) is not None and all(above(ours, c) for c in controls)
+                for v in ("pretrained", "pretrained-ft")
+            )
+
+        wins[task] = all(wins_at(b) for b in small)
+    met = sum(wins.values()) >= TARGET_TASKS
+    return {
+        "reading": reading,
+        "budgets": list(small),
+        "wins": wins,
+        "met": met,
+        "statement": (
+            f"pre-training wins on {sum(wins.values())} of {len(wins)} temporal tasks at budgets {list(small)} "
+            f"(target: {TARGET_TASKS}); {'MET' if met else 'NOT MET'}"
+        ),
+    }
+
+
+def learnability(rows: list[dict[str, Any]], reading: str) -> dict[str, str]:
+    """Per task, whether the positive control beat the worst variant at the largest budget (CIs apart)."""
+    out = {}
+    for task in dict.fromkeys(r["task"] for r in rows):
+        control = next((r for r in rows if r["task"] == task and r["variant"] == CONTROL), None)
+        if control is None:
+            continue
+        largest = max(r["budget"] for r in rows if r["task"] == task and r["variant"] != CONTROL)
+        others = [r for r in rows if r["task"] == task and r["budget"] == largest and r["reading"] == reading]
+        worst = min(others, key=lambda r: r["mean"] * (1 if r["higher_is_better"] else -1))
+        separated = not intervals_overlap(
+            (control["ci95_low"], control["ci95_high"]), (worst["ci95_low"], worst["ci95_high"])
+        )
+        better = (control["mean"] > worst["mean"]) == control["higher_is_better"]
+        out[task] = "learnable" if separated and better else "not shown learnable (control within the variants' CIs)"
+    return out
+
+
+def run_efficiency(export: Export, clips: ClipSet, cfg: EfficiencyConfig) -> dict[str, Any]:
+    """Every task x reading x variant x budget x seed, then the statistics; the efficiency.json record."""
+    experiment = Experiment(export, clips, cfg)
+    rows: list[dict[str, Any]] = []
+    comparisons: list[dict[str, Any]] = []
+    fair: dict[str, Any] = {}
+    readouts: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    grid = export.spec.grid_h
+    for task_name in cfg.tasks:
+        task = build_task(task_name)
+        targets = task.targets(clips.truths, grid)
+        start = time.perf_counter()
+        for reading in cfg.readings:
+            runs: dict[tuple[str, int], list[Trained]] = {}
+            for variant in VARIANTS:
+                for budget in cfg.budgets:
+                    runs[(variant, budget)] = [
+                        experiment.train(task, targets, variant, budget, seed, READINGS[reading])
+                        for seed in range(cfg.seeds)
+                    ]
+                    log.info(
+                        "%s %s %s N=%d: %s",
+                        task_name,
+                        reading,
+                        variant,
+                        budget,
+                        [round(t.result.metrics[task.primary], 4) for t in runs[(variant, budget)]],
+                    )
+            if reading == cfg.readings[0]:
+                runs[(CONTROL, max(cfg.budgets))] = [
+                    experiment.train(task, targets, CONTROL, max(cfg.budgets), seed, streaming=False)
+                    for seed in range(cfg.seeds)
+                ]
+            task_rows, task_comparisons = summarize_task(task, reading, runs, cfg, len(clips.test_idx))
+            rows += task_rows
+            comparisons += task_comparisons
+            fair[f"{task_name}/{reading}"] = fairness(task, runs)
+            readouts[f"{task_name}/{reading}"] = task.config()
+        seconds[task_name] = time.perf_counter() - start
+        log.info("%s done in %.0f s", task_name, seconds[task_name])
+    headline = cfg.readings[0]
+    return {
+        "format": FORMAT,
+        "config": dataclasses.asdict(cfg),
+        "export": export_summary(export),
+        "export_sha256": export.sha256,
+        "dataset_hash": clips.dataset_hash,
+        "dataset": {k: v for k, v in clips.description.items() if k != "dir"},
+        "gate": future_gate(export),
+        "rows": rows,
+        "comparisons": comparisons,
+        "fairness": fair,
+        "readouts": readouts,
+        "verdict": verdict(rows, cfg, headline),
+        "learnability": learnability(rows, headline),
+        "seconds": seconds,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def future_gate(export: Export) -> dict[str, Any]:
+    """Did the export beat copy-last, and its identity-core control, on held-out future prediction?
+
+    Read from the export's own config.json (the trainer records both); an
+    export that beats neither has not learned anything temporal, and the
+    report says so before any number.
+    """
+    heldout = export.config.get("heldout")
+    if not heldout:
+        return {"checked": False, "statement": "the export records no held-out future-prediction result"}
+    vs_copy = [r["offset"] for r in heldout if r["model_l1"] < r["copy_last_l1"]]
+    control = {r["offset"]: r for r in (export.config.get("identity_control") or {}).get("heldout", [])}
+    vs_identity = [
+        r["offset"] for r in heldout if r["offset"] in control and r["model_l1"] < control[r["offset"]]["model_l1"]
+    ]
+    passed = len(vs_copy) == len(heldout) and bool(control) and len(vs_identity) == len(heldout)
+    statement = f"held-out future prediction beats copy-last at {len(vs_copy)} of {len(heldout)} offsets"
+    statement += (
+        f" and the identity-core control at {len(vs_identity)} of {len(heldout)}"
+        if control
+        else " (the export records no identity-core control)"
+    )
+    if not passed:
+        statement += ": the core has not been shown to learn anything temporal; read what follows as such"
+    return {
+        "checked": True,
+        "heldout": heldout,
+        "identity_control": list(control.values()),
+        "beats_copy_last_at": vs_copy,
+        "beats_identity_at": vs_identity,
+        "passed": passed,
+        "statement": statement,
+    }
+
+
+# ---- reports ----
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    return f"{row['mean']:.3f} [{row['ci95_low']:.3f}, {row['ci95_high']:.3f}]"
+
+
+def markdown(record: dict[str, Any]) -> str:
+    cfg = record["config"]
+    lines = [
+        f"# Data efficiency: {record['export']['dir']}",
+        "",
+        f"- gate: {record['gate']['statement']}",
+        f"- verdict ({record['verdict']['reading']}): {record['verdict']['statement']}",
+        f"- test set: {cfg['test_videos']} procedural clips; seeds: {cfg['seeds']}; readout steps: "
+        f"{cfg['readout']['steps']}; 95% intervals from a bootstrap over seeds and test clips",
+        "",
+    ]
+    rows = record["rows"]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        for reading in dict.fromkeys(r["reading"] for r in rows if r["task"] == task):
+            subset = {(r["variant"], r["budget"]): r for r in rows if r["task"] == task and r["reading"] == reading}
+            budgets = sorted({b for _, b in subset})
+            first = next(iter(subset.values()))
+            arrow = "↑" if first["higher_is_better"] else "↓"
+            lines += [
+                f"## {task} ({first['metric']} {arrow}, {reading}) — {record['learnability'].get(task, '')}",
+                "",
+                "| variant | " + " | ".join(f"N={b}" for b in budgets) + " |",
+                "|---|" + "---|" * len(budgets),
+            ]
+            for variant in [*VARIANTS, CONTROL]:
+                if any(v == variant for v, _ in subset):
+                    lines.append(
+                        f"| {variant} | " + " | ".join(_cell(subset.get((variant, b))) for b in budgets) + " |"
+                    )
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot_task(record: dict[str, Any], task: str, path: Path) -> Path:
+    """Metric vs budget (log x), one line per variant, the 95% interval as a band; one panel per reading."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in record["rows"] if r["task"] == task]
+    readings = list(dict.fromkeys(r["reading"] for r in rows))
+    fig, axes = plt.subplots(1, len(readings), figsize=(5.0 * len(readings), 3.6), squeeze=False)
+    for ax, reading in zip(axes[0], readings, strict=True):
+        for variant in VARIANTS:
+            line = sorted(
+                (r for r in rows if r["reading"] == reading and r["variant"] == variant), key=lambda r: r["budget"]
+            )
+            if not line:
+                continue
+            budgets = [r["budget"] for r in line]
+            ax.plot(budgets, [r["mean"] for r in line], marker="o", label=variant)
+            ax.fill_between(budgets, [r["ci95_low"] for r in line], [r["ci95_high"] for r in line], alpha=0.15)
+        control = [r for r in rows if r["variant"] == CONTROL]
+        for r in control if reading == readings[0] else []:
+            ax.errorbar(
+                [r["budget"]],
+                [r["mean"]],
+                yerr=[[r["mean"] - r["ci95_low"]], [r["ci95_high"] - r["mean"]]],
+                fmt="k*",
+                label=CONTROL,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled clips")
+        ax.set_ylabel(f"{rows[0]['metric']} ({'higher' if rows[0]['higher_is_better'] else 'lower'} is better)")
+        ax.set_title(f"{task} ({reading})")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def is_efficiency_report(directory: Path) -> bool:
+    try:
+        return json.loads((directory / "efficiency.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_reports(record: dict[str, Any], out: Path) -> list[Path]:
+    """OUT/efficiency.json, efficiency.md and one PNG per task, published as one directory."""
+    with output_dir(out, is_ours=is_efficiency_report, what="an efficiency report") as tmp:
+        (tmp / "efficiency.json").write_text(json.dumps(record, indent=1) + "\n")
+        (tmp / "efficiency.md").write_text(markdown(record))
+        for task in dict.fromkeys(r["task"] for r in record["rows"]):
+            plot_task(record, task, tmp / f"{task}.png")
+    return sorted(out.iterdir())
+
+
+def headline_metrics(record: dict[str, Any]) -> dict[str, float]:
+    return {f"{r['task']}.{r['reading']}.{r['variant']}.N{r['budget']}": r["mean"] for r in record["rows"]}
+
+
+# ---- command line ----
+def config_from_args(args: argparse.Namespace) -> EfficiencyConfig:
+    fields: dict[str, Any] = dict(QUICK) if args.quick else {}
+    if args.budgets:
+        fields["budgets"] = tuple(int(b) for b in args.budgets.split(","))
+    if args.tasks:
+        fields["tasks"] = tuple(args.tasks.split(","))
+    if args.readings:
+        fields["readings"] = tuple(args.readings.split(","))
+    for name in ("seeds", "test_videos", "draws", "frames", "size"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    readout = {"finetune_lr": 5e-4}
+    if args.steps is not None:
+        readout["steps"] = args.steps
+    return EfficiencyConfig(readout=ReadoutConfig(**readout), **fields)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m eval.efficiency", description=__doc__.splitlines()[0])
+    parser.add_argument("--export", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("runs/efficiency"))
+    parser.add_argument("--quick", action="store_true", help="budgets 8 and 64, the streaming reading only")
+    parser.add_argument("--tasks", default=None, help=f"comma-separated, default {','.join(TASKS)}")
+    parser.add_argument("--budgets", default=None, help="comma-separated labelled-clip counts")
+    parser.add_argument("--readings", default=None, help="streaming and/or all-frames")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--test-videos", dest="test_videos", type=int, default=None)
+    parser.add_argument("--draws", type=int, default=None, help="bootstrap draws")
+    parser.add_argument("--frames", type=int, default=None, help="frames per procedural clip (default 16)")
+    parser.add_argument("--size", type=int, default=None, help="procedural frame side in pixels (default 112)")
+    parser.add_argument("--steps", type=int, default=None, help="readout optimizer steps")
+    parser.add_argument("--encoder", default=None, help="encoder weights source, when the recorded one is not here")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="procedural videos and token cache")
+    parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    start = time.perf_counter()
+    try:
+        cfg = config_from_args(args)
+        check_out_root(args.out)
+        export = read_export(args.export)
+        encoder = load_checked_encoder(export, args.encoder)
+        clips = load_procedural(procedural_config(cfg), encoder, args.cache_dir)
+        record = run_efficiency(export, clips, cfg)
+        record["wall_seconds"] = time.perf_counter() - start
+        paths = write_reports(record, args.out)
+    except (OutputDirError, EncoderMismatchError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(markdown(record))
+    if not args.no_mlflow:
+        where = log_to_mlflow(
+            args.out.parent, "efficiency", {"config": record["config"]}, headline_metrics(record), paths
+        )
+        print(f"tracking: {where}")
+    print(f"efficiency wall time {record['wall_seconds']:.0f} s; report in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

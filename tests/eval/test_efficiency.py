@@ -1,0 +1,156 @@
+"""Data-efficiency experiment: statistics on hand examples, fairness, fresh inits, determinism, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval import efficiency
+from eval.efficiency import VARIANTS, EfficiencyConfig, Experiment, labelled_subset
+from eval.features import read_export
+from eval.probe import ReadoutConfig
+from eval.stats import BootstrapDraws, bootstrap_p_value, bootstrap_scores, mcnemar_exact, percentile_interval
+
+TINY = {
+    "budgets": (2, 4),
+    "seeds": 2,
+    "test_videos": 10,
+    "tasks": ("classification", "point_tracking"),
+    "readings": ("streaming",),
+    "frames": 6,
+    "size": 32,
+    "draws": 50,
+}
+
+
+def tiny_cfg(**overrides) -> EfficiencyConfig:
+    return EfficiencyConfig(readout=ReadoutConfig(steps=3, batch_size=2, finetune_lr=5e-4), **{**TINY, **overrides})
+
+
+# ---- statistics on hand examples ----
+def test_percentile_interval_of_known_samples() -> None:
+    samples = np.arange(1, 1001, dtype=float)  # 1..1000
+    low, high = percentile_interval(samples)
+    assert low == pytest.approx(25.975) and high == pytest.approx(975.025)
+
+
+def test_bootstrap_of_a_constant_metric_is_a_point_and_of_two_seeds_spans_them() -> None:
+    draws = BootstrapDraws.draw(num_seeds=2, num_clips=5, draws=200, seed=1)
+    constant = bootstrap_scores(lambda s, clips: 0.7, draws)
+    assert np.all(constant == 0.7)
+    # Seed 0 scores 0, seed 1 scores 1 on any clips: a draw's mean is 0, 0.5 or 1, each seen.
+    by_seed = bootstrap_scores(lambda s, clips: float(s), draws)
+    assert set(np.unique(by_seed)) == {0.0, 0.5, 1.0}
+    # Per-clip accuracy: the metric of the resampled clips, not of the full set.
+    correct = np.array([1, 1, 1, 0, 0], float)
+    accuracy = bootstrap_scores(lambda s, clips: float(correct[clips].mean()), draws)
+    assert 0.3 < accuracy.mean() < 0.9 and accuracy.min() < 0.6 < accuracy.max()
+
+
+def test_paired_draws_cancel_the_shared_spread() -> None:
+    """Two variants scored on the same draws: a constant gap has a zero-width interval."""
+    rng = np.random.default_rng(0)
+    per_clip = rng.random(50)
+    draws = BootstrapDraws.draw(num_seeds=3, num_clips=50, draws=300, seed=2)
+    a = bootstrap_scores(lambda s, clips: float(per_clip[clips].mean()) + 0.1, draws)
+    b = bootstrap_scores(lambda s, clips: float(per_clip[clips].mean()), draws)
+    low, high = percentile_interval(a - b)
+    assert low == pytest.approx(0.1) and high == pytest.approx(0.1)
+    assert bootstrap_p_value(a - b) == 0.0
+    assert bootstrap_p_value(b - b) == 1.0
+
+
+def test_mcnemar_exact_on_hand_counts() -> None:
+    a = np.array([1] * 10 + [0] * 0 + [1] * 5, bool)
+    b = np.array([0] * 10 + [1] * 0 + [1] * 5, bool)
+    only_a, only_b, p = mcnemar_exact(a, b)
+    assert (only_a, only_b) == (10, 0)
+    assert p == pytest.approx(2 * 0.5**10)
+    assert mcnemar_exact(a, a)[2] == 1.0
+    # 3 vs 5 discordant: two-sided exact p = 2 * P(X <= 3), X ~ Bin(8, 1/2) = 2 * 93/256.
+    a = np.array([1, 1, 1, 0, 0, 0, 0, 0], bool)
+    assert mcnemar_exact(a, ~a)[2] == pytest.approx(2 * 93 / 256)
+
+
+# ---- the protocol ----
+def test_labelled_subsets_are_nested_and_shared_by_variants() -> None:
+    small, large = labelled_subset(0, 8, 100), labelled_subset(0, 32, 100)
+    assert torch.equal(large[:8], small)
+    assert len(set(large.tolist())) == 32
+    assert not torch.equal(labelled_subset(1, 8, 100), small)
+
+
+def test_scratch_starts_fresh_and_seeds_differ(tiny_export: Path) -> None:
+    export = read_export(tiny_export)
+    experiment = Experiment(export, clips=None, cfg=tiny_cfg())  # type: ignore[arg-type]
+    scratch0, scratch1 = experiment.path("scratch", 0), experiment.path("scratch", 1)
+    pretrained = experiment.path("pretrained-ft", 0)
+    assert scratch0.trainable and pretrained.trainable
+    exported = export.model.core.state_dict()
+    for name, value in scratch0.core.state_dict().items():
+        if value.is_floating_point() and value.numel() > 1 and not torch.all(value == value.flatten()[0]):
+            assert not torch.equal(value, exported[name]), name
+    assert any(not torch.equal(v, scratch1.core.state_dict()[k]) for k, v in scratch0.core.state_dict().items())
+    for name, value in pretrained.core.state_dict().items():
+        torch.testing.assert_close(value, exported[name])
+    assert not experiment.path("random", 0).trainable and not experiment.path("identity", 0).trainable
+
+
+@pytest.fixture(scope="module")
+def tiny_record(tiny_export: Path, eval_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("eff") / "report"
+    args = ["--export", str(tiny_export), "--out", str(out), "--cache-dir", str(eval_cache), "--no-mlflow"]
+    args += ["--budgets=2,4", "--seeds=2", "--test-videos=10", "--tasks=classification,point_tracking"]
+    args += ["--readings=streaming", "--steps=3", "--draws=50", "--frames=6", "--size=32"]
+    assert efficiency.main(args) == 0
+    again = out.parent / "again"
+    assert efficiency.main([*args[:2], "--out", str(again), *args[4:]]) == 0
+    return {"first": json.loads((out / "efficiency.json").read_text()), "out": out, "again": again}
+
+
+def test_efficiency_cli_writes_json_markdown_and_plots(tiny_record: dict) -> None:
+    record, out = tiny_record["first"], tiny_record["out"]
+    assert {p.name for p in out.iterdir()} == {
+        "efficiency.json",
+        "efficiency.md",
+        "classification.png",
+        "point_tracking.png",
+    }
+    rows = record["rows"]
+    keys = {"task", "metric", "higher_is_better", "variant", "budget", "seeds", "mean", "ci95_low", "ci95_high"}
+    assert all(keys <= set(r) for r in rows)
+    for task in ("classification", "point_tracking"):
+        for variant in VARIANTS:
+            for budget in (2, 4):
+                (row,) = [r for r in rows if (r["task"], r["variant"], r["budget"]) == (task, variant, budget)]
+                assert row["seeds"] == [0, 1] and len(row["values"]) == 2
+                assert row["ci95_low"] <= row["mean"] + 1e-9 and row["mean"] - 1e-9 <= row["ci95_high"]
+        assert any(r["variant"] == "control-allframes" and r["task"] == task for r in rows)
+    assert record["export_sha256"] and record["dataset_hash"]
+    assert record["verdict"]["statement"] and record["gate"]["statement"]
+    assert any(c.get("mcnemar") for c in record["comparisons"] if c["task"] == "classification")
+    assert "| pretrained |" in (out / "efficiency.md").read_text()
+
+
+def test_fairness_invariants_hold_per_variant(tiny_record: dict) -> None:
+    for key, fair in tiny_record["first"]["fairness"].items():
+        counts = fair["trainable_parameters"]
+        readouts = {v: c["readout"] for v, c in counts.items() if v != "control-allframes"}
+        assert len(set(readouts.values())) == 1, key
+        for variant in ("pretrained", "random", "identity"):
+            assert counts[variant]["feature_path"] == 0, (key, variant)
+        assert counts["pretrained-ft"]["feature_path"] == counts["scratch"]["feature_path"] > 0
+        assert 0 < counts["identity-ft"]["feature_path"] < counts["scratch"]["feature_path"]
+
+
+def test_same_seed_gives_the_same_efficiency_json(tiny_record: dict) -> None:
+    first = tiny_record["first"]
+    again = json.loads((tiny_record["again"] / "efficiency.json").read_text())
+    for record in (first, again):
+        record.pop("seconds"), record.pop("wall_seconds")
+        record["export"].pop("dir")
+    assert first == again

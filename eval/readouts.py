@@ -1,14 +1,31 @@
-"""Small task readouts over core features, after the paper and 4DS.
+"""Small task readouts over core features, after the paper (streaming) and 4DS (all frames).
 
-Shape legend: B clips, T frames, N = G*G patch tokens per frame (G the patch
-grid side), d feature width, Q query points or objects, C classes, U = G*up
-output pixels per side of a dense map, 2 = (x, y), 4 = box (x0, y0, x1, y1).
+Shape legend: B clips, T frames, S = T-1 consecutive frame pairs, N = G*G
+patch tokens per frame (G the patch grid side), d feature width (the core's),
+E readout width, K learned queries, Q query points or objects, C classes,
+U = G*up output pixels per side of a dense map, M tokens or queries of a
+flattened (frame, token) or (frame, query) axis, X any leading dims, k
+coordinates encoded together, F Fourier bands, h attention heads, e = E/h,
+2E = keys and values side by side, 2 = (x, y), 4 = box (x0, y0, x1, y1).
 
 Positions are normalized to [0, 1] of the frame (x right, y down); patch n
 (row i, column j, row-major) is centred at ((j + 0.5) / G, (i + 0.5) / G).
-Core outputs are unnormalized residual streams, so every readout starts
-with its own LayerNorm. Heads are per-frame where the task is per-frame:
-whatever a readout needs from the past must come through the core.
+
+Every readout first projects the core's outputs to its own width E
+(LayerNorm + Linear: core outputs are unnormalized residual streams, and
+the readout's capacity must not depend on the core's width), and adds
+Fourier patch-position embeddings. Two readings, chosen by ``streaming``:
+
+- streaming (the headline, the paper's design): the answer for frame t is
+  read from frame t's output tokens ONLY. Task queries are coordinates
+  (Fourier-encoded), never features sampled from another frame, so
+  whatever a task needs from the past (what sat at the query point on
+  frame 0, where the box was, the previous camera position) must come
+  through the core's state. An image-only path cannot take a shortcut.
+- all frames (4DS-style, the second column): one cross-attention layer
+  from the queries to every frame's tokens (T*N, with time and patch
+  position embeddings) + MLP. No memory is needed; it is the control that
+  shows a task is learnable from the features at all.
 """
 
 from __future__ import annotations
@@ -19,6 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+READOUT_WIDTH = 128
+"""Default width E of every readout, whatever the core's width d."""
+
 
 def patch_centers(grid: int) -> Tensor:
     """Normalized (x, y) centres of the patches, (N, 2), row-major."""
@@ -27,70 +47,177 @@ def patch_centers(grid: int) -> Tensor:
     return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)
 
 
-def sample_at(features_BNd: Tensor, points_BQ2: Tensor, grid: int) -> Tensor:
-    """Bilinear feature at normalized points, (B, Q, d); patch centres are the sample grid."""
-    B, _, d = features_BNd.shape
-    map_BdGG = features_BNd.transpose(1, 2).reshape(B, d, grid, grid)
-    # align_corners=False puts -1 and 1 at the frame edges, so patch centres land on samples.
-    sampled_BdQ1 = F.grid_sample(map_BdGG, (2 * points_BQ2 - 1)[:, :, None, :], align_corners=False)
-    return sampled_BdQ1[..., 0].transpose(1, 2)
+def frame_times(frames: int, count: int, device: torch.device) -> Tensor:
+    """Normalized times t / frames of the first ``count`` frames, (count, 1)."""
+    return (torch.arange(count, dtype=torch.float32, device=device) / frames)[:, None]
 
 
-def box_patch_weights(boxes_BQ4: Tensor, grid: int) -> Tensor:
-    """Share of each patch covered by each box, normalized over patches, (B, Q, N)."""
-    edges = torch.arange(grid + 1, dtype=torch.float32, device=boxes_BQ4.device) / grid
-    lo, hi = edges[:-1], edges[1:]
+class FourierEncoding(nn.Module):
+    """Normalized coordinates (X, k) -> (X, E): sin/cos at octave frequencies, then an MLP.
 
-    def overlap(a_BQ: Tensor, b_BQ: Tensor) -> Tensor:
-        return (torch.minimum(b_BQ[..., None], hi) - torch.maximum(a_BQ[..., None], lo)).clamp(min=0)
+    Octaves pi * 2^f, f < bands: with 6 bands the finest period is 1/16 of
+    the frame, a patch on a 16 x 16 grid, so a query can tell neighbouring
+    patches apart.
+    """
 
-    wx_BQG = overlap(boxes_BQ4[..., 0], boxes_BQ4[..., 2])
-    wy_BQG = overlap(boxes_BQ4[..., 1], boxes_BQ4[..., 3])
-    weights_BQN = (wy_BQG[..., :, None] * wx_BQG[..., None, :]).flatten(-2)
-    return weights_BQN / weights_BQN.sum(-1, keepdim=True).clamp(min=1e-8)
+    def __init__(self, coords: int, width: int, bands: int = 6) -> None:
+        super().__init__()
+        self.register_buffer("freqs_F", math.pi * 2.0 ** torch.arange(bands, dtype=torch.float32), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(coords * (2 * bands + 1), width), nn.GELU(), nn.Linear(width, width))
+
+    def forward(self, coords_Xk: Tensor) -> Tensor:
+        angles_XkF = coords_Xk[..., None] * self.freqs_F
+        # (X, k * (2F + 1)): the raw coordinates keep the encoding monotone where the waves repeat.
+        waves = torch.cat([coords_Xk, angles_XkF.sin().flatten(-2), angles_XkF.cos().flatten(-2)], dim=-1)
+        return self.mlp(waves)
+
+
+class FrameKeysValues(nn.Module):
+    """Core outputs (B, T, N, d) -> keys and values of the readout's attention, (B, T, N, E) each.
+
+    The core's outputs go straight to keys and values of width E (LayerNorm
+    + one Linear d -> 2E), plus Fourier patch-position embeddings;
+    ``frames`` (the all-frames reading) also adds a time embedding, so
+    tokens of different frames that share one attention can be told apart.
+    One projection instead of tokens (width E) -> LayerNorm -> key/value
+    projection: a linear map of a linear map is a linear map, and on the
+    T*N tokens, which dominate a readout's training step, it costs 2d/(d+2E)
+    of that (0.4 for a 64-wide core).
+    """
+
+    def __init__(self, dim: int, grid: int, width: int, frames: int | None = None) -> None:
+        super().__init__()
+        self.frames = frames
+        # The LayerNorm's affine folds into the Linear: leaving it out keeps the function class
+        # and spares the backward pass through the normalization (the features need no gradient).
+        self.project = nn.Sequential(nn.LayerNorm(dim, elementwise_affine=False), nn.Linear(dim, 2 * width))
+        self.position = FourierEncoding(2, 2 * width)
+        self.time = FourierEncoding(1, 2 * width) if frames is not None else None
+        self.register_buffer("centers_N2", patch_centers(grid), persistent=False)
+
+    def forward(self, features_BTNd: Tensor) -> tuple[Tensor, Tensor]:
+        kv_BTN2E = self.project(features_BTNd) + self.position(self.centers_N2)
+        if self.time is not None:
+            T = features_BTNd.shape[1]
+            kv_BTN2E = kv_BTN2E + self.time(frame_times(self.frames, T, features_BTNd.device))[:, None, :]
+        # One split for both halves: slicing each where it is used would zero-fill a full gradient per slice.
+        keys_BTNE, values_BTNE = kv_BTN2E.chunk(2, dim=-1)
+        return keys_BTNE, values_BTNE
+
+
+class CrossAttention(nn.Module):
+    """Queries (B, Q, E) attend, multi-head, to keys and values (B, M, E); residual.
+
+    No MLP inside: every head follows it with its own output MLP, which is
+    the one MLP the readout has.
+    """
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"readout width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.norm = nn.LayerNorm(width)
+        self.q = nn.Linear(width, width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, queries_BQE: Tensor, keys_BME: Tensor, values_BME: Tensor) -> Tensor:
+        (B, Q, E), M, h = queries_BQE.shape, keys_BME.shape[1], self.heads
+        q_BhQe = self.q(self.norm(queries_BQE)).view(B, Q, h, E // h).transpose(1, 2)
+        k_BhMe = keys_BME.reshape(B, M, h, E // h).transpose(1, 2)
+        v_BhMe = values_BME.reshape(B, M, h, E // h).transpose(1, 2)
+        attended_BhQe = F.scaled_dot_product_attention(q_BhQe, k_BhMe, v_BhMe)
+        return queries_BQE + self.proj(attended_BhQe.transpose(1, 2).reshape(B, Q, E))
+
+
+class Pointer(nn.Module):
+    """Where a query lies in one frame: soft-argmax of its similarity to the frame's keys over the patch centres.
+
+    A position read off an attention map (rather than regressed from a
+    pooled vector) lets a head that has found the right patch be right from
+    the first steps, so a short readout budget measures the features. It is
+    the readout's second hop: the query state already holds what the
+    cross-attention gathered.
+    """
+
+    def __init__(self, width: int, grid: int) -> None:
+        super().__init__()
+        self.q = nn.Linear(width, width)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(4 * width**-0.5)))
+        self.register_buffer("centers_N2", patch_centers(grid), persistent=False)
+
+    def forward(self, states_BQE: Tensor, keys_BNE: Tensor) -> tuple[Tensor, Tensor]:
+        """(positions (B, Q, 2), peak logit (B, Q, 1)) of each query among the frame's N patches."""
+        logits_BQN = self.q(states_BQE) @ keys_BNE.transpose(1, 2) * self.log_scale.exp()
+        return logits_BQN.softmax(-1) @ self.centers_N2, logits_BQN.amax(-1, keepdim=True)
+
+
+class OutputMLP(nn.Module):
+    """The readout's MLP: LayerNorm'd query state (X, E), plus ``extra`` raw inputs, -> hidden E -> outputs."""
+
+    def __init__(self, width: int, outputs: int, extra: int = 0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width + extra, width), nn.GELU(), nn.Linear(width, outputs))
+
+    def forward(self, states_XE: Tensor, *extra_X: Tensor) -> Tensor:
+        return self.mlp(torch.cat([self.norm(states_XE), *extra_X], dim=-1))
 
 
 class AttentiveProbe(nn.Module):
-    """Learned queries cross-attend to the tokens, with a temporal position embedding -> class logits.
+    """K learned queries cross-attend to output tokens -> class logits.
 
-    ``last_frame_only`` (the streaming protocol) reads the N tokens of the
-    last frame: the prediction is made online at the end of the clip, so
-    anything about motion must come from the core's state. Otherwise the
-    probe reads all T*N tokens.
+    Streaming reads the N tokens of the last frame: the prediction is made
+    online at the end of the clip, so anything about motion must come from
+    the core's state. All frames reads all T*N tokens.
     """
 
     def __init__(
-        self, dim: int, frames: int, num_classes: int, *, num_queries: int = 4, heads: int = 4, last_frame_only: bool
+        self,
+        dim: int,
+        grid: int,
+        frames: int,
+        num_classes: int,
+        *,
+        streaming: bool,
+        width: int = READOUT_WIDTH,
+        num_queries: int = 4,
+        heads: int = 4,
     ) -> None:
         super().__init__()
-        self.last_frame_only = last_frame_only
-        self.norm = nn.LayerNorm(dim)
-        self.time_embed_Td = nn.Parameter(torch.randn(frames, dim) * 0.02)
-        self.queries_Qd = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+        self.streaming, self.width = streaming, width
+        self.kv = FrameKeysValues(dim, grid, width, None if streaming else frames)
+        self.queries_KE = nn.Parameter(torch.randn(num_queries, width) * 0.02)
+        self.attend = CrossAttention(width, heads)
+        self.out = OutputMLP(width, num_classes)
 
     def forward(self, features_BTNd: Tensor) -> Tensor:
         """Logits (B, C)."""
-        T = features_BTNd.shape[1]
-        time_Td = self.time_embed_Td[:T]
-        if self.last_frame_only:
-            # Slice before the per-token norm: the same numbers for 1/T of the work.
-            features_BTNd, time_Td = features_BTNd[:, -1:], time_Td[-1:]
-        x_BTNd = self.norm(features_BTNd) + time_Td[:, None, :]
-        tokens_BMd = x_BTNd.flatten(1, 2)
-        queries_BQd = self.queries_Qd.expand(tokens_BMd.shape[0], -1, -1)
-        pooled_BQd, _ = self.attn(queries_BQd, tokens_BMd, tokens_BMd, need_weights=False)
-        return self.head(pooled_BQd.mean(1))
+        if self.streaming:
+            # Slice before the projection: the same numbers for 1/T of the work.
+            features_BTNd = features_BTNd[:, -1:]
+        keys_BTNE, values_BTNE = self.kv(features_BTNd)
+        queries_BKE = self.queries_KE.expand(keys_BTNE.shape[0], -1, -1)
+        pooled_BKE = self.attend(queries_BKE, keys_BTNE.flatten(1, 2), values_BTNE.flatten(1, 2))
+        return self.out(pooled_BKE.mean(1))
 
 
 class DenseDepthHead(nn.Module):
-    """Per-patch MLP to an up x up block of log-depth, pixel-shuffled into a (U, U) map per frame."""
+    """Per-patch MLP to an up x up block of log-depth, pixel-shuffled into a (U, U) map per frame.
 
-    def __init__(self, dim: int, grid: int, *, up: int = 4, hidden: int = 128, init_depth: float = 6.0) -> None:
+    Per frame in both readings: depth is a per-frame quantity, and frame t's
+    map reads frame t's tokens only.
+    """
+
+    def __init__(
+        self, dim: int, grid: int, *, up: int = 4, hidden: int = READOUT_WIDTH, init_depth: float = 6.0
+    ) -> None:
         super().__init__()
-        self.grid, self.up = grid, up
-        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, up * up))
+        self.grid, self.up, self.width = grid, up, hidden
+        # Affine-free LayerNorm: its affine folds into the Linear (as in FrameKeysValues).
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(dim, elementwise_affine=False), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, up * up)
+        )
         nn.init.constant_(self.mlp[-1].bias, math.log(init_depth))
 
     def forward(self, features_BTNd: Tensor) -> Tensor:
@@ -101,85 +228,165 @@ class DenseDepthHead(nn.Module):
         return blocks.permute(0, 1, 2, 4, 3, 5).reshape(B, T, G * u, G * u)
 
 
-class Correlation(nn.Module):
-    """Query vectors against every frame's patches: soft-argmax position and the attended feature."""
-
-    def __init__(self, dim: int, grid: int, width: int = 64) -> None:
-        super().__init__()
-        self.key = nn.Linear(dim, width)
-        self.value = nn.Linear(dim, width)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(width**-0.5 * 4)))
-        self.register_buffer("centers_N2", patch_centers(grid), persistent=False)
-
-    def forward(self, queries_BQe: Tensor, features_BTNd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(positions (B, T, Q, 2), attended values (B, T, Q, e), peak logit (B, T, Q, 1))."""
-        keys_BTNe = self.key(features_BTNd)
-        logits_BTQN = torch.einsum("bqe,btne->btqn", queries_BQe, keys_BTNe) * self.log_scale.exp()
-        attn_BTQN = logits_BTQN.softmax(-1)
-        positions_BTQ2 = attn_BTQN @ self.centers_N2
-        attended_BTQe = attn_BTQN @ self.value(features_BTNd)
-        return positions_BTQ2, attended_BTQe, logits_BTQN.amax(-1, keepdim=True)
-
-
 class PointTrackHead(nn.Module):
-    """Query-point feature (frame 0, bilinear) against per-frame features -> position and visibility."""
+    """Points queried on frame 0, by coordinate -> position and visibility in every frame.
 
-    def __init__(self, dim: int, grid: int, width: int = 64) -> None:
+    The query is the Fourier-encoded (x, y) of the point on frame 0, never a
+    feature sampled there. Streaming: at frame t the query cross-attends to
+    frame t's tokens only, so knowing what sat at (x, y) on frame 0 takes
+    the core's memory. All frames: one query per (point, frame) (the
+    coordinate plus a frame embedding) attends to all T*N tokens. Either
+    way a pointer over frame t's patches gives the position, refined within
+    a patch, and the MLP the visibility.
+    """
+
+    def __init__(
+        self, dim: int, grid: int, frames: int, *, streaming: bool, width: int = READOUT_WIDTH, heads: int = 4
+    ) -> None:
         super().__init__()
-        self.grid = grid
-        self.norm = nn.LayerNorm(dim)
-        self.query = nn.Linear(dim, width)
-        self.correlation = Correlation(dim, grid, width)
-        self.visibility = nn.Sequential(nn.Linear(2 * width + 1, width), nn.GELU(), nn.Linear(width, 1))
+        self.streaming, self.width, self.grid, self.frames = streaming, width, grid, frames
+        self.kv = FrameKeysValues(dim, grid, width, None if streaming else frames)
+        self.query = FourierEncoding(2, width)
+        self.query_time = None if streaming else FourierEncoding(1, width)
+        self.attend = CrossAttention(width, heads)
+        self.pointer = Pointer(width, grid)
+        # (dx, dy) within a patch and the visibility logit; the pointer's peak says whether anything matched.
+        self.out = OutputMLP(width, 3, extra=1)
 
     def forward(self, features_BTNd: Tensor, queries_BQ2: Tensor) -> tuple[Tensor, Tensor]:
         """(positions (B, Q, T, 2) normalized, visibility logits (B, Q, T))."""
-        f_BTNd = self.norm(features_BTNd)
-        q_BQe = self.query(sample_at(f_BTNd[:, 0], queries_BQ2, self.grid))
-        positions_BTQ2, attended_BTQe, peak_BTQ1 = self.correlation(q_BQe, f_BTNd)
-        T = f_BTNd.shape[1]
-        q_BTQe = q_BQe[:, None].expand(-1, T, -1, -1)
-        visible_BTQ = self.visibility(torch.cat([q_BTQe, attended_BTQe, peak_BTQ1], dim=-1))[..., 0]
-        return positions_BTQ2.transpose(1, 2), visible_BTQ.transpose(1, 2)
+        B, T = features_BTNd.shape[:2]
+        Q, E = queries_BQ2.shape[1], self.width
+        keys_BTNE, values_BTNE = self.kv(features_BTNd)
+        query_BQE = self.query(queries_BQ2)
+        if self.streaming:
+            # Frames are independent here: batch them, one frame's tokens per row.
+            queries_XQE = query_BQE[:, None].expand(B, T, Q, E).flatten(0, 1)
+            states_XQE = self.attend(queries_XQE, keys_BTNE.flatten(0, 1), values_BTNE.flatten(0, 1))
+        else:
+            time_TE = self.query_time(frame_times(self.frames, T, features_BTNd.device))
+            queries_BME = (query_BQE[:, None] + time_TE[None, :, None]).flatten(1, 2)
+            states_BME = self.attend(queries_BME, keys_BTNE.flatten(1, 2), values_BTNE.flatten(1, 2))
+            states_XQE = states_BME.view(B * T, Q, E)
+        positions_XQ2, peak_XQ1 = self.pointer(states_XQE, keys_BTNE.flatten(0, 1))
+        out_XQ3 = self.out(states_XQE, peak_XQ1)
+        positions_XQ2 = positions_XQ2 + (0.5 / self.grid) * torch.tanh(out_XQ3[..., :2])
+        positions_BQT2 = positions_XQ2.view(B, T, Q, 2).transpose(1, 2)
+        return positions_BQT2, out_XQ3[..., 2].view(B, T, Q).transpose(1, 2)
 
 
 class BoxTrackHead(nn.Module):
-    """Query from the first-frame box (pooled feature + box embedding) -> a box in every frame."""
+    """Objects queried by their frame-0 box -> a box in every frame.
 
-    def __init__(self, dim: int, grid: int, width: int = 64) -> None:
+    Streaming is recurrent and free-running: the query at frame t is the
+    encoded box the head itself predicted at t-1 (at t = 0 the given box),
+    and it attends to frame t's tokens only; the head has no other state.
+    ``detach_recurrence`` stops gradients through the chain of predictions.
+    All frames: one query per (object, frame), the frame-0 box plus a frame
+    embedding, attends to all T*N tokens. Either way a pointer over frame
+    t's patches gives the centre (refined within a patch), and the size is
+    the prior box's (the query's) shifted in logit space, so an untrained
+    head keeps the box's size.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        grid: int,
+        frames: int,
+        *,
+        streaming: bool,
+        width: int = READOUT_WIDTH,
+        heads: int = 4,
+        detach_recurrence: bool = True,
+    ) -> None:
         super().__init__()
-        self.grid = grid
-        self.norm = nn.LayerNorm(dim)
-        self.query = nn.Sequential(nn.Linear(dim + 4, width), nn.GELU(), nn.Linear(width, width))
-        self.correlation = Correlation(dim, grid, width)
-        # Centre refinement (dx, dy) and size (w, h) from the query and what it found.
-        self.box = nn.Sequential(nn.Linear(2 * width, width), nn.GELU(), nn.Linear(width, 4))
+        self.streaming, self.width, self.grid, self.frames = streaming, width, grid, frames
+        self.detach_recurrence = detach_recurrence
+        self.kv = FrameKeysValues(dim, grid, width, None if streaming else frames)
+        self.query = FourierEncoding(4, width)
+        self.query_time = None if streaming else FourierEncoding(1, width)
+        self.attend = CrossAttention(width, heads)
+        self.pointer = Pointer(width, grid)
+        # (dx, dy) within a patch and the size change (w, h); the pointer's peak says whether anything matched.
+        self.out = OutputMLP(width, 4, extra=1)
+
+    def box(self, states_XQE: Tensor, keys_XNE: Tensor, prior_XQ4: Tensor) -> Tensor:
+        """One frame's boxes (X, Q, 4) from the query states, that frame's keys, and the query's box."""
+        centers_XQ2, peak_XQ1 = self.pointer(states_XQE, keys_XNE)
+        out_XQ4 = self.out(states_XQE, peak_XQ1)
+        centers_XQ2 = centers_XQ2 + (0.5 / self.grid) * torch.tanh(out_XQ4[..., :2])
+        # Size as a logit shift of the prior's: it starts at the prior's and stays in (0, 1), so a
+        # free-running box cannot compound into one that covers the frame (clamped: no gradient) or vanishes.
+        prior_size_XQ2 = (prior_XQ4[..., 2:] - prior_XQ4[..., :2]).clamp(1e-3, 1 - 1e-3)
+        half_XQ2 = 0.5 * torch.sigmoid(torch.logit(prior_size_XQ2) + out_XQ4[..., 2:])
+        return torch.cat([centers_XQ2 - half_XQ2, centers_XQ2 + half_XQ2], dim=-1).clamp(0, 1)
 
     def forward(self, features_BTNd: Tensor, query_boxes_BQ4: Tensor) -> Tensor:
         """Boxes (B, Q, T, 4), normalized (x0, y0, x1, y1) clamped to the frame."""
-        f_BTNd = self.norm(features_BTNd)
-        pooled_BQd = box_patch_weights(query_boxes_BQ4, self.grid) @ f_BTNd[:, 0]
-        q_BQe = self.query(torch.cat([pooled_BQd, query_boxes_BQ4], dim=-1))
-        centers_BTQ2, attended_BTQe, _ = self.correlation(q_BQe, f_BTNd)
-        T = f_BTNd.shape[1]
-        out_BTQ4 = self.box(torch.cat([q_BQe[:, None].expand(-1, T, -1, -1), attended_BTQe], dim=-1))
-        centers_BTQ2 = centers_BTQ2 + 0.1 * torch.tanh(out_BTQ4[..., :2])
-        half_BTQ2 = 0.5 * torch.sigmoid(out_BTQ4[..., 2:])
-        boxes_BTQ4 = torch.cat([centers_BTQ2 - half_BTQ2, centers_BTQ2 + half_BTQ2], dim=-1).clamp(0, 1)
-        return boxes_BTQ4.transpose(1, 2)
+        B, T = features_BTNd.shape[:2]
+        Q, E = query_boxes_BQ4.shape[1], self.width
+        keys_BTNE, values_BTNE = self.kv(features_BTNd)
+        if not self.streaming:
+            time_TE = self.query_time(frame_times(self.frames, T, features_BTNd.device))
+            queries_BME = (self.query(query_boxes_BQ4)[:, None] + time_TE[None, :, None]).flatten(1, 2)
+            states_BME = self.attend(queries_BME, keys_BTNE.flatten(1, 2), values_BTNE.flatten(1, 2))
+            prior_XQ4 = query_boxes_BQ4[:, None].expand(B, T, Q, 4).flatten(0, 1)
+            boxes_XQ4 = self.box(states_BME.view(B * T, Q, E), keys_BTNE.flatten(0, 1), prior_XQ4)
+            return boxes_XQ4.view(B, T, Q, 4).transpose(1, 2)
+        box_BQ4, boxes = query_boxes_BQ4, []
+        # unbind, not keys[:, t]: each slice's backward would zero-fill a whole (B, T, N, E) gradient.
+        for keys_BNE, values_BNE in zip(keys_BTNE.unbind(1), values_BTNE.unbind(1), strict=True):
+            prior_BQ4 = box_BQ4.detach() if self.detach_recurrence else box_BQ4
+            states_BQE = self.attend(self.query(prior_BQ4), keys_BNE, values_BNE)
+            box_BQ4 = self.box(states_BQE, keys_BNE, prior_BQ4)
+            boxes.append(box_BQ4)
+        return torch.stack(boxes, dim=2)
 
 
 class RelativePoseHead(nn.Module):
-    """Features of frames t-1 and t, per patch, pooled -> (dx, dy, in-plane rotation) between them."""
+    """Camera motion (dx, dy, in-plane rotation) between frames t-1 and t, for t = 1 .. T-1.
 
-    def __init__(self, dim: int, hidden: int = 128) -> None:
+    Streaming: K learned queries pool frame t's tokens alone into the MLP;
+    no pairing with frame t-1's features, so where the camera was must come
+    through the core. All frames: per pair, the K queries plus the frame's
+    embedding attend to all T*N tokens.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        grid: int,
+        frames: int,
+        *,
+        streaming: bool,
+        width: int = READOUT_WIDTH,
+        heads: int = 4,
+        num_queries: int = 4,
+    ) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.pair = nn.Sequential(nn.Linear(2 * dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 3))
+        self.streaming, self.width, self.frames = streaming, width, frames
+        self.kv = FrameKeysValues(dim, grid, width, None if streaming else frames)
+        self.queries_KE = nn.Parameter(torch.randn(num_queries, width) * 0.02)
+        self.query_time = None if streaming else FourierEncoding(1, width)
+        self.attend = CrossAttention(width, heads)
+        self.out = OutputMLP(width, 3)
 
     def forward(self, features_BTNd: Tensor) -> Tensor:
-        """(B, T-1, 3): translation (x, y) in the task's units, rotation in degrees, for each consecutive pair."""
-        f_BTNd = self.norm(features_BTNd)
-        pairs_BSN2d = torch.cat([f_BTNd[:, :-1], f_BTNd[:, 1:]], dim=-1)
-        return self.head(self.pair(pairs_BSN2d).mean(2))
+        """(B, S, 3): translation (x, y) in the task's units, rotation in degrees, for each consecutive pair."""
+        B, T = features_BTNd.shape[:2]
+        K, E = self.queries_KE.shape
+        S = T - 1
+        if self.streaming:
+            # Frame 0 ends no pair: slice it off before the projection.
+            keys_BSNE, values_BSNE = self.kv(features_BTNd[:, 1:])
+            pooled_XKE = self.attend(
+                self.queries_KE.expand(B * S, K, E), keys_BSNE.flatten(0, 1), values_BSNE.flatten(0, 1)
+            )
+            return self.out(pooled_XKE.mean(1)).view(B, S, 3)
+        keys_BTNE, values_BTNE = self.kv(features_BTNd)
+        time_SE = self.query_time(frame_times(self.frames, T, features_BTNd.device)[1:])
+        queries_BSKE = (self.queries_KE + time_SE[:, None]).expand(B, S, K, E)
+        pooled_BME = self.attend(queries_BSKE.flatten(1, 2), keys_BTNE.flatten(1, 2), values_BTNE.flatten(1, 2))
+        pooled_BSKE = pooled_BME.view(B, S, K, E)
+        return self.out(pooled_BSKE.mean(2))

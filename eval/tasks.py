@@ -9,12 +9,20 @@ videos, so a batch is an index), and is otherwise a thin head over the
 shared features: ``outputs`` runs its readout, ``loss`` trains it,
 ``metrics`` scores the held-out outputs. Nothing here knows which variant or
 protocol produced the features.
+
+``build_readout(..., streaming)`` picks one of two readings (eval.readouts):
+streaming, where frame t's answer reads frame t's core outputs only and
+task queries are coordinates, so the past must come through the core; or
+all frames, one cross-attention over every frame's outputs (the 4DS-style
+control). Both have width E = ``width`` (128) whatever the core's width.
+``config()`` names both, their width and which of them this task built, so
+a report can state that every variant used the same readout.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
@@ -27,7 +35,14 @@ from data_shards import GroundTruth
 from data_shards.procedural import LABEL_NAMES, ORDER_NAMES, SPEED_NAMES
 from eval.data import frame_grid_sample
 from eval.metrics import box_iou, depth_metrics, relative_pose_errors, tapvid_metrics, topk_accuracy
-from eval.readouts import AttentiveProbe, BoxTrackHead, DenseDepthHead, PointTrackHead, RelativePoseHead
+from eval.readouts import (
+    READOUT_WIDTH,
+    AttentiveProbe,
+    BoxTrackHead,
+    DenseDepthHead,
+    PointTrackHead,
+    RelativePoseHead,
+)
 
 Batch = dict[str, Tensor]
 
@@ -71,6 +86,8 @@ class Classification:
     """Which label: direction, speed or order (see CLASS_LABELS)."""
     classes: int | None = None
     """Number of classes; None takes the label's (set for a dataset with its own labels)."""
+    width: int = READOUT_WIDTH
+    """Readout width E (the core's outputs are projected to it)."""
     num_queries: int = 4
     """Learned queries of the attentive probe."""
     heads: int = 4
@@ -78,8 +95,11 @@ class Classification:
     name: str = "classification"
     primary: str = "top1"
     higher_is_better: bool = True
+    built: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+    """Readings this task has built a readout for ("streaming", "all_frames"), in order."""
 
     def __post_init__(self) -> None:
+        _check_width(self.width, self.heads)
         if self.label not in CLASS_LABELS:
             raise ValueError(f"label must be one of {tuple(CLASS_LABELS)}, got {self.label!r}")
         if self.classes is None:
@@ -95,8 +115,16 @@ class Classification:
         return {"label": torch.tensor(labels)}
 
     def build_readout(self, dim: int, grid: int, frames: int, streaming: bool) -> nn.Module:
+        _record_build(self, streaming)
         return AttentiveProbe(
-            dim, frames, self.classes, num_queries=self.num_queries, heads=self.heads, last_frame_only=streaming
+            dim,
+            grid,
+            frames,
+            self.classes,
+            streaming=streaming,
+            width=self.width,
+            num_queries=self.num_queries,
+            heads=self.heads,
         )
 
     def outputs(self, readout: nn.Module, features_BTNd: Tensor, batch: Batch) -> Batch:
@@ -115,7 +143,13 @@ class Classification:
         return metrics
 
     def config(self) -> dict[str, Any]:
-        return {"readout": "attentive_probe", **_fields(self)}
+        return _readout_config(
+            self,
+            "attentive_probe",
+            self.width,
+            streaming="learned queries attend to the last frame's output tokens only",
+            all_frames="learned queries attend to all T*N output tokens (time + patch position embeddings)",
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -124,17 +158,20 @@ class Depth:
 
     up: int = 4
     """Output pixels per patch side (the map is grid*up square)."""
-    hidden: int = 128
-    """Hidden width of the per-patch MLP."""
+    hidden: int = READOUT_WIDTH
+    """Readout width: hidden width of the per-patch MLP."""
     name: str = "depth"
     primary: str = "abs_rel"
     higher_is_better: bool = False
+    built: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+    """Readings this task has built a readout for ("streaming", "all_frames"), in order."""
 
     def targets(self, truths: list[GroundTruth], grid: int) -> Batch:
         maps = [frame_grid_sample(t.depth_THW, grid * self.up) for t in truths]
         return {"depth": torch.from_numpy(np.stack(maps)).float()}
 
     def build_readout(self, dim: int, grid: int, frames: int, streaming: bool) -> nn.Module:
+        _record_build(self, streaming)
         return DenseDepthHead(dim, grid, up=self.up, hidden=self.hidden)
 
     def outputs(self, readout: nn.Module, features_BTNd: Tensor, batch: Batch) -> Batch:
@@ -149,7 +186,14 @@ class Depth:
         return depth_metrics(outputs["log_depth"].exp().numpy().ravel(), batch["depth"].numpy().ravel())
 
     def config(self) -> dict[str, Any]:
-        return {"readout": "dense_per_patch_head", **_fields(self)}
+        per_frame = "per-patch MLP on frame t's output tokens only"
+        return _readout_config(
+            self,
+            "dense_per_patch_head",
+            self.hidden,
+            streaming=per_frame,
+            all_frames=f"the same per-frame dense head ({per_frame}): depth is per frame",
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -158,11 +202,18 @@ class PointTracking:
 
     points: int = 16
     """Query points per video."""
-    width: int = 64
-    """Correlation width."""
+    width: int = READOUT_WIDTH
+    """Readout width E (the core's outputs are projected to it)."""
+    heads: int = 4
+    """Attention heads of the query's cross-attention."""
     name: str = "point_tracking"
     primary: str = "aj"
     higher_is_better: bool = True
+    built: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+    """Readings this task has built a readout for ("streaming", "all_frames"), in order."""
+
+    def __post_init__(self) -> None:
+        _check_width(self.width, self.heads)
 
     def targets(self, truths: list[GroundTruth], grid: int) -> Batch:
         per_video = [point_tracks(t, self.points) for t in truths]
@@ -174,7 +225,8 @@ class PointTracking:
         }
 
     def build_readout(self, dim: int, grid: int, frames: int, streaming: bool) -> nn.Module:
-        return PointTrackHead(dim, grid, self.width)
+        _record_build(self, streaming)
+        return PointTrackHead(dim, grid, frames, streaming=streaming, width=self.width, heads=self.heads)
 
     def outputs(self, readout: nn.Module, features_BTNd: Tensor, batch: Batch) -> Batch:
         positions, visibility = readout(features_BTNd, batch["queries"])
@@ -197,18 +249,37 @@ class PointTracking:
         )
 
     def config(self) -> dict[str, Any]:
-        return {"readout": "query_correlation", "query_frame": 0, **_fields(self)}
+        return {
+            **_readout_config(
+                self,
+                "point_coordinate_query",
+                self.width,
+                streaming="Fourier-encoded frame-0 (x, y) attends to frame t's output tokens only -> position, "
+                "visibility at t",
+                all_frames="per (point, frame) query (coordinate + frame embedding) attends to all T*N output tokens",
+            ),
+            "query_frame": 0,
+        }
 
 
 @dataclass(kw_only=True, slots=True)
 class BoxTracking:
     """Every object visible in frame 0: its first-frame box is the query, a box per later frame the answer."""
 
-    width: int = 64
-    """Correlation width."""
+    width: int = READOUT_WIDTH
+    """Readout width E (the core's outputs are projected to it)."""
+    heads: int = 4
+    """Attention heads of the query's cross-attention."""
+    detach_recurrence: bool = True
+    """Streaming: stop gradients through the chain of predicted boxes (each step learns to track one frame)."""
     name: str = "box_tracking"
     primary: str = "miou"
     higher_is_better: bool = True
+    built: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+    """Readings this task has built a readout for ("streaming", "all_frames"), in order."""
+
+    def __post_init__(self) -> None:
+        _check_width(self.width, self.heads)
 
     def targets(self, truths: list[GroundTruth], grid: int) -> Batch:
         boxes, valid = [], []
@@ -223,7 +294,16 @@ class BoxTracking:
         return {"query_boxes": boxes_VOT4[:, :, 0], "boxes": boxes_VOT4, "valid": torch.from_numpy(np.stack(valid))}
 
     def build_readout(self, dim: int, grid: int, frames: int, streaming: bool) -> nn.Module:
-        return BoxTrackHead(dim, grid, self.width)
+        _record_build(self, streaming)
+        return BoxTrackHead(
+            dim,
+            grid,
+            frames,
+            streaming=streaming,
+            width=self.width,
+            heads=self.heads,
+            detach_recurrence=self.detach_recurrence,
+        )
 
     def outputs(self, readout: nn.Module, features_BTNd: Tensor, batch: Batch) -> Batch:
         return {"boxes": readout(features_BTNd, batch["query_boxes"])}
@@ -241,18 +321,34 @@ class BoxTracking:
         return {"miou": float(box_iou(pred, gt).mean()) if len(gt) else 0.0, "scored_boxes": float(len(gt))}
 
     def config(self) -> dict[str, Any]:
-        return {"readout": "first_box_query_correlation", **_fields(self)}
+        return _readout_config(
+            self,
+            "box_coordinate_query",
+            self.width,
+            streaming="recurrent: the box predicted at t-1 (frame-0 box at t=0), Fourier-encoded, attends to "
+            "frame t's output tokens only -> box at t",
+            all_frames="per (object, frame) query (frame-0 box + frame embedding) attends to all T*N output tokens",
+        )
 
 
 @dataclass(kw_only=True, slots=True)
 class CameraPose:
     """Relative camera pose between consecutive frames: the background pan (pure translation)."""
 
-    hidden: int = 128
-    """Hidden width of the pair MLP."""
+    width: int = READOUT_WIDTH
+    """Readout width E (the core's outputs are projected to it)."""
+    num_queries: int = 4
+    """Learned queries pooling a frame's tokens."""
+    heads: int = 4
+    """Attention heads of the pooling."""
     name: str = "camera_pose"
     primary: str = "rpe_trans"
     higher_is_better: bool = False
+    built: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+    """Readings this task has built a readout for ("streaming", "all_frames"), in order."""
+
+    def __post_init__(self) -> None:
+        _check_width(self.width, self.heads)
 
     def targets(self, truths: list[GroundTruth], grid: int) -> Batch:
         translation = np.stack([np.diff(t.camera_T2, axis=0) for t in truths])
@@ -263,7 +359,10 @@ class CameraPose:
         }
 
     def build_readout(self, dim: int, grid: int, frames: int, streaming: bool) -> nn.Module:
-        return RelativePoseHead(dim, self.hidden)
+        _record_build(self, streaming)
+        return RelativePoseHead(
+            dim, grid, frames, streaming=streaming, width=self.width, heads=self.heads, num_queries=self.num_queries
+        )
 
     def outputs(self, readout: nn.Module, features_BTNd: Tensor, batch: Batch) -> Batch:
         pose_BS3 = readout(features_BTNd)
@@ -283,7 +382,17 @@ class CameraPose:
         )
 
     def config(self) -> dict[str, Any]:
-        return {"readout": "consecutive_pair_head", "translation_unit": "video pixels per frame", **_fields(self)}
+        return {
+            **_readout_config(
+                self,
+                "per_frame_pose_pool",
+                self.width,
+                streaming="learned queries pool frame t's output tokens only -> motion from t-1 to t "
+                "(no pairing with frame t-1)",
+                all_frames="per pair, learned queries + frame embedding attend to all T*N output tokens",
+            ),
+            "translation_unit": "video pixels per frame",
+        }
 
 
 TASKS: dict[str, Callable[..., Task]] = {
@@ -305,7 +414,32 @@ def build_task(name: str, **overrides: Any) -> Task:
 
 
 def _fields(task: Any) -> dict[str, Any]:
-    return {k: v for k, v in asdict(task).items() if k not in ("name", "primary", "higher_is_better")}
+    return {k: v for k, v in asdict(task).items() if k not in ("name", "primary", "higher_is_better", "built")}
+
+
+def _check_width(width: int, heads: int) -> None:
+    if heads < 1:
+        raise ValueError(f"heads must be >= 1, got {heads}")
+    if width < 1 or width % heads:
+        raise ValueError(f"width must be a positive multiple of heads ({heads}), got {width}")
+
+
+def _record_build(task: Any, streaming: bool) -> None:
+    reading = "streaming" if streaming else "all_frames"
+    if reading not in task.built:
+        task.built.append(reading)
+
+
+def _readout_config(task: Any, kind: str, width: int, *, streaming: str, all_frames: str) -> dict[str, Any]:
+    """What a report records about a task's readout: both readings, their width and which ones ran."""
+    return {
+        "readout": kind,
+        "readout_width": width,
+        "readout_streaming": streaming,
+        "readout_all_frames": all_frames,
+        "readouts_built": list(task.built),
+        **_fields(task),
+    }
 
 
 def point_tracks(truth: GroundTruth, points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

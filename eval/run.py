@@ -14,7 +14,10 @@ instead (ssv2, kinetics -> classification; tapvid -> point_tracking;
 scannet -> depth; mot -> box_tracking; nuscenes -> camera_pose; see
 eval.datasets); ``--frames`` then sets the clip length. ``future`` is the
 self-supervised eval on any folder of real videos: held-out future-feature
-error per offset against copy-last (see eval.selfsup).
+error per offset against copy-last, and against the export's identity-core
+control when it records one, with frames decoded and windowed in the
+export's recorded clip geometry (see eval.selfsup); its --seed defaults to
+the trainer's held-out mask seed (1234), --frames caps the frames per video.
 """
 
 from __future__ import annotations
@@ -224,7 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         "or a folder of videos for --task future",
     )
     parser.add_argument("--baseline", choices=BASELINES, default=None, help="evaluate a baseline instead")
+    # --task future defaults to the trainer's held-out mask seed, so that on the same windows
+    # it reproduces the trainer's numbers; the readout tasks default to 0.
+    parser.set_defaults(seed=None)
     args = parser.parse_args(argv)
+    if args.seed is None:
+        args.seed = 0
+        if args.task == "future":
+            from eval.selfsup import HELDOUT_SEED
+
+            args.seed = HELDOUT_SEED
     setup_logging(args.verbose)
     try:
         return _main(args)

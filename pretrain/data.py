@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from data_shards import decode_video, detect_scene_cuts, file_sha256, sample_video_path
+from data_shards import cut_free_windows, decode_video, detect_scene_cuts, file_sha256, sample_video_path
 from pretrain.config import Config, DataConfig, ObjectiveConfig
 from pretrain.encoder import FrozenEncoder
 
@@ -175,33 +175,32 @@ def window_frames(objective: ObjectiveConfig, stride: int, offset: int) -> int:
     return ((objective.source_frames - 1) + offset) * stride + 1
 
 
-def _crosses_cut(start: int, span: int, cuts: list[int]) -> bool:
-    return any(start < c <= start + span - 1 for c in cuts)
-
-
 def split_windows(
     videos: list[EncodedVideo], cfg: Config, offset: int | None = None
 ) -> tuple[list[Window], list[Window]]:
     """Train windows in the first part of each video, held-out windows in the last part.
 
-    A window spans the source frames and its target (the largest offset when
-    ``offset`` is None). Windows never straddle the split point and, with
-    ``data.skip_scene_cuts``, never cross a scene cut.
+    A train window spans the source frames and its target (the largest
+    offset when ``offset`` is None). Held-out windows always span the largest
+    offset, whatever ``offset`` is: every offset is then scored on the same
+    windows (so the offsets are comparable), as the shard path
+    (``pretrain.shard_data.eval_batches``) and ``eval.selfsup`` score them,
+    and a folder holding exactly the held-out frames gives eval.selfsup the
+    trainer's held-out windows. Windows start at every frame, never straddle
+    the split point and, with ``data.skip_scene_cuts``, never cross a scene cut.
     """
     offset = max(cfg.objective.target_offsets) if offset is None else offset
-    span = window_frames(cfg.objective, cfg.data.frame_stride, offset)
+    train_span = window_frames(cfg.objective, cfg.data.frame_stride, offset)
+    heldout_span = window_frames(cfg.objective, cfg.data.frame_stride, max(cfg.objective.target_offsets))
     train: list[Window] = []
     heldout: list[Window] = []
     for v, video in enumerate(videos):
         split = round(video.num_frames * (1 - cfg.data.holdout_fraction))
         cuts = video.cuts if cfg.data.skip_scene_cuts else []
-        for start in range(video.num_frames - span + 1):
-            if _crosses_cut(start, span, cuts):
-                continue
-            if start + span <= split:
-                train.append(Window(v, start))
-            elif start >= split:
-                heldout.append(Window(v, start))
+        train.extend(Window(v, start) for start in cut_free_windows(split, cuts, train_span))
+        # Cut-free windows of the held-out part, counted from the split point.
+        later = [c - split for c in cuts if c > split]
+        heldout.extend(Window(v, split + s) for s in cut_free_windows(video.num_frames - split, later, heldout_span))
     return train, heldout
 
 
@@ -269,8 +268,114 @@ def gather_batch(videos: list[EncodedVideo], windows: list[Window], offsets_BK: 
     return batch
 
 
+CROPS = ("center", "center_even")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClipGeometry:
+    """How the frames a model was trained and held-out-scored on were cut from video.
+
+    An offset counts ``frame_stride`` frames at ``fps``, so the same offset
+    is a different time gap under another rate or stride; an export records
+    this (config.json "clip_geometry") and ``eval.selfsup`` decodes, crops and
+    windows with it. Frames: decode at ``fps``, resize the short side to
+    ``short_side``, take the centred square (``crop``), resize it to
+    ``image_size``. Windows: ``source_frames`` frames ``frame_stride`` apart,
+    targets ``target_offsets`` strided frames after the last source.
+    """
+
+    data_source: str
+    """The trainer's data path: 'videos', 'clips' or 'features'."""
+    fps: float | None
+    """Frames per second of the frames that strides count (None: each video's native rate)."""
+    frame_stride: int
+    """Decoded frames between consecutive frames of a window; offsets count strided frames."""
+    short_side: int | None
+    """Short side in pixels the decoded frames were resized to before cropping (None: as stored)."""
+    crop: str
+    """'center': the centred square of the short side; 'center_even': the same with edges rounded to
+    even pixels (the clip loader's box: 4:2:0 chroma cannot be cut at odd rows or columns)."""
+    image_size: int
+    """Side in pixels of the square the crop is resized to (the encoder's input)."""
+    source_frames: int
+    """Source frames per window (the core's memory)."""
+    target_offsets: tuple[int, ...]
+    """Target offsets in strided frames after the last source frame."""
+    skip_scene_cuts: bool
+    """Windows (videos) or clips (shards) that cross a detected scene cut were left out."""
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ValueError(f"clip_geometry.crop must be one of {CROPS}, got {self.crop!r}")
+        if self.frame_stride < 1 or self.source_frames < 1 or not self.target_offsets:
+            raise ValueError(f"clip_geometry: stride, source frames and offsets must be positive, got {self}")
+
+    @property
+    def window_frames(self) -> int:
+        """Decoded frames a window spans at the largest offset."""
+        return (self.source_frames - 1 + max(self.target_offsets)) * self.frame_stride + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json record (plain JSON types)."""
+        return {
+            "data_source": self.data_source,
+            "fps": self.fps,
+            "frame_stride": self.frame_stride,
+            "short_side": self.short_side,
+            "crop": self.crop,
+            "image_size": self.image_size,
+            "source_frames": self.source_frames,
+            "target_offsets": list(self.target_offsets),
+            "skip_scene_cuts": self.skip_scene_cuts,
+        }
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> ClipGeometry:
+        fps = record["fps"]
+        return cls(
+            data_source=str(record["data_source"]),
+            fps=float(fps) if fps else None,
+            frame_stride=int(record["frame_stride"]),
+            short_side=int(record["short_side"]) if record["short_side"] else None,
+            crop=str(record["crop"]),
+            image_size=int(record["image_size"]),
+            source_frames=int(record["source_frames"]),
+            target_offsets=tuple(int(o) for o in record["target_offsets"]),
+            skip_scene_cuts=bool(record["skip_scene_cuts"]),
+        )
+
+
+def config_geometry(config: dict[str, Any], **measured: Any) -> ClipGeometry:
+    """The geometry a resolved config (``config_to_dict``) implies, with ``measured`` fields replacing its own.
+
+    For data.source='videos' the config is the whole story: ``encode_video``
+    decodes at data.fps, resizes the short side to the encoder's image size
+    and takes the centred square. Shard sources pass what their manifests say
+    (fps, short_side, crop, skip_scene_cuts; see ``pretrain.shard_data``).
+    """
+    data, objective = config["data"], config["objective"]
+    image_size = int(config["encoder"]["image_size"])
+    fields: dict[str, Any] = {
+        "data_source": data["source"],
+        "fps": float(data["fps"]) or None,
+        "frame_stride": int(data["frame_stride"]),
+        "short_side": image_size,
+        "crop": "center",
+        "image_size": image_size,
+        "source_frames": int(objective["source_frames"]),
+        "target_offsets": tuple(int(o) for o in objective["target_offsets"]),
+        "skip_scene_cuts": bool(data["skip_scene_cuts"]),
+    }
+    return ClipGeometry(**{**fields, **measured})
+
+
 def data_summary(videos: list[EncodedVideo], train: list[Window], heldout: list[Window]) -> dict[str, object]:
-    """What an export records about the data it was trained on."""
+    """What an export records about the data it was trained on.
+
+    The clip geometry of in-memory videos follows from the config alone, so
+    ``pretrain.export.export_config`` derives it there (``config_geometry``);
+    shard summaries carry theirs under "clip_geometry".
+    """
     return {
         "videos": [
             {"name": v.name, "sha256": v.sha256, "frames": v.num_frames, "fps": v.fps, "scene_cuts": v.cuts}

@@ -32,6 +32,7 @@ from pretrain.checkpoint import (
     load_checkpoint,
     verify_checkpoint,
 )
+from pretrain.data import config_geometry
 from pretrain.model.predictor import FuturePredictor, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -61,13 +62,27 @@ def code_version() -> str:
 
 
 def export_config(meta: dict[str, Any], config: dict[str, Any], step: int) -> dict[str, Any]:
+    """config.json of an export: model spec, encoder identity, data summary, resolved config, clip geometry.
+
+    "clip_geometry" (``pretrain.data.ClipGeometry``) is the one record of how
+    frames were decoded, cropped and windowed, so that eval measures an offset
+    as the same time gap: lifted out of a shard summary (the builder's rate and
+    short side come from the shards' manifest), derived from the config for
+    in-memory videos. Left out for a shard run whose summary predates it
+    (checkpoints of older code): eval then falls back (see ``eval.selfsup``).
+    """
+    summary = dict(meta.get("data_summary", {}))
+    geometry = summary.pop("clip_geometry", None)
+    if geometry is None and config["data"]["source"] == "videos":
+        geometry = config_geometry(config).to_dict()
     return {
         "format": EXPORT_FORMAT,
         "step": step,
         "model_spec": meta["model_spec"],
         "encoder": meta["encoder"],
         "objective": config["objective"],
-        "data": meta.get("data_summary", {}),
+        "data": summary,
+        **({"clip_geometry": geometry} if geometry is not None else {}),
         "config": config,
         "code_version": code_version(),
     }

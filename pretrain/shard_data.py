@@ -13,13 +13,23 @@ encoded. In feature mode there are no pixels: visible target tokens come
 from the visible sets the encode pass stored (``check_feature_shards`` holds
 their fraction to objective.visible_fraction), or there are none
 (objective.visible_fraction = 0, pure forecasting).
+
+What an offset means in time is set by the shard builder's frame rate
+(manifest "args" "fps") and the loader's data.frame_stride, and the pixels by
+the builder's short side and the loader's centred crop; ``shard_summary``
+records that as the run's clip geometry (``pretrain.data.ClipGeometry``),
+which the export carries to ``eval.selfsup``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
+import tarfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,9 +37,12 @@ from torch import Tensor
 
 from data_shards import FeatureBatch, LoaderConfig, VideoBatch, clip_loader, feature_loader
 from data_shards.features import resolve_feature_dir
-from pretrain.config import Config, ConfigError
-from pretrain.data import ClipBatch
+from data_shards.loader import list_shards
+from pretrain.config import Config, ConfigError, config_to_dict
+from pretrain.data import ClipBatch, ClipGeometry, config_geometry
 from pretrain.encoder import FrozenEncoder
+
+log = logging.getLogger(__name__)
 
 
 def loader_config(cfg: Config, shards: str, *, evaluation: bool = False) -> LoaderConfig:
@@ -246,9 +259,87 @@ def eval_batches(cfg: Config, encoder: FrozenEncoder, device: torch.device, offs
 
 
 def shard_summary(cfg: Config, loader: Any) -> dict[str, Any]:
+    """What an export records about the shards it was trained on, with their clip geometry."""
+    geometry = shard_geometry(config_to_dict(cfg), loader.manifest, loader.shards[0])
     return {
         "source": cfg.data.source,
         "shards": cfg.data.shards,
         "shard_mode": loader.mode,
         "samples_per_epoch": loader.samples_per_epoch,
+        "clip_geometry": geometry.to_dict(),
     }
+
+
+def shard_geometry(config: dict[str, Any], manifest: dict[str, Any] | None, first_shard: str | Path) -> ClipGeometry:
+    """The clip geometry of training from these shards (``config``: a resolved config, ``config_to_dict``).
+
+    Rate, short side and scene-cut policy are the builder's (``data_shards
+    build`` records them in the clip shards' manifest "args"; feature shards
+    name their clip shards under "source"). Shards whose manifest lacks them
+    (hand-made, or clip shards moved away from their feature shards) fall back
+    on the first clip's own json: its rate and its stored short side. The
+    stride is the loader's (data.frame_stride). The crop is the centred square:
+    the clip loader's evaluation draw rounds its edges to even pixels; the
+    encode pass of feature shards does not.
+    """
+    source = config["data"]["source"]
+    args = _build_args(source, manifest)
+    if "fps" in args and "short_side" in args:
+        fps, short_side = float(args["fps"]) or None, int(args["short_side"]) or None
+    else:
+        clip = first_sample_json(first_shard)
+        fps, short_side = float(clip["fps"]), min(int(clip["width"]), int(clip["height"]))
+        log.warning(
+            "shards of %s record no build arguments: clip geometry from the clip json of %s (%.3f fps, short side %d)",
+            config["data"]["shards"],
+            first_shard,
+            fps,
+            short_side,
+        )
+    measured: dict[str, Any] = {
+        "fps": fps,
+        "short_side": short_side,
+        "crop": "center_even" if source == "clips" else "center",
+        "skip_scene_cuts": bool(args.get("skip_scene_cuts", False)),
+    }
+    if source == "features" and manifest is not None and "image_size" in manifest:
+        measured["image_size"] = int(manifest["image_size"])
+    return config_geometry(config, **measured)
+
+
+def recorded_shard_geometry(config: dict[str, Any], encoder_hash: str) -> ClipGeometry:
+    """``shard_geometry`` of the training shards a resolved config names (data.shards), read again from disk.
+
+    For exports written before they recorded their geometry. Raises
+    FileNotFoundError (or ValueError) when the shards are no longer there.
+    """
+    directory = config["data"]["shards"]
+    if config["data"]["source"] == "features":
+        directory, _ = resolve_feature_dir(directory, encoder_hash)
+        entries, manifest = list_shards(directory, "features")
+    else:
+        entries, manifest = list_shards(directory, "clips")
+    return shard_geometry(config, manifest, entries[0].path)
+
+
+def _build_args(source: str, manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """The clip builder's arguments behind these shards ({} when unknown)."""
+    if manifest is None:
+        return {}
+    if source != "features":
+        return dict(manifest.get("args") or {})
+    clip_manifest = Path(str(manifest.get("source", {}).get("shards", ""))) / "manifest.json"
+    if not clip_manifest.is_file():
+        return {}
+    return dict(json.loads(clip_manifest.read_text()).get("args") or {})
+
+
+def first_sample_json(shard: str | Path) -> dict[str, Any]:
+    """The json member of the first sample of a shard (clip or feature shards carry the clip's json)."""
+    with tarfile.open(shard, "r:") as archive:
+        for member in archive:
+            if member.name.endswith(".json"):
+                data = archive.extractfile(member)
+                if data is not None:
+                    return json.loads(data.read())
+    raise ValueError(f"{shard} holds no sample json")

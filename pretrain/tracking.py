@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from data_shards.io import atomic_path
 from pretrain.config import Config, flatten
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,39 @@ RESUMED_FROM_TAG = "video_pretrain.resumed_from_run_id"
 RESUMED_AT_TAG = "video_pretrain.resumed_at_step"
 
 
+def create_sqlite_store(uri: str) -> None:
+    """Create (and migrate) a new SQLite store under a temporary name, then rename it into place.
+
+    MLflow builds a new database through a dozen schema migrations; a process
+    killed half-way leaves a store that every later start fails to open
+    ("table _alembic_tmp_experiments already exists"). Built aside, the store
+    at ``uri`` is either absent or complete.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if db.exists():
+        return
+    from mlflow.tracking import MlflowClient
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(db) as tmp:
+        # Listing experiments forces the schema to be created and migrated to head.
+        MlflowClient(f"sqlite:///{tmp}").search_experiments()
+        _dispose_sqlalchemy_engines()
+    log.info("created the MLflow store %s", db)
+
+
+def _dispose_sqlalchemy_engines() -> None:
+    """Close MLflow's cached connections to the temporary database before it is renamed."""
+    try:
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        tracking_utils._tracking_store_registry._get_store_with_resolved_uri.cache_clear()
+    except (ImportError, AttributeError):
+        pass
+
+
 def artifact_location(uri: str) -> str | None:
     """Artifacts of a SQLite store go beside its database file (MLflow's default is ./mlruns of the CWD)."""
     if not uri.startswith("sqlite:///"):
@@ -85,6 +119,7 @@ class MLflowLogger:
 
         self.uri = tracking_uri(cfg)
         Path(cfg.run.out_dir).mkdir(parents=True, exist_ok=True)
+        create_sqlite_store(self.uri)
         self._client = client = MlflowClient(self.uri)
         self.experiment_id = _experiment_id(client, cfg.tracking.experiment, self.uri)
         run_dir_tag = str(Path(run_dir if run_dir is not None else cfg.run_dir).resolve())

@@ -68,3 +68,27 @@ def test_disabled_and_nonzero_rank_use_null_logger(tmp_path: Path) -> None:
     cfg = load_config("tiny-cpu", [f"--run.out_dir={tmp_path}", "--tracking.enabled=false"])
     assert isinstance(build_logger(cfg, rank=0), NullLogger)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_store_is_created_aside_so_a_kill_cannot_leave_half_a_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill during MLflow's schema migrations once left a store no later start could open."""
+    from mlflow.tracking import MlflowClient
+
+    from pretrain.tracking import create_sqlite_store
+
+    db = tmp_path / "mlflow.db"
+    original = MlflowClient.search_experiments
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt  # stands in for the kill, after the migrations started
+
+    monkeypatch.setattr(MlflowClient, "search_experiments", killed)
+    with pytest.raises(KeyboardInterrupt):
+        create_sqlite_store(f"sqlite:///{db}")
+    assert not db.exists() and not list(tmp_path.iterdir())
+    monkeypatch.setattr(MlflowClient, "search_experiments", original)
+    create_sqlite_store(f"sqlite:///{db}")
+    assert db.is_file()
+    assert MlflowClient(f"sqlite:///{db}").search_experiments()[0].name == "Default"

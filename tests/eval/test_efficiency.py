@@ -154,3 +154,14 @@ def test_same_seed_gives_the_same_efficiency_json(tiny_record: dict) -> None:
         record.pop("seconds"), record.pop("wall_seconds")
         record["export"].pop("dir")
     assert first == again
+
+
+def test_quick_and_full_ladders_score_on_the_same_test_videos() -> None:
+    from data_shards.procedural import dataset_seeds
+    from eval.efficiency import QUICK, procedural_config
+
+    quick, full = procedural_config(EfficiencyConfig(**QUICK)), procedural_config(EfficiencyConfig())
+    assert quick.train_videos == full.train_videos == 100  # the first videos: the test set
+    n_quick, n_full = quick.train_videos + quick.test_videos, full.train_videos + full.test_videos
+    assert dataset_seeds(n_quick, quick.seed) == dataset_seeds(n_full, full.seed)[:n_quick]
+    assert quick.anchor_frame == "last" and min(quick.pan_speed) >= 2.0

@@ -288,9 +288,13 @@ def shard_geometry(config: dict[str, Any], manifest: dict[str, Any] | None, firs
         fps, short_side = float(args["fps"]) or None, int(args["short_side"]) or None
     else:
         clip = first_sample_json(first_shard)
-        fps, short_side = float(clip["fps"]), min(int(clip["width"]), int(clip["height"]))
+        if clip is None:
+            # Unreadable shards: the loader counts them and says so when no batch comes; geometry unknown.
+            log.warning("no clip geometry: the first sample of %s cannot be read", first_shard)
+            clip = {"fps": 0.0, "width": 0, "height": 0}
+        fps, short_side = float(clip["fps"]) or None, min(int(clip["width"]), int(clip["height"])) or None
         log.warning(
-            "shards of %s record no build arguments: clip geometry from the clip json of %s (%.3f fps, short side %d)",
+            "shards of %s record no build arguments: clip geometry from the clip json of %s (%s fps, short side %s)",
             config["data"]["shards"],
             first_shard,
             fps,
@@ -334,12 +338,19 @@ def _build_args(source: str, manifest: dict[str, Any] | None) -> dict[str, Any]:
     return dict(json.loads(clip_manifest.read_text()).get("args") or {})
 
 
-def first_sample_json(shard: str | Path) -> dict[str, Any]:
-    """The json member of the first sample of a shard (clip or feature shards carry the clip's json)."""
-    with tarfile.open(shard, "r:") as archive:
-        for member in archive:
-            if member.name.endswith(".json"):
-                data = archive.extractfile(member)
-                if data is not None:
-                    return json.loads(data.read())
-    raise ValueError(f"{shard} holds no sample json")
+def first_sample_json(shard: str | Path) -> dict[str, Any] | None:
+    """The json member of the first sample of a shard (clip or feature shards carry the clip's json).
+
+    None when the shard cannot be read or holds no readable json: a junk or
+    truncated shard is the loader's to count, not a start-up crash.
+    """
+    try:
+        with tarfile.open(shard, "r:") as archive:
+            for member in archive:
+                if member.name.endswith(".json"):
+                    data = archive.extractfile(member)
+                    if data is not None:
+                        return json.loads(data.read())
+    except (tarfile.TarError, OSError, ValueError):
+        return None
+    return None

@@ -390,47 +390,87 @@ def learnability(rows: list[dict[str, Any]], reading: str) -> dict[str, str]:
     return out
 
 
-def run_efficiency(export: Export, clips: ClipSet, cfg: EfficiencyConfig) -> dict[str, Any]:
-    """Every task x reading x variant x budget x seed, then the statistics; the efficiency.json record."""
-    experiment = Experiment(export, clips, cfg)
-    rows: list[dict[str, Any]] = []
-    comparisons: list[dict[str, Any]] = []
-    fair: dict[str, Any] = {}
-    readouts: dict[str, Any] = {}
-    seconds: dict[str, float] = {}
-    grid = export.spec.grid_h
-    for task_name in cfg.tasks:
-        task = build_task(task_name)
-        targets = task.targets(clips.truths, grid)
-        start = time.perf_counter()
-        for reading in cfg.readings:
-            runs: dict[tuple[str, int], list[Trained]] = {}
-            for variant in VARIANTS:
-                for budget in cfg.budgets:
-                    runs[(variant, budget)] = [
-                        experiment.train(task, targets, variant, budget, seed, READINGS[reading])
-                        for seed in range(cfg.seeds)
-                    ]
-                    log.info(
-                        "%s %s %s N=%d: %s",
-                        task_name,
-                        reading,
-                        variant,
-                        budget,
-                        [round(t.result.metrics[task.primary], 4) for t in runs[(variant, budget)]],
-                    )
-            if reading == cfg.readings[0]:
-                runs[(CONTROL, max(cfg.budgets))] = [
-                    experiment.train(task, targets, CONTROL, max(cfg.budgets), seed, streaming=False)
+@dataclass(slots=True)
+class TaskOutcome:
+    """Everything one task contributes to the record."""
+
+    rows: list[dict[str, Any]]
+    comparisons: list[dict[str, Any]]
+    fairness: dict[str, Any]
+    readouts: dict[str, Any]
+    seconds: float
+
+
+def run_task(experiment: Experiment, task_name: str) -> TaskOutcome:
+    """Every reading x variant x budget x seed of one task, then its statistics."""
+    cfg, clips = experiment.cfg, experiment.clips
+    task = build_task(task_name)
+    targets = task.targets(clips.truths, experiment.grid)
+    start = time.perf_counter()
+    outcome = TaskOutcome([], [], {}, {}, 0.0)
+    for reading in cfg.readings:
+        runs: dict[tuple[str, int], list[Trained]] = {}
+        for variant in VARIANTS:
+            for budget in cfg.budgets:
+                runs[(variant, budget)] = [
+                    experiment.train(task, targets, variant, budget, seed, READINGS[reading])
                     for seed in range(cfg.seeds)
                 ]
-            task_rows, task_comparisons = summarize_task(task, reading, runs, cfg, len(experiment.test_idx))
-            rows += task_rows
-            comparisons += task_comparisons
-            fair[f"{task_name}/{reading}"] = fairness(task, runs)
-            readouts[f"{task_name}/{reading}"] = task.config()
-        seconds[task_name] = time.perf_counter() - start
-        log.info("%s done in %.0f s", task_name, seconds[task_name])
+                scores = [round(t.result.metrics[task.primary], 4) for t in runs[(variant, budget)]]
+                log.info("%s %s %s N=%d: %s", task_name, reading, variant, budget, scores)
+        if reading == cfg.readings[0]:
+            runs[(CONTROL, max(cfg.budgets))] = [
+                experiment.train(task, targets, CONTROL, max(cfg.budgets), seed, streaming=False)
+                for seed in range(cfg.seeds)
+            ]
+        task_rows, task_comparisons = summarize_task(task, reading, runs, cfg, len(experiment.test_idx))
+        outcome.rows += task_rows
+        outcome.comparisons += task_comparisons
+        outcome.fairness[f"{task_name}/{reading}"] = fairness(task, runs)
+        outcome.readouts[f"{task_name}/{reading}"] = task.config()
+    outcome.seconds = time.perf_counter() - start
+    log.info("%s done in %.0f s", task_name, outcome.seconds)
+    return outcome
+
+
+# The experiment a forked worker process runs its tasks on (inherited, not pickled).
+_WORKER_EXPERIMENT: Experiment | None = None
+
+
+def _run_task_in_worker(task_name: str) -> TaskOutcome:
+    # One thread per worker: the readouts are small, so two single-threaded processes keep
+    # two cores busier than one process with two threads.
+    torch.set_num_threads(1)
+    assert _WORKER_EXPERIMENT is not None
+    return run_task(_WORKER_EXPERIMENT, task_name)
+
+
+def run_tasks(experiment: Experiment, tasks: Sequence[str], workers: int) -> list[TaskOutcome]:
+    """Tasks one after another, or spread over ``workers`` forked processes (same numbers up to float rounding)."""
+    if workers <= 1 or len(tasks) <= 1:
+        return [run_task(experiment, name) for name in tasks]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    global _WORKER_EXPERIMENT
+    _WORKER_EXPERIMENT = experiment
+    try:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            return list(pool.map(_run_task_in_worker, tasks))
+    finally:
+        _WORKER_EXPERIMENT = None
+
+
+def run_efficiency(export: Export, clips: ClipSet, cfg: EfficiencyConfig, workers: int = 1) -> dict[str, Any]:
+    """Every task x reading x variant x budget x seed, then the statistics; the efficiency.json record."""
+    experiment = Experiment(export, clips, cfg)
+    outcomes = run_tasks(experiment, cfg.tasks, workers)
+    rows = [row for outcome in outcomes for row in outcome.rows]
+    comparisons = [c for outcome in outcomes for c in outcome.comparisons]
+    fair = {k: v for outcome in outcomes for k, v in outcome.fairness.items()}
+    readouts = {k: v for outcome in outcomes for k, v in outcome.readouts.items()}
+    seconds = {name: outcome.seconds for name, outcome in zip(cfg.tasks, outcomes, strict=True)}
     headline = cfg.readings[0]
     return {
         "format": FORMAT,
@@ -623,6 +663,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="readout optimizer steps")
     parser.add_argument("--encoder", default=None, help="encoder weights source, when the recorded one is not here")
     parser.add_argument("--cache-dir", type=Path, default=None, help="procedural videos and token cache")
+    parser.add_argument("--workers", type=int, default=2, help="task processes (one thread each; 1 = in process)")
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -640,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         export = read_export(args.export)
         encoder = load_checked_encoder(export, args.encoder)
         clips = load_procedural(procedural_config(cfg), encoder, args.cache_dir)
-        record = run_efficiency(export, clips, cfg)
+        record = run_efficiency(export, clips, cfg, workers=args.workers)
         record["wall_seconds"] = time.perf_counter() - start
         paths = write_reports(record, args.out)
     except (OutputDirError, EncoderMismatchError, FileNotFoundError, ValueError) as err:

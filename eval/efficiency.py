@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_shards.io import OutputDirError, output_dir
+from data_shards.io import OutputDirError, check_output_dir, output_dir
 from eval.data import ClipSet, ProceduralConfig, load_procedural
 from eval.features import (
     EncoderMismatchError,
@@ -680,7 +680,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         cfg = config_from_args(args)
+        # Refuse the output before anything heavy runs (a refused OUT must cost the user nothing).
         check_out_root(args.out)
+        check_output_dir(args.out, is_ours=is_efficiency_report, what="an efficiency report")
         export = read_export(args.export)
         encoder = load_checked_encoder(export, args.encoder)
         clips = load_procedural(procedural_config(cfg), encoder, args.cache_dir)

@@ -165,3 +165,15 @@ def test_quick_and_full_ladders_score_on_the_same_test_videos() -> None:
     n_quick, n_full = quick.train_videos + quick.test_videos, full.train_videos + full.test_videos
     assert dataset_seeds(n_quick, quick.seed) == dataset_seeds(n_full, full.seed)[:n_quick]
     assert quick.anchor_frame == "last" and min(quick.pan_speed) >= 2.0
+
+
+def test_efficiency_refuses_a_directory_of_unrelated_files(
+    tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("x")
+    assert efficiency.main(["--export", str(tiny_export), "--out", str(out), "--no-mlflow", "--quick"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(out) in errors[0]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "sub"]

@@ -105,8 +105,9 @@ def safe_torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"refusing to load {path}: it holds more than tensors and plain data ({first})") from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is unreadable (truncated or not a checkpoint): {err}") from err
+    except Exception as err:
+        # The weights-only unpickler raises whatever garbage bytes provoke (IndexError, KeyError, ...).
+        raise CheckpointError(f"{path} is unreadable (truncated or not a checkpoint): {err!r}") from err
 
 
 def check_pickle_globals(path: Path, allowed: frozenset[str] = DEEPSPEED_GLOBALS) -> None:

@@ -1,0 +1,212 @@
+"""What does the core carry through time? A linear probe of motion from one frame's features.
+
+    python -m eval.velocity_probe --export DIR [--out FILE.json] [--pool 512] [--test-videos 100]
+
+A direct look at what pre-training put into the core's state, without a
+trained readout in the way: a ridge regression from the features of the
+*last* frame of each procedural clip to that frame's motion, which one frame
+alone cannot show:
+
+- ``objects``: the objects' mean screen velocity over the last step (px/frame, x and y);
+- ``camera``: the camera pan over the last step (px/frame, x and y).
+
+Feature sets, each read at the last frame only (shape legend: V videos,
+T frames, N tokens, D encoder width, d core width):
+
+- ``encoder``: the frozen encoder's tokens (image only);
+- ``identity``: the export's adapter on them (image only, the core's input);
+- ``pretrained``: the export's core output (adapter + core over the clip);
+- ``random``: a fresh core of the same shape (one per seed; the mean is reported);
+- ``two-frames``: the encoder tokens of the last two frames side by side, the
+  positive control (two frames do show motion linearly, up to the encoder).
+
+The regression is the dual (kernel) form of ridge on the flattened tokens of
+one frame, its penalty chosen by 5-fold cross-validation on the training pool
+only; the score is R² on a fixed test set (the first ``--test-videos`` clips of
+the efficiency experiment's seed sequence, so the cached tokens are shared),
+with a 95% bootstrap interval over test clips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from data_shards.io import write_text_atomic
+from eval.data import ClipSet, load_procedural
+from eval.efficiency import EfficiencyConfig, procedural_config, split
+from eval.features import build_feature_path, load_checked_encoder, read_export
+from eval.probe import precompute_features
+
+log = logging.getLogger(__name__)
+
+FORMAT = "video-pretrain-velocity-probe/1"
+ALPHAS = tuple(10.0**k for k in range(-3, 6))
+TARGETS = {"objects": (0, 2), "camera": (2, 4)}
+"""target name -> its columns in the (V, 4) motion matrix."""
+
+
+def motion_targets(clips: ClipSet) -> np.ndarray:
+    """(V, 4): objects' mean screen velocity and the camera pan, both over the last frame step."""
+    rows = []
+    for truth in clips.truths:
+        objects_2 = (truth.centers_OT2[:, -1] - truth.centers_OT2[:, -2]).mean(axis=0)
+        camera_2 = truth.camera_T2[-1] - truth.camera_T2[-2]
+        rows.append(np.concatenate([objects_2, camera_2]))
+    return np.asarray(rows, dtype=np.float64)
+
+
+def _standardize(train_VF: Tensor, test_VF: Tensor) -> tuple[Tensor, Tensor]:
+    mean, std = train_VF.mean(0), train_VF.std(0).clamp_min(1e-6)
+    return (train_VF - mean) / std, (test_VF - mean) / std
+
+
+def ridge_predict(train_VF: Tensor, y_train_VK: np.ndarray, test_VF: Tensor, alpha: float) -> np.ndarray:
+    """Kernel ridge with a linear kernel (dual form: V x V, cheap for wide features), centred targets."""
+    train_VF, test_VF = _standardize(train_VF.double(), test_VF.double())
+    y = torch.from_numpy(y_train_VK)
+    y_mean = y.mean(0)
+    gram_VV = train_VF @ train_VF.T / train_VF.shape[1]
+    weights_VK = torch.linalg.solve(gram_VV + alpha * torch.eye(len(gram_VV), dtype=gram_VV.dtype), y - y_mean)
+    return ((test_VF @ train_VF.T / train_VF.shape[1]) @ weights_VK + y_mean).numpy()
+
+
+def r2(pred_VK: np.ndarray, y_VK: np.ndarray) -> float:
+    """R² averaged over target columns (1 is perfect, 0 is predicting the test mean)."""
+    residual = ((pred_VK - y_VK) ** 2).sum(0)
+    total = ((y_VK - y_VK.mean(0)) ** 2).sum(0)
+    return float(np.mean(1.0 - residual / np.maximum(total, 1e-12)))
+
+
+def choose_alpha(features_VF: Tensor, y_VK: np.ndarray, folds: int = 5) -> float:
+    """The penalty with the best mean cross-validated R² on the training pool."""
+    order = np.random.default_rng(0).permutation(len(y_VK))
+    parts = np.array_split(order, folds)
+    scores = {}
+    for alpha in ALPHAS:
+        fold_scores = []
+        for k in range(folds):
+            held = parts[k]
+            kept = np.concatenate([parts[j] for j in range(folds) if j != k])
+            pred = ridge_predict(features_VF[kept], y_VK[kept], features_VF[held], alpha)
+            fold_scores.append(r2(pred, y_VK[held]))
+        scores[alpha] = float(np.mean(fold_scores))
+    return max(scores, key=scores.__getitem__)
+
+
+def bootstrap_r2(pred_VK: np.ndarray, y_VK: np.ndarray, draws: int = 1000) -> tuple[float, float]:
+    rng = np.random.default_rng(0)
+    values = [r2(pred_VK[idx], y_VK[idx]) for idx in rng.integers(0, len(y_VK), size=(draws, len(y_VK)))]
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def last_frame_features(export_dir: Path, clips: ClipSet, seeds: int) -> dict[str, list[Tensor]]:
+    """Feature set name -> one (V, F) matrix per seed (several only for ``random``)."""
+    export = read_export(export_dir)
+    tokens_VTND = clips.tokens_VTND
+    out: dict[str, list[Tensor]] = {
+        "encoder": [tokens_VTND[:, -1].float().flatten(1)],
+        "two-frames": [tokens_VTND[:, -2:].float().flatten(1)],
+    }
+    for name, variant, runs in (
+        ("identity", "identity", 1),
+        ("pretrained", "pretrained", 1),
+        ("random", "random", seeds),
+    ):
+        out[name] = []
+        for seed in range(runs):
+            path = build_feature_path(export, variant, "clip", "frozen", seed)
+            out[name].append(precompute_features(path, tokens_VTND, 8)[:, -1].flatten(1))
+    return out
+
+
+def run_probe(export_dir: Path, clips: ClipSet, test_idx: Tensor, pool_idx: Tensor, seeds: int = 3) -> dict[str, Any]:
+    """R² with interval per (feature set, target)."""
+    y_VK = motion_targets(clips)
+    features = last_frame_features(export_dir, clips, seeds)
+    train, test = pool_idx.numpy(), test_idx.numpy()
+    results: dict[str, Any] = {}
+    for name, matrices in features.items():
+        for target, (lo, hi) in TARGETS.items():
+            scores, intervals = [], []
+            for features_VF in matrices:
+                alpha = choose_alpha(features_VF[train], y_VK[train, lo:hi])
+                pred = ridge_predict(features_VF[train], y_VK[train, lo:hi], features_VF[test], alpha)
+                scores.append(r2(pred, y_VK[test, lo:hi]))
+                intervals.append(bootstrap_r2(pred, y_VK[test, lo:hi]))
+            results.setdefault(name, {})[target] = {
+                "r2": float(np.mean(scores)),
+                "values": scores,
+                "ci95": [float(np.mean([i[0] for i in intervals])), float(np.mean([i[1] for i in intervals]))],
+                "features": int(matrices[0].shape[1]),
+            }
+            log.info("%s %s: R2 %.3f", name, target, results[name][target]["r2"])
+    return results
+
+
+def markdown(record: dict[str, Any]) -> str:
+    lines = [
+        f"# Motion probe: {record['export']}",
+        "",
+        f"Ridge from the last frame's features to its motion; R² on {record['test_videos']} test clips "
+        f"(trained on {record['pool']}), 95% bootstrap interval over test clips.",
+        "",
+        "| features | " + " | ".join(TARGETS) + " |",
+        "|---|" + "---|" * len(TARGETS),
+    ]
+    for name, per_target in record["results"].items():
+        cells = [f"{v['r2']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]" for v in per_target.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.velocity_probe", description=__doc__.splitlines()[0])
+    parser.add_argument("--export", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=None, help="write the record as JSON here")
+    parser.add_argument("--pool", type=int, default=512, help="training clips of the probe")
+    parser.add_argument("--test-videos", dest="test_videos", type=int, default=100)
+    parser.add_argument("--seeds", type=int, default=3, help="fresh cores for the random control")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--encoder", default=None)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        cfg = EfficiencyConfig(budgets=(args.pool,), test_videos=args.test_videos, seeds=2)
+        export = read_export(args.export)
+        encoder = load_checked_encoder(export, args.encoder)
+        clips = load_procedural(procedural_config(cfg), encoder, args.cache_dir)
+        test_idx, pool_idx = split(clips, cfg)
+        results = run_probe(args.export, clips, test_idx, pool_idx, args.seeds)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    record = {
+        "format": FORMAT,
+        "export": str(args.export),
+        "export_sha256": export.sha256,
+        "dataset_hash": clips.dataset_hash,
+        "pool": len(pool_idx),
+        "test_videos": len(test_idx),
+        "results": results,
+    }
+    print(markdown(record))
+    if args.out is not None:
+        write_text_atomic(args.out, json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -499,14 +499,13 @@ def future_gate(export: Export) -> dict[str, Any]:
     export that beats neither has not learned anything temporal, and the
     report says so before any number.
     """
-    heldout = export.config.get("heldout")
+    heldout = export.config.heldout
     if not heldout:
         return {"checked": False, "statement": "the export records no held-out future-prediction result"}
-    vs_copy = [r["offset"] for r in heldout if r["model_l1"] < r["copy_last_l1"]]
-    control = {r["offset"]: r for r in (export.config.get("identity_control") or {}).get("heldout", [])}
-    vs_identity = [
-        r["offset"] for r in heldout if r["offset"] in control and r["model_l1"] < control[r["offset"]]["model_l1"]
-    ]
+    vs_copy = [r.offset for r in heldout if r.model_l1 < r.copy_last_l1]
+    recorded = export.config.identity_control
+    control = {r.offset: r for r in recorded.heldout} if recorded is not None else {}
+    vs_identity = [r.offset for r in heldout if r.offset in control and r.model_l1 < control[r.offset].model_l1]
     passed = len(vs_copy) == len(heldout) and bool(control) and len(vs_identity) == len(heldout)
     statement = f"held-out future prediction beats copy-last at {len(vs_copy)} of {len(heldout)} offsets"
     statement += (
@@ -518,8 +517,8 @@ def future_gate(export: Export) -> dict[str, Any]:
         statement += ": the core has not been shown to learn anything temporal; read what follows as such"
     return {
         "checked": True,
-        "heldout": heldout,
-        "identity_control": list(control.values()),
+        "heldout": [dataclasses.asdict(r) for r in heldout],
+        "identity_control": [dataclasses.asdict(r) for r in control.values()],
         "beats_copy_last_at": vs_copy,
         "beats_identity_at": vs_identity,
         "passed": passed,

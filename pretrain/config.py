@@ -5,6 +5,11 @@ Precedence: dataclass defaults, then the preset (``--config FILE``), then
 ``ConfigError`` naming the key. The resolved config is the single source of
 truth: it is written to the run directory, logged as MLflow params, stored in
 every checkpoint and export.
+
+The ``[core]`` and ``[predictor]`` sections are declared once, in
+``pretrain.model.spec`` (model code reads them there; ``ModelSpec`` nests the
+same objects), and imported here. Choice fields are ``Literal`` types: the
+builder refuses a value outside them, naming the key.
 """
 
 from __future__ import annotations
@@ -12,21 +17,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from data_shards.io import write_text_atomic
+from pretrain.model.spec import (
+    AttnBackend,
+    ConfigError,
+    CoreConfig,
+    Memory,
+    PredictorConfig,
+    build_dataclass,
+    check,
+    check_choice,
+)
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
+Device = Literal["auto", "cpu", "cuda"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+DataSource = Literal["videos", "clips", "features"]
+Resume = Literal["never", "auto", "must"]
+Engine = Literal["auto", "deepspeed", "torch"]
+Backend = Literal["auto", "nccl", "gloo"]
+Precision = Literal["auto", "bf16", "fp32"]
+Optimizer = Literal["adamw", "adamw_fused"]
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-
-
-class ConfigError(ValueError):
-    """A config key is unknown, ill-typed or out of range; the message names it."""
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+DATA_SOURCES: tuple[str, ...] = get_args(DataSource)
+ENGINES: tuple[str, ...] = get_args(Engine)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -37,14 +57,14 @@ class RunConfig:
     """Parent directory of run directories."""
     seed: int = 0
     """Seed for parameters, masks and data order."""
-    device: str = "auto"
+    device: Device = "auto"
     """'auto' (CUDA when available), 'cpu' or 'cuda'."""
 
     def __post_init__(self) -> None:
-        _check_choice("run.device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("run.device", self.device, get_args(Device))
         # The run directory is out_dir/name: a separator or a dot-name would put it (and what
         # the run writes or deletes there) outside out_dir.
-        _check(
+        check(
             bool(self.name) and not any(sep in self.name for sep in ("/", "\\", "\0")) and self.name not in (".", ".."),
             "run.name",
             "must be a plain directory name (no path separator, not '.' or '..')",
@@ -60,7 +80,7 @@ class EncoderConfig:
     arch: str = ""
     """Architecture preset (vit_test, vits14, vitb14, vitl14, vits16, vitb16, vitl16): required shape of
     the weights; '' = read it from the checkpoint (vits14 for source='random')."""
-    attn_backend: str = "sdpa"
+    attn_backend: AttnBackend = "sdpa"
     """Attention kernel of the frozen encoder: sdpa (flash/cuDNN on GPU), xformers (CUDA, when installed), math."""
     image_size: int = 224
     """Frames are resized to image_size x image_size before encoding (pixels)."""
@@ -73,75 +93,30 @@ class EncoderConfig:
     """torch.compile the encoder (dynamic=False; chunks padded to chunk_frames so every call has one shape)."""
     compile_cache_dir: str = ""
     """Directory for inductor/Triton compile caches, reused across runs ('' = torch's defaults)."""
-    compile_mode: str = "default"
+    compile_mode: CompileMode = "default"
     """torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs: the static chunk shapes make them
     replayable) or 'max-autotune' (also searches matmul/attention kernels; long first compile)."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.source), "encoder.source", "must not be empty")
-        _check(self.image_size > 0, "encoder.image_size", "must be > 0")
-        _check_choice("encoder.attn_backend", self.attn_backend, ("sdpa", "xformers", "math"))
-        _check(self.chunk_frames >= 0, "encoder.chunk_frames", "must be >= 0 (0 = auto)")
-        _check_choice("encoder.compile_mode", self.compile_mode, COMPILE_MODES)
+        check(bool(self.source), "encoder.source", "must not be empty")
+        check(self.image_size > 0, "encoder.image_size", "must be > 0")
+        check_choice("encoder.attn_backend", self.attn_backend, get_args(AttnBackend))
+        check(self.chunk_frames >= 0, "encoder.chunk_frames", "must be >= 0 (0 = auto)")
+        check_choice("encoder.compile_mode", self.compile_mode, COMPILE_MODES)
         layers = self.feature_layers
-        _check(len(set(layers)) == len(layers), "encoder.feature_layers", f"{layers} must be distinct")
-        _check(all(i >= 0 for i in layers), "encoder.feature_layers", f"{layers} must be block indices >= 0")
+        check(len(set(layers)) == len(layers), "encoder.feature_layers", f"{layers} must be distinct")
+        check(all(i >= 0 for i in layers), "encoder.feature_layers", f"{layers} must be block indices >= 0")
         if layers and self.arch:
             # Imported here: the config stays importable without torch for tools that only read it.
             from pretrain.model.vit import VIT_ARCHS
 
             if self.arch in VIT_ARCHS:
                 depth = VIT_ARCHS[self.arch].depth
-                _check(
+                check(
                     max(layers) < depth,
                     "encoder.feature_layers",
                     f"{layers} must lie in [0, {depth}) for encoder.arch={self.arch!r} ({depth} blocks)",
                 )
-
-
-@dataclass(kw_only=True, slots=True)
-class CoreConfig:
-    kind: str = "gmmix"
-    """Temporal core: identity, gated_transformer, gmmix or mamba."""
-    dim: int = 128
-    """Width d of the trainable part (frozen tokens are projected D -> d)."""
-    depth: int = 1
-    """Number of core layers."""
-    num_heads: int = 4
-    """Attention heads in the core."""
-    mlp_ratio: float = 2.0
-    """MLP hidden width / dim."""
-    d_state: int = 16
-    """Selective-scan state size per channel (gmmix, mamba)."""
-    d_conv: int = 4
-    """Causal depthwise conv kernel over time (gmmix, mamba)."""
-    expand: int = 2
-    """Mamba inner width / dim (gmmix, mamba)."""
-
-    def __post_init__(self) -> None:
-        _check_choice("core.kind", self.kind, ("identity", "gated_transformer", "gmmix", "mamba"))
-        for key in ("dim", "depth", "num_heads", "d_state", "d_conv", "expand"):
-            _check(getattr(self, key) > 0, f"core.{key}", "must be > 0")
-        _check(self.dim % self.num_heads == 0, "core.dim", "must be divisible by core.num_heads")
-        _check(self.mlp_ratio > 0, "core.mlp_ratio", "must be > 0")
-
-
-@dataclass(kw_only=True, slots=True)
-class PredictorConfig:
-    depth: int = 2
-    """Predictor layers (self-attention over target queries, cross-attention to memory, MLP)."""
-    num_heads: int = 4
-    """Predictor attention heads (width is core.dim)."""
-    mlp_ratio: float = 2.0
-    """Predictor MLP hidden width / dim."""
-    residual: bool = True
-    """Predict the change from the last source frame's token through a
-    zero-initialized head, so the untrained model is the copy-last baseline."""
-
-    def __post_init__(self) -> None:
-        _check(self.depth > 0, "predictor.depth", "must be > 0")
-        _check(self.num_heads > 0, "predictor.num_heads", "must be > 0")
-        _check(self.mlp_ratio > 0, "predictor.mlp_ratio", "must be > 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -154,22 +129,22 @@ class ObjectiveConfig:
     """Target frames predicted per clip, drawn from target_offsets."""
     visible_fraction: float = 0.05
     """Fraction of each target frame's patches encoded and shown to the predictor (0 = pure forecasting)."""
-    memory: str = "all"
+    memory: Memory = "all"
     """What the predictor reads of the core: 'all' source steps' outputs, or the 'last' step's only (then the
     core's state must summarize the past, as a streaming readout reads it, and the predictor cannot do the
     temporal work itself by attending across source frames)."""
 
     def __post_init__(self) -> None:
-        _check_choice("objective.memory", self.memory, ("all", "last"))
-        _check(self.source_frames > 0, "objective.source_frames", "must be > 0")
-        _check(len(self.target_offsets) > 0, "objective.target_offsets", "must not be empty")
-        _check(all(o > 0 for o in self.target_offsets), "objective.target_offsets", "offsets must be > 0")
-        _check(
+        check_choice("objective.memory", self.memory, get_args(Memory))
+        check(self.source_frames > 0, "objective.source_frames", "must be > 0")
+        check(len(self.target_offsets) > 0, "objective.target_offsets", "must not be empty")
+        check(all(o > 0 for o in self.target_offsets), "objective.target_offsets", "offsets must be > 0")
+        check(
             0 < self.targets_per_clip <= len(self.target_offsets),
             "objective.targets_per_clip",
             "must be in [1, len(target_offsets)]",
         )
-        _check(0.0 <= self.visible_fraction < 1.0, "objective.visible_fraction", "must be in [0, 1)")
+        check(0.0 <= self.visible_fraction < 1.0, "objective.visible_fraction", "must be in [0, 1)")
 
     @property
     def clip_frames(self) -> int:
@@ -177,12 +152,9 @@ class ObjectiveConfig:
         return self.source_frames + max(self.target_offsets)
 
 
-DATA_SOURCES = ("videos", "clips", "features")
-
-
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
-    source: str = "videos"
+    source: DataSource = "videos"
     """'videos': decode data.videos into memory (small sets, honest held-out split);
     'clips': stream clip shards from data.shards (``python -m data_shards build``);
     'features': stream frozen-encoder feature shards (``python -m data_shards encode``)."""
@@ -218,21 +190,21 @@ class DataConfig:
     """Directory for cached frozen features ('' = <out_dir>/feature_cache)."""
 
     def __post_init__(self) -> None:
-        _check_choice("data.source", self.source, DATA_SOURCES)
+        check_choice("data.source", self.source, DATA_SOURCES)
         if self.source == "videos":
-            _check(len(self.videos) > 0, "data.videos", "must name at least one video")
+            check(len(self.videos) > 0, "data.videos", "must name at least one video")
         else:
-            _check(bool(self.shards), "data.shards", f"must name a shard directory when data.source={self.source!r}")
-        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
-        _check(self.shuffle_buffer > 0, "data.shuffle_buffer", "must be > 0")
-        _check(self.samples_per_epoch >= 0, "data.samples_per_epoch", "must be >= 0")
-        _check(0 < self.crop_scale_min <= 1, "data.crop_scale_min", "must be in (0, 1]")
-        _check(0 <= self.hflip_prob <= 1, "data.hflip_prob", "must be in [0, 1]")
-        _check(self.crop_grid >= 0, "data.crop_grid", "must be >= 0")
-        _check(self.fps >= 0, "data.fps", "must be >= 0")
-        _check(self.frame_stride > 0, "data.frame_stride", "must be > 0")
-        _check(0.0 < self.holdout_fraction < 1.0, "data.holdout_fraction", "must be in (0, 1)")
-        _check(self.max_frames >= 0, "data.max_frames", "must be >= 0")
+            check(bool(self.shards), "data.shards", f"must name a shard directory when data.source={self.source!r}")
+        check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        check(self.shuffle_buffer > 0, "data.shuffle_buffer", "must be > 0")
+        check(self.samples_per_epoch >= 0, "data.samples_per_epoch", "must be >= 0")
+        check(0 < self.crop_scale_min <= 1, "data.crop_scale_min", "must be in (0, 1]")
+        check(0 <= self.hflip_prob <= 1, "data.hflip_prob", "must be in [0, 1]")
+        check(self.crop_grid >= 0, "data.crop_grid", "must be >= 0")
+        check(self.fps >= 0, "data.fps", "must be >= 0")
+        check(self.frame_stride > 0, "data.frame_stride", "must be > 0")
+        check(0.0 < self.holdout_fraction < 1.0, "data.holdout_fraction", "must be in (0, 1)")
+        check(self.max_frames >= 0, "data.max_frames", "must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -241,8 +213,11 @@ class TrainConfig:
     """Optimizer steps."""
     micro_batch_size: int = 8
     """Clips per forward/backward on one rank."""
+    global_batch_size: int = 0
+    """Clips per optimizer step over all ranks; gradient accumulation is derived from it as
+    global / (micro_batch_size * world size), which must divide. 0 = micro_batch_size * grad_accum * world size."""
     grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
+    """Micro-batches accumulated per optimizer step when global_batch_size is 0 (derived otherwise: leave it at 1)."""
     lr: float = 1e-3
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.1
@@ -270,21 +245,32 @@ class TrainConfig:
     identity_control: bool = True
     """After training, train the same config with core.kind='identity' (run NAME-identity) and report it beside
     copy-last: the temporal core earns its keep only where it beats this image-only model on held-out frames."""
-    resume: str = "auto"
+    resume: Resume = "auto"
     """'auto': continue from the newest checkpoint that verifies, if any; 'must': refuse to start without one;
     'never': refuse to start when the run directory already holds checkpoints (choose a new run.name)."""
 
     def __post_init__(self) -> None:
-        _check_choice("train.resume", self.resume, ("never", "auto", "must"))
+        check_choice("train.resume", self.resume, get_args(Resume))
         for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "keep_last", "max_nonfinite_steps"):
-            _check(getattr(self, key) > 0, f"train.{key}", "must be > 0")
-        for key in ("warmup_steps", "ckpt_every", "eval_every"):
-            _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
-        _check(self.lr > 0, "train.lr", "must be > 0")
-        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
-        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
-        _check(
+            check(getattr(self, key) > 0, f"train.{key}", "must be > 0")
+        for key in ("warmup_steps", "ckpt_every", "eval_every", "global_batch_size"):
+            check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
+        if self.global_batch_size:
+            check(
+                self.grad_accum == 1,
+                "train.grad_accum",
+                f"is derived from train.global_batch_size={self.global_batch_size}; set one of them, not both",
+            )
+            check(
+                self.global_batch_size % self.micro_batch_size == 0,
+                "train.global_batch_size",
+                f"{self.global_batch_size} must be a multiple of train.micro_batch_size={self.micro_batch_size}",
+            )
+        check(self.lr > 0, "train.lr", "must be > 0")
+        check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        check(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "must be two values in [0, 1)"
         )
 
@@ -299,34 +285,31 @@ class TrackingConfig:
     """MLflow tracking URI; '' = $MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db."""
 
 
-ENGINES = ("auto", "deepspeed", "torch")
-
-
 @dataclass(kw_only=True, slots=True)
 class DistributedConfig:
-    engine: str = "auto"
+    engine: Engine = "auto"
     """'auto': DeepSpeed when a launcher set RANK/WORLD_SIZE (torchrun, deepspeed, SLURM), the plain
     torch engine for a lone process; 'deepspeed': always (a lone process gets a world of one);
     'torch': single process only."""
-    backend: str = "auto"
+    backend: Backend = "auto"
     """Process-group backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
     timeout_s: float = 900.0
     """Seconds any collective may wait; past it the run fails with an error naming the rank (s)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 0 (replicated data parallel), 1 (optimizer state sharded), 2 (+ gradients)."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """Trainable weights under DeepSpeed: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'."""
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     """'adamw' (torch AdamW, passed in) or 'adamw_fused' (torch's fused CUDA AdamW). Neither needs
     DeepSpeed's compiled ops (FusedAdam/CPUAdam build for ~3 min on first use)."""
 
     def __post_init__(self) -> None:
-        _check_choice("distributed.engine", self.engine, ENGINES)
-        _check_choice("distributed.backend", self.backend, ("auto", "nccl", "gloo"))
-        _check(self.timeout_s > 0, "distributed.timeout_s", "must be > 0")
-        _check(self.zero_stage in (0, 1, 2), "distributed.zero_stage", f"got {self.zero_stage}, expected 0, 1 or 2")
-        _check_choice("distributed.precision", self.precision, ("auto", "bf16", "fp32"))
-        _check_choice("distributed.optimizer", self.optimizer, ("adamw", "adamw_fused"))
+        check_choice("distributed.engine", self.engine, ENGINES)
+        check_choice("distributed.backend", self.backend, get_args(Backend))
+        check(self.timeout_s > 0, "distributed.timeout_s", "must be > 0")
+        check(self.zero_stage in (0, 1, 2), "distributed.zero_stage", f"got {self.zero_stage}, expected 0, 1 or 2")
+        check_choice("distributed.precision", self.precision, get_args(Precision))
+        check_choice("distributed.optimizer", self.optimizer, get_args(Optimizer))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -366,68 +349,33 @@ class Config:
 
 @dataclass(frozen=True, slots=True)
 class BatchPlan:
+    """Batch arithmetic of a run: global = micro * accumulation * world size (clips per optimizer step)."""
+
     micro_batch_size: int
+    """Clips per forward/backward on one rank (train.micro_batch_size)."""
     grad_accum: int
+    """Micro-batches accumulated per optimizer step."""
     world_size: int
+    """Ranks (data-parallel processes)."""
     global_batch_size: int
+    """Clips per optimizer step over all ranks."""
 
     @staticmethod
     def derive(train: TrainConfig, world_size: int) -> BatchPlan:
+        """Accumulation from train.global_batch_size, or the global batch from train.grad_accum (when it is 0)."""
         if world_size < 1:
             raise ConfigError(f"world_size must be >= 1, got {world_size}")
-        global_batch = train.micro_batch_size * train.grad_accum * world_size
-        assert global_batch == train.micro_batch_size * train.grad_accum * world_size
-        return BatchPlan(train.micro_batch_size, train.grad_accum, world_size, global_batch)
-
-
-def _check(ok: bool, key: str, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key '{key}': {why}")
-
-
-def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    _check(value in allowed, key, f"got {value!r}, expected one of {', '.join(allowed)}")
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check a raw TOML value against a field annotation; ints are accepted for floats."""
-    origin = typing.get_origin(annotation)
-    if origin is list:
-        (item_type,) = typing.get_args(annotation)
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is bool and not isinstance(value, bool):
-        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
-    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-    if annotation in (float, str) and not isinstance(value, annotation):
-        raise ConfigError(f"config key '{key}': expected {annotation.__name__}, got {value!r}")
-    return value
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
-    types_by_name = _field_types(cls)
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        full_key = f"{prefix}{key}"
-        if key not in types_by_name:
-            raise ConfigError(f"unknown config key '{full_key}' (known: {', '.join(types_by_name)})")
-        annotation = types_by_name[key]
-        if dataclasses.is_dataclass(annotation):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key '{full_key}': expected a [{full_key}] table")
-            kwargs[key] = _build(annotation, value, f"{full_key}.")
-        else:
-            kwargs[key] = _coerce(full_key, value, annotation)
-    return cls(**kwargs)
+        micro = train.micro_batch_size
+        if not train.global_batch_size:
+            return BatchPlan(micro, train.grad_accum, world_size, micro * train.grad_accum * world_size)
+        per_pass = micro * world_size
+        check(
+            train.global_batch_size % per_pass == 0,
+            "train.global_batch_size",
+            f"{train.global_batch_size} does not divide into train.micro_batch_size={micro} x world size "
+            f"{world_size} = {per_pass} clips per accumulation step",
+        )
+        return BatchPlan(micro, train.global_batch_size // per_pass, world_size, train.global_batch_size)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -483,7 +431,7 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build a validated Config from a (possibly partial) nested dict."""
-    return _build(Config, raw, "")
+    return build_dataclass(Config, raw)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

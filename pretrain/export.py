@@ -2,9 +2,21 @@
 
     python -m pretrain.export RUN_DIR OUT_DIR [--dtype fp32|bf16]
 
-``load_export`` rebuilds the trainable model from an export without importing
-the trainer; eval checks ``config.json["encoder"]["weights_hash"]`` against
-the encoder it loads.
+config.json has one schema, ``ExportConfig``, read by one typed loader,
+``read_export_config`` (``open_export`` also rebuilds the model; eval reads
+exports through them, never the trainer). Format versions:
+
+- ``video-pretrain-export/2`` (written now): "model_spec" nests the core and
+  predictor settings (``ModelSpec.core``, ``ModelSpec.predictor``: the same
+  dataclasses as the config's [core] and [predictor] sections); the resolved
+  training config is "config" (its objective is no longer copied to a
+  top-level "objective").
+- ``video-pretrain-export/1``: still read. Its "model_spec" was flat
+  (core_kind, dim, core_depth, core_heads, core_mlp_ratio, d_state, d_conv,
+  expand, predictor_depth, predictor_heads, predictor_mlp_ratio, residual);
+  ``spec_from_record`` lifts it into the nested form.
+
+Eval checks ``ExportConfig.encoder.weights_hash`` against the encoder it loads.
 """
 
 from __future__ import annotations
@@ -15,9 +27,10 @@ import json
 import logging
 import subprocess
 import sys
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from safetensors import SafetensorError
@@ -32,13 +45,181 @@ from pretrain.checkpoint import (
     load_checkpoint,
     verify_checkpoint,
 )
-from pretrain.data import config_geometry
-from pretrain.model.predictor import FuturePredictor, ModelSpec
+from pretrain.config import Config, config_from_dict, config_to_dict
+from pretrain.data import ClipGeometry, config_geometry
+from pretrain.model.predictor import FuturePredictor
+from pretrain.model.spec import ConfigError, CoreConfig, ModelSpec, PredictorConfig
+from pretrain.objective import HeldoutResult
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "video-pretrain-export/1"
+EXPORT_FORMAT = "video-pretrain-export/2"
+"""The config.json format written now."""
+EXPORT_FORMAT_V1 = "video-pretrain-export/1"
+"""The previous format (flat model_spec), still read."""
+READABLE_FORMATS = (EXPORT_FORMAT, EXPORT_FORMAT_V1)
+Dtype = Literal["fp32", "bf16"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# Format 1's flat model_spec keys -> (section, field) of the nested spec.
+_V1_SPEC_KEYS = {
+    "core_kind": ("core", "kind"),
+    "dim": ("core", "dim"),
+    "core_depth": ("core", "depth"),
+    "core_heads": ("core", "num_heads"),
+    "core_mlp_ratio": ("core", "mlp_ratio"),
+    "d_state": ("core", "d_state"),
+    "d_conv": ("core", "d_conv"),
+    "expand": ("core", "expand"),
+    "predictor_depth": ("predictor", "depth"),
+    "predictor_heads": ("predictor", "num_heads"),
+    "predictor_mlp_ratio": ("predictor", "mlp_ratio"),
+    "residual": ("predictor", "residual"),
+}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EncoderRecord:
+    """The frozen encoder an export was trained on (``FrozenEncoder.identity()``)."""
+
+    name: str
+    """The encoder's name, as ``FrozenEncoder.name`` gives it."""
+    weights_hash: str
+    """Hash of the encoder weights; eval refuses an encoder with another."""
+    image_size: int
+    """Side in pixels of the frames the encoder read."""
+    patch_size: int
+    """Patch side in pixels."""
+    embed_dim: int
+    """D: width of the encoder's tokens."""
+    depth: int
+    """Transformer blocks."""
+    num_heads: int
+    """Attention heads."""
+    num_registers: int
+    """Register tokens."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IdentityControlRecord:
+    """The identity-core control the trainer trained beside the export (train.identity_control)."""
+
+    export: str
+    """Where the control's export was written."""
+    heldout: list[HeldoutResult]
+    """The control's held-out future-prediction results, per offset."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ExportConfig:
+    """config.json of an export, typed (format ``EXPORT_FORMAT``; ``from_json`` also reads format 1)."""
+
+    step: int
+    """Optimizer step of the exported weights."""
+    model_spec: ModelSpec
+    """Everything needed to rebuild the trainable model."""
+    encoder: EncoderRecord
+    """The frozen encoder the model was trained on."""
+    training: Config
+    """The resolved training config (config.json "config")."""
+    data: dict[str, Any]
+    """What the run recorded about its data (videos and windows, or shard manifests): a record, not settings."""
+    clip_geometry: ClipGeometry | None
+    """How frames were decoded, cropped and windowed; None for shard runs whose summary predates it."""
+    code_version: str
+    """Package version (+ git commit) that wrote the export."""
+    dtype: Dtype | None = None
+    """Dtype of model.safetensors; set by ``write_export``."""
+    heldout: list[HeldoutResult] | None = None
+    """The trainer's held-out future-prediction results, per offset (None: not recorded)."""
+    identity_control: IdentityControlRecord | None = None
+    """The identity-core control, when one was trained."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The config.json record (plain JSON types), in the current format."""
+        record: dict[str, Any] = {
+            "format": EXPORT_FORMAT,
+            "step": self.step,
+            "model_spec": self.model_spec.to_dict(),
+            "encoder": dataclasses.asdict(self.encoder),
+            "data": self.data,
+        }
+        if self.clip_geometry is not None:
+            record["clip_geometry"] = self.clip_geometry.to_dict()
+        record["config"] = config_to_dict(self.training)
+        record["code_version"] = self.code_version
+        if self.dtype is not None:
+            record["dtype"] = self.dtype
+        if self.heldout is not None:
+            record["heldout"] = [dataclasses.asdict(r) for r in self.heldout]
+        if self.identity_control is not None:
+            record["identity_control"] = {
+                "export": self.identity_control.export,
+                "heldout": [dataclasses.asdict(r) for r in self.identity_control.heldout],
+            }
+        return record
+
+    @classmethod
+    def from_json(cls, record: Any, where: str = "config.json") -> ExportConfig:
+        """Parse and validate a config.json record of format 2 or 1; ValueError names ``where`` and the key."""
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        found = record.get("format")
+        if found not in READABLE_FORMATS:
+            raise ValueError(f"{where}: format {found!r}, expected one of {', '.join(READABLE_FORMATS)}")
+        known = {"format", "step", "model_spec", "encoder", "data", "clip_geometry", "config", "code_version"}
+        known |= {"dtype", "heldout", "identity_control"} | ({"objective"} if found == EXPORT_FORMAT_V1 else set())
+        unknown = sorted(set(record) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown} (format {found})")
+        try:
+            dtype = record.get("dtype")
+            if dtype is not None and dtype not in get_args(Dtype):
+                raise ValueError(f"dtype {dtype!r}, expected one of {', '.join(get_args(Dtype))}")
+            geometry = record.get("clip_geometry")
+            control = record.get("identity_control")
+            return cls(
+                step=int(record["step"]),
+                model_spec=spec_from_record(record["model_spec"]),
+                encoder=EncoderRecord(**record["encoder"]),
+                training=config_from_dict(record["config"]),
+                data=dict(record.get("data") or {}),
+                clip_geometry=None if geometry is None else ClipGeometry.from_dict(geometry),
+                code_version=str(record["code_version"]),
+                dtype=dtype,
+                heldout=None if record.get("heldout") is None else [HeldoutResult(**r) for r in record["heldout"]],
+                identity_control=None
+                if control is None
+                else IdentityControlRecord(
+                    export=str(control["export"]), heldout=[HeldoutResult(**r) for r in control["heldout"]]
+                ),
+            )
+        except ConfigError as err:
+            raise ValueError(f"{where}: {err}") from err
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{where}: malformed export config ({type(err).__name__}: {err})") from err
+
+
+def spec_from_record(record: dict[str, Any]) -> ModelSpec:
+    """A ``ModelSpec`` from its JSON record: nested (format 2, checkpoints of this code) or flat (format 1).
+
+    The flat layout is lifted into the nested one key by key (``_V1_SPEC_KEYS``);
+    a key of neither layout is refused by ``ModelSpec.from_dict``.
+    """
+    if not isinstance(record, dict) or "core" in record:
+        return ModelSpec.from_dict(record)
+    nested: dict[str, Any] = {"core": {}, "predictor": {}}
+    for key, value in record.items():
+        if key in _V1_SPEC_KEYS:
+            section, name = _V1_SPEC_KEYS[key]
+            nested[section][name] = value
+        else:
+            nested[key] = value
+    for section, cls in (("core", CoreConfig), ("predictor", PredictorConfig)):
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in nested[section]]
+        if missing:
+            raise ConfigError(f"config key 'model_spec': a format-1 spec lacks the {section} keys {missing}")
+    return ModelSpec.from_dict(nested)
 
 
 def code_version() -> str:
@@ -62,7 +243,12 @@ def code_version() -> str:
 
 
 def export_config(meta: dict[str, Any], config: dict[str, Any], step: int) -> dict[str, Any]:
-    """config.json of an export: model spec, encoder identity, data summary, resolved config, clip geometry.
+    """config.json of an export (``ExportConfig.to_json``): model spec, encoder, data summary, config, geometry.
+
+    ``meta`` is what a checkpoint records ("model_spec", "encoder",
+    "data_summary"), ``config`` the resolved config as a dict. The result is
+    a plain dict so that the trainer can add its held-out results
+    ("heldout", "identity_control") before ``write_export`` validates it.
 
     "clip_geometry" (``pretrain.data.ClipGeometry``) is the one record of how
     frames were decoded, cropped and windowed, so that eval measures an offset
@@ -73,25 +259,24 @@ def export_config(meta: dict[str, Any], config: dict[str, Any], step: int) -> di
     """
     summary = dict(meta.get("data_summary", {}))
     geometry = summary.pop("clip_geometry", None)
-    if geometry is None and config["data"]["source"] == "videos":
+    training = config_from_dict(config)
+    if geometry is None and training.data.source == "videos":
         geometry = config_geometry(config).to_dict()
-    return {
-        "format": EXPORT_FORMAT,
-        "step": step,
-        "model_spec": meta["model_spec"],
-        "encoder": meta["encoder"],
-        "objective": config["objective"],
-        "data": summary,
-        **({"clip_geometry": geometry} if geometry is not None else {}),
-        "config": config,
-        "code_version": code_version(),
-    }
+    return ExportConfig(
+        step=step,
+        model_spec=spec_from_record(meta["model_spec"]),
+        encoder=EncoderRecord(**meta["encoder"]),
+        training=training,
+        data=summary,
+        clip_geometry=None if geometry is None else ClipGeometry.from_dict(geometry),
+        code_version=code_version(),
+    ).to_json()
 
 
 def is_export_dir(path: Path) -> bool:
-    """An earlier export (its config.json names the export format): the only directory an export replaces."""
+    """An earlier export (its config.json names an export format): the only directory an export replaces."""
     try:
-        return json.loads((Path(path) / "config.json").read_text()).get("format") == EXPORT_FORMAT
+        return json.loads((Path(path) / "config.json").read_text()).get("format") in READABLE_FORMATS
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -99,13 +284,16 @@ def is_export_dir(path: Path) -> bool:
 def write_export(model_state: dict[str, torch.Tensor], export_cfg: dict[str, Any], out_dir: Path, dtype: str) -> Path:
     """Write model.safetensors + config.json as one directory, published whole.
 
+    ``export_cfg`` (``export_config``, plus what the trainer added) is checked
+    against ``ExportConfig`` first and written in the current format.
     ``out_dir`` may not exist, be empty, or hold an earlier export; anything
     else is refused (OutputDirError) before a byte is written.
     """
+    record = ExportConfig.from_json({"format": EXPORT_FORMAT, **export_cfg, "dtype": dtype}, "export config")
     with output_dir(out_dir, is_ours=is_export_dir, what="an export") as tmp:
         tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model_state.items()}
         save_file(tensors, tmp / "model.safetensors", metadata={"format": EXPORT_FORMAT})
-        (tmp / "config.json").write_text(json.dumps({**export_cfg, "dtype": dtype}, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(record.to_json(), indent=2) + "\n")
     return Path(out_dir)
 
 
@@ -131,22 +319,27 @@ def checkpoint_weights(tag_dir: Path, state: dict[str, Any]) -> dict[str, torch.
     return consolidate_zero_checkpoint(tag_dir)
 
 
-def load_export(export_dir: Path, device: str | torch.device = "cpu") -> tuple[FuturePredictor, dict[str, Any]]:
-    """Rebuild the trainable model from an export: (model in eval mode, config.json dict)."""
-    export_dir = Path(export_dir)
-    cfg_path, weights_path = export_dir / "config.json", export_dir / "model.safetensors"
-    for path in (cfg_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"export is missing {path}")
+def read_export_config(export_dir: Path) -> ExportConfig:
+    """The typed config.json of an export (format 2, or 1 lifted into it): the one way to read it."""
+    cfg_path = Path(export_dir) / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"export is missing {cfg_path}")
     try:
-        export_cfg = json.loads(cfg_path.read_text())
+        record = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{cfg_path} is not valid JSON: {err}") from err
-    if not isinstance(export_cfg, dict) or export_cfg.get("format") != EXPORT_FORMAT:
-        found = export_cfg.get("format") if isinstance(export_cfg, dict) else type(export_cfg).__name__
-        raise ValueError(f"{cfg_path}: format {found!r}, expected {EXPORT_FORMAT!r}")
-    spec = ModelSpec(**export_cfg["model_spec"])
-    model = FuturePredictor(spec)
+    return ExportConfig.from_json(record, str(cfg_path))
+
+
+def open_export(export_dir: Path, device: str | torch.device = "cpu") -> tuple[FuturePredictor, ExportConfig]:
+    """Rebuild the trainable model from an export: (model in eval mode, typed config.json)."""
+    export_dir = Path(export_dir)
+    weights_path = export_dir / "model.safetensors"
+    for path in (export_dir / "config.json", weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"export is missing {path}")
+    config = read_export_config(export_dir)
+    model = FuturePredictor(config.model_spec)
     try:
         state = {k: v.float() for k, v in load_file(weights_path).items()}
     except (OSError, SafetensorError) as err:  # a truncated or foreign file
@@ -154,11 +347,18 @@ def load_export(export_dir: Path, device: str | torch.device = "cpu") -> tuple[F
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{weights_path} does not match its model_spec: missing {missing}, unexpected {unexpected}")
-    return model.to(device).eval(), export_cfg
+    return model.to(device).eval(), config
+
+
+def load_export(export_dir: Path, device: str | torch.device = "cpu") -> tuple[FuturePredictor, dict[str, Any]]:
+    """``open_export`` with config.json as a plain dict in the current format (``ExportConfig.to_json``)."""
+    model, config = open_export(export_dir, device)
+    return model, config.to_json()
 
 
 def spec_dict(spec: ModelSpec) -> dict[str, Any]:
-    return dataclasses.asdict(spec)
+    """The JSON record of a model spec (what checkpoints and exports store)."""
+    return spec.to_dict()
 
 
 def main(argv: list[str] | None = None) -> int:

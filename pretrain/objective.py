@@ -76,7 +76,6 @@ def visible_tokens(
 @dataclass(slots=True)
 class LossOutput:
     loss: Tensor
-    masked_tokens: int
 
 
 def objective_loss(
@@ -93,7 +92,7 @@ def objective_loss(
     mask_BKN = masked_positions(visible_idx_BKV, N)
     l1_BKN = l1_per_position(pred_BKND, batch.target_tokens_BKND)
     loss = (l1_BKN * mask_BKN).sum() / mask_BKN.sum()
-    return LossOutput(loss, int(mask_BKN.sum().item()))
+    return LossOutput(loss)
 
 
 @dataclass(slots=True)

@@ -1,12 +1,12 @@
 """Temporal cores: recurrent modules that read frame tokens as a causal stream.
 
-Shape legend: B batch, T time (frames), N tokens per frame, D model width,
-P = B*N per-patch sequences, F = B*T frames, E Mamba inner width
-(expand * D), S SSM state size (d_state), K causal conv width (d_conv),
-R rank of the step-size projection (dt_rank), L query length, M key/value
-length, H attention heads, e head width (D / H).
+Shape letters follow the glossary in ``pretrain/__init__.py``: B batch, T
+time (frames), N tokens per frame, d the core's width, P = B*N per-patch
+sequences, F = B*T frames, E Mamba inner width (expand * d), Z SSM state size
+per channel (d_state), J causal conv width (d_conv), R rank of the step-size
+projection (dt_rank), X = R + 2Z outputs of x_proj.
 
-Every core keeps the width D, uses pre-norm residual sublayers and shares one
+Every core keeps the width d, uses pre-norm residual sublayers and shares one
 interface (`TemporalCore`): `forward` over a clip, `step` over one frame, and
 a state dict whose keys are namespaced per layer ("layer0.conv"). `forward`
 with a state continues from it, so a clip cut into chunks, or into single
@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.selective_scan import selective_scan
+from pretrain.model.blocks import Attention, Mlp
+from pretrain.model.spec import CORE_KINDS, CoreKind
 
 logger = logging.getLogger(__name__)
 
 State = dict[str, Tensor]
 """A core's recurrent state: tensors keyed by "layer{i}.{name}" (or "state")."""
-
-CORE_KINDS: tuple[str, ...] = ("identity", "gated_transformer", "gmmix", "mamba")
 
 
 @runtime_checkable
@@ -43,12 +43,12 @@ class TemporalCore(Protocol):
         """State before the first frame, for `batch` clips of `num_tokens` tokens."""
         ...
 
-    def forward(self, x_BTND: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """Outputs (B, T, N, D) for a clip, and the state after its last frame."""
+    def forward(self, x_BTNd: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """Outputs (B, T, N, d) for a clip, and the state after its last frame."""
         ...
 
-    def step(self, x_BND: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """Output (B, N, D) for one frame, and the state after it."""
+    def step(self, x_BNd: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """Output (B, N, d) for one frame, and the state after it."""
         ...
 
 
@@ -67,46 +67,9 @@ def _require_keys(state: State, keys: tuple[str, ...], owner: str) -> None:
 
 
 def _check_frames(x: Tensor, ndim: int, name: str, dim: int) -> None:
-    layout = "(B, T, N, D)" if ndim == 4 else "(B, N, D)"
+    layout = "(B, T, N, d)" if ndim == 4 else "(B, N, d)"
     if x.dim() != ndim or x.shape[-1] != dim:
-        raise ValueError(f"{name} must be {layout} with D={dim}, got shape {tuple(x.shape)}")
-
-
-class Attention(nn.Module):
-    """Multi-head attention through SDPA; self-attention when no context is given."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
-        self.num_heads = num_heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.kv_proj = nn.Linear(dim, 2 * dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x_BLD: Tensor, context_BMD: Tensor | None = None) -> Tensor:
-        if context_BMD is None:
-            context_BMD = x_BLD
-        B, L, D = x_BLD.shape
-        M = context_BMD.shape[1]
-        H = self.num_heads
-        q_BHLe = self.q_proj(x_BLD).view(B, L, H, D // H).transpose(1, 2)
-        kv_BM2He = self.kv_proj(context_BMD).view(B, M, 2, H, D // H)
-        k_BHMe = kv_BM2He[:, :, 0].transpose(1, 2)
-        v_BHMe = kv_BM2He[:, :, 1].transpose(1, 2)
-        o_BHLe = F.scaled_dot_product_attention(q_BHLe, k_BHMe, v_BHMe)
-        return self.out_proj(o_BHLe.transpose(1, 2).reshape(B, L, D))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, mlp_ratio: float) -> None:
-        super().__init__()
-        hidden = max(1, round(dim * mlp_ratio))
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        raise ValueError(f"{name} must be {layout} with d={dim}, got shape {tuple(x.shape)}")
 
 
 class IdentityCore(nn.Module):
@@ -119,13 +82,13 @@ class IdentityCore(nn.Module):
     def init_state(self, batch: int, num_tokens: int, device: torch.device | str, dtype: torch.dtype) -> State:
         return {}
 
-    def forward(self, x_BTND: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        _check_frames(x_BTND, 4, "x_BTND", self.dim)
-        return x_BTND, {}
+    def forward(self, x_BTNd: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        _check_frames(x_BTNd, 4, "x_BTNd", self.dim)
+        return x_BTNd, {}
 
-    def step(self, x_BND: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        _check_frames(x_BND, 3, "x_BND", self.dim)
-        return x_BND, {}
+    def step(self, x_BNd: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        _check_frames(x_BNd, 3, "x_BNd", self.dim)
+        return x_BNd, {}
 
 
 class CrossAttentionLayer(nn.Module):
@@ -136,17 +99,17 @@ class CrossAttentionLayer(nn.Module):
         self.attn_norm = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads)
         self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, mlp_ratio)
+        self.mlp = Mlp(dim, max(1, round(dim * mlp_ratio)))
 
-    def forward(self, x_BND: Tensor, memory_BND: Tensor) -> Tensor:
-        x_BND = x_BND + self.attn(self.attn_norm(x_BND), memory_BND)
-        return x_BND + self.mlp(self.mlp_norm(x_BND))
+    def forward(self, x_BNd: Tensor, memory_BNd: Tensor) -> Tensor:
+        x_BNd = x_BNd + self.attn(self.attn_norm(x_BNd), memory_BNd)
+        return x_BNd + self.mlp(self.mlp_norm(x_BNd))
 
 
 class GatedTransformerCore(nn.Module):
     """RVM's core: a GRU whose candidate state comes from a cross-attention transformer.
 
-    Per frame, with state s (B, N, D):
+    Per frame, with state s (B, N, d):
         u, r = sigmoid(W [LN(x), s])          update and reset gates
         h    = LN(Transformer(q=x, kv=r * LN(s)))
         s'   = (1 - u) * s + u * h,  y = s'
@@ -155,7 +118,7 @@ class GatedTransformerCore(nn.Module):
     normalized away inside LN(r * s): r -> 0 must be able to blank a memory
     channel. h is normalized so that s, a convex blend of normalized vectors
     and the initial state, stays bounded over arbitrarily long streams.
-    The initial state is one learned token (D,), broadcast to every position
+    The initial state is one learned token (d,), broadcast to every position
     and clip: a zero state would make LN(s) degenerate (its input has no
     variance), and a learned token lets training pick the "empty memory".
     The gates depend on the state, so the core is sequential: forward loops step.
@@ -164,6 +127,7 @@ class GatedTransformerCore(nn.Module):
     def __init__(self, dim: int, *, depth: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.dim = dim
+        # Width d; the name (with D) is the state-dict key checkpoints and exports were written with.
         self.init_token_D = nn.Parameter(torch.empty(dim))
         nn.init.trunc_normal_(self.init_token_D, std=0.02)
         self.input_norm = nn.LayerNorm(dim)
@@ -173,51 +137,51 @@ class GatedTransformerCore(nn.Module):
         self.out_norm = nn.LayerNorm(dim)
 
     def init_state(self, batch: int, num_tokens: int, device: torch.device | str, dtype: torch.dtype) -> State:
-        s_BND = self.init_token_D.to(device=device, dtype=dtype).expand(batch, num_tokens, self.dim)
-        return {"state": s_BND}
+        s_BNd = self.init_token_D.to(device=device, dtype=dtype).expand(batch, num_tokens, self.dim)
+        return {"state": s_BNd}
 
-    def forward(self, x_BTND: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        _check_frames(x_BTND, 4, "x_BTND", self.dim)
+    def forward(self, x_BTNd: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        _check_frames(x_BTNd, 4, "x_BTNd", self.dim)
         if state is None:
-            state = self.init_state(x_BTND.shape[0], x_BTND.shape[2], x_BTND.device, x_BTND.dtype)
+            state = self.init_state(x_BTNd.shape[0], x_BTNd.shape[2], x_BTNd.device, x_BTNd.dtype)
         ys = []
-        for t in range(x_BTND.shape[1]):
-            y_BND, state = self.step(x_BTND[:, t], state)
-            ys.append(y_BND)
+        for t in range(x_BTNd.shape[1]):
+            y_BNd, state = self.step(x_BTNd[:, t], state)
+            ys.append(y_BNd)
         return torch.stack(ys, dim=1), state
 
-    def step(self, x_BND: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        _check_frames(x_BND, 3, "x_BND", self.dim)
+    def step(self, x_BNd: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        _check_frames(x_BNd, 3, "x_BNd", self.dim)
         if state is None:
-            state = self.init_state(x_BND.shape[0], x_BND.shape[1], x_BND.device, x_BND.dtype)
+            state = self.init_state(x_BNd.shape[0], x_BNd.shape[1], x_BNd.device, x_BNd.dtype)
         _require_keys(state, ("state",), type(self).__name__)
-        s_BND = state["state"]
-        gates_BN2D = torch.sigmoid(self.gates(torch.cat([self.input_norm(x_BND), s_BND], dim=-1)))
-        update_BND, reset_BND = gates_BN2D.chunk(2, dim=-1)
-        memory_BND = reset_BND * self.state_norm(s_BND)
-        h_BND = x_BND
+        s_BNd = state["state"]
+        gates_BN2d = torch.sigmoid(self.gates(torch.cat([self.input_norm(x_BNd), s_BNd], dim=-1)))
+        update_BNd, reset_BNd = gates_BN2d.chunk(2, dim=-1)
+        memory_BNd = reset_BNd * self.state_norm(s_BNd)
+        h_BNd = x_BNd
         for layer in self.layers:
-            h_BND = layer(h_BND, memory_BND)
-        h_BND = self.out_norm(h_BND)
-        s_BND = torch.lerp(s_BND, h_BND, update_BND)
-        return s_BND, {"state": s_BND}
+            h_BNd = layer(h_BNd, memory_BNd)
+        h_BNd = self.out_norm(h_BNd)
+        s_BNd = torch.lerp(s_BNd, h_BNd, update_BNd)
+        return s_BNd, {"state": s_BNd}
 
 
 class MambaBlock(nn.Module):
     """Mamba mixer (no norm, no residual) run over time, independently per patch.
 
-    Input (B, T, N, D) becomes B*N sequences (P, D, T): in_proj D -> 2E (x, z),
+    Input (B, T, N, d) becomes B*N sequences (P, d, T): in_proj d -> 2E (x, z),
     causal depthwise conv over time, SiLU, x_proj E -> R + 2S (step size, B, C
     per time step), dt_proj R -> E, selective scan gated by silu(z), out_proj
-    E -> D. Initialization follows mamba_ssm's `Mamba`. The scan is
+    E -> d. Initialization follows mamba_ssm's `Mamba`. The scan is
     `kernels.selective_scan.selective_scan`: the Triton kernel on CUDA (one
     program per patch and channel block, time inside the tile), the fp32
     reference on CPU; `step` is the same call with T = 1.
 
-    State: "conv" (P, E, K-1), the last K-1 pre-conv inputs, in the input's
-    dtype; "ssm" (P, E, S), always fp32 because the scan runs in fp32. The
+    State: "conv" (P, E, J-1), the last J-1 pre-conv inputs, in the input's
+    dtype; "ssm" (P, E, Z), always fp32 because the scan runs in fp32. The
     initial conv state is zeros, which is exactly the causal left padding of
-    K-1 zeros, so forward and step run the same conv over [conv state, x].
+    J-1 zeros, so forward and step run the same conv over [conv state, x].
     """
 
     def __init__(
@@ -241,18 +205,18 @@ class MambaBlock(nn.Module):
         self.d_conv = d_conv
         self.d_inner = expand * dim
         self.dt_rank = dt_rank if dt_rank is not None else math.ceil(dim / 16)
-        E, R, S = self.d_inner, self.dt_rank, d_state
+        E, R, Z = self.d_inner, self.dt_rank, d_state
 
         self.in_proj = nn.Linear(dim, 2 * E, bias=False)
-        # No padding: the carried conv state provides the K-1 past inputs.
+        # No padding: the carried conv state provides the J-1 past inputs.
         self.conv1d = nn.Conv1d(E, E, kernel_size=d_conv, groups=E, bias=True)
-        self.x_proj = nn.Linear(E, R + 2 * S, bias=False)
+        self.x_proj = nn.Linear(E, R + 2 * Z, bias=False)
         self.dt_proj = nn.Linear(R, E, bias=True)
         self.out_proj = nn.Linear(E, dim, bias=False)
         self._init_dt(dt_min, dt_max, dt_init_floor)
         # S4D-real init: channel state n decays at rate n + 1.
-        A_ES = torch.arange(1, S + 1, dtype=torch.float32).repeat(E, 1)
-        self.A_log = nn.Parameter(torch.log(A_ES))
+        A_EZ = torch.arange(1, Z + 1, dtype=torch.float32).repeat(E, 1)
+        self.A_log = nn.Parameter(torch.log(A_EZ))
         self.D = nn.Parameter(torch.ones(E))
 
     def _init_dt(self, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
@@ -273,57 +237,57 @@ class MambaBlock(nn.Module):
             "ssm": torch.zeros(P, self.d_inner, self.d_state, device=device, dtype=torch.float32),
         }
 
-    def forward(self, x_BTND: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        _check_frames(x_BTND, 4, "x_BTND", self.dim)
-        B, T, N, D = x_BTND.shape
+    def forward(self, x_BTNd: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        _check_frames(x_BTNd, 4, "x_BTNd", self.dim)
+        B, T, N, d = x_BTNd.shape
         if state is None:
-            state = self.init_state(B, N, x_BTND.device, x_BTND.dtype)
+            state = self.init_state(B, N, x_BTNd.device, x_BTNd.dtype)
         _require_keys(state, ("conv", "ssm"), type(self).__name__)
-        x_PTD = x_BTND.transpose(1, 2).reshape(B * N, T, D)
-        y_PTD, state = self._scan(x_PTD, state["conv"], state["ssm"])
-        return y_PTD.view(B, N, T, D).transpose(1, 2), state
+        x_PTd = x_BTNd.transpose(1, 2).reshape(B * N, T, d)
+        y_PTd, state = self._scan(x_PTd, state["conv"], state["ssm"])
+        return y_PTd.view(B, N, T, d).transpose(1, 2), state
 
-    def step(self, x_BND: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def step(self, x_BNd: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         # The same scan with T = 1: conv over [conv state, x_t], then one
         # selective-scan step from the carried ssm state.
-        _check_frames(x_BND, 3, "x_BND", self.dim)
-        y_B1ND, state = self.forward(x_BND.unsqueeze(1), state)
-        return y_B1ND.squeeze(1), state
+        _check_frames(x_BNd, 3, "x_BNd", self.dim)
+        y_B1Nd, state = self.forward(x_BNd.unsqueeze(1), state)
+        return y_B1Nd.squeeze(1), state
 
-    def _scan(self, x_PTD: Tensor, conv_PEK: Tensor, ssm_PES: Tensor) -> tuple[Tensor, State]:
-        T = x_PTD.shape[1]
-        E, R, S = self.d_inner, self.dt_rank, self.d_state
-        expected_conv = (x_PTD.shape[0], E, self.d_conv - 1)
-        if tuple(conv_PEK.shape) != expected_conv:
-            raise ValueError(f"state['conv'] must have shape {expected_conv}, got {tuple(conv_PEK.shape)}")
+    def _scan(self, x_PTd: Tensor, conv_PEJ: Tensor, ssm_PEZ: Tensor) -> tuple[Tensor, State]:
+        T = x_PTd.shape[1]
+        E, R, Z = self.d_inner, self.dt_rank, self.d_state
+        expected_conv = (x_PTd.shape[0], E, self.d_conv - 1)
+        if tuple(conv_PEJ.shape) != expected_conv:
+            raise ValueError(f"state['conv'] must have shape {expected_conv}, got {tuple(conv_PEJ.shape)}")
 
-        x_PET, z_PET = self.in_proj(x_PTD).transpose(1, 2).chunk(2, dim=1)
-        window_PEW = torch.cat([conv_PEK.to(x_PET.dtype), x_PET], dim=-1)
-        # The next chunk's causal context: the last K-1 pre-conv inputs.
-        new_conv_PEK = window_PEW[:, :, T:]
+        x_PET, z_PET = self.in_proj(x_PTd).transpose(1, 2).chunk(2, dim=1)
+        window_PEW = torch.cat([conv_PEJ.to(x_PET.dtype), x_PET], dim=-1)
+        # The next chunk's causal context: the last J-1 pre-conv inputs.
+        new_conv_PEJ = window_PEW[:, :, T:]
         x_PET = F.silu(self.conv1d(window_PEW))
 
-        proj_PTF = self.x_proj(x_PET.transpose(1, 2))
-        dt_PTR, b_PTS, c_PTS = proj_PTF.split([R, S, S], dim=-1)
+        proj_PTX = self.x_proj(x_PET.transpose(1, 2))
+        dt_PTR, b_PTZ, c_PTZ = proj_PTX.split([R, Z, Z], dim=-1)
         # The bias goes to the scan as delta_bias, where it is added in fp32
         # before the softplus (as in mamba's fused path).
         delta_PET = F.linear(dt_PTR, self.dt_proj.weight).transpose(1, 2)
-        A_ES = -torch.exp(self.A_log.float())
-        y_PET, new_ssm_PES = selective_scan(
+        A_EZ = -torch.exp(self.A_log.float())
+        y_PET, new_ssm_PEZ = selective_scan(
             x_PET,
             delta_PET,
-            A_ES,
-            b_PTS.transpose(1, 2),
-            c_PTS.transpose(1, 2),
+            A_EZ,
+            b_PTZ.transpose(1, 2),
+            c_PTZ.transpose(1, 2),
             D=self.D.float(),
             z=z_PET,
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
             return_last_state=True,
-            initial_state=ssm_PES,
+            initial_state=ssm_PEZ,
         )
-        y_PTD = self.out_proj(y_PET.transpose(1, 2))
-        return y_PTD, {"conv": new_conv_PEK, "ssm": new_ssm_PES}
+        y_PTd = self.out_proj(y_PET.transpose(1, 2))
+        return y_PTd, {"conv": new_conv_PEJ, "ssm": new_ssm_PEZ}
 
 
 class MambaLayer(nn.Module):
@@ -334,9 +298,9 @@ class MambaLayer(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.mamba = MambaBlock(dim, d_state=d_state, d_conv=d_conv, expand=expand)
 
-    def forward(self, x_BTND: Tensor, state: State) -> tuple[Tensor, State]:
-        y_BTND, state = self.mamba(self.norm(x_BTND), state)
-        return x_BTND + y_BTND, state
+    def forward(self, x_BTNd: Tensor, state: State) -> tuple[Tensor, State]:
+        y_BTNd, state = self.mamba(self.norm(x_BTNd), state)
+        return x_BTNd + y_BTNd, state
 
 
 class _MambaLayerStack(nn.Module):
@@ -351,20 +315,20 @@ class _MambaLayerStack(nn.Module):
             state.update(_prefixed(layer.mamba.init_state(batch, num_tokens, device, dtype), f"layer{i}."))
         return state
 
-    def forward(self, x_BTND: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        _check_frames(x_BTND, 4, "x_BTND", self.dim)
+    def forward(self, x_BTNd: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        _check_frames(x_BTNd, 4, "x_BTNd", self.dim)
         if state is None:
-            state = self.init_state(x_BTND.shape[0], x_BTND.shape[2], x_BTND.device, x_BTND.dtype)
+            state = self.init_state(x_BTNd.shape[0], x_BTNd.shape[2], x_BTNd.device, x_BTNd.dtype)
         new_state: State = {}
         for i, layer in enumerate(self.layers):
-            x_BTND, layer_state = layer(x_BTND, _unprefixed(state, f"layer{i}."))
+            x_BTNd, layer_state = layer(x_BTNd, _unprefixed(state, f"layer{i}."))
             new_state.update(_prefixed(layer_state, f"layer{i}."))
-        return x_BTND, new_state
+        return x_BTNd, new_state
 
-    def step(self, x_BND: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        _check_frames(x_BND, 3, "x_BND", self.dim)
-        y_B1ND, state = self.forward(x_BND.unsqueeze(1), state)
-        return y_B1ND.squeeze(1), state
+    def step(self, x_BNd: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        _check_frames(x_BNd, 3, "x_BNd", self.dim)
+        y_B1Nd, state = self.forward(x_BNd.unsqueeze(1), state)
+        return y_B1Nd.squeeze(1), state
 
 
 class MambaCore(_MambaLayerStack):
@@ -395,14 +359,14 @@ class GMMixLayer(nn.Module):
         self.mamba = MambaBlock(dim, d_state=d_state, d_conv=d_conv, expand=expand)
         self.gate = nn.Linear(2 * dim, dim)
 
-    def forward(self, x_BTND: Tensor, state: State) -> tuple[Tensor, State]:
-        B, T, N, D = x_BTND.shape
-        x_FND = x_BTND.reshape(B * T, N, D)
-        a_BTND = (x_FND + self.attn(self.attn_norm(x_FND))).view(B, T, N, D)
-        y_BTND, state = self.mamba(self.mamba_norm(a_BTND), state)
-        m_BTND = a_BTND + y_BTND
-        g_BTND = torch.sigmoid(self.gate(torch.cat([a_BTND, m_BTND], dim=-1)))
-        return torch.lerp(a_BTND, m_BTND, g_BTND), state
+    def forward(self, x_BTNd: Tensor, state: State) -> tuple[Tensor, State]:
+        B, T, N, d = x_BTNd.shape
+        x_FNd = x_BTNd.reshape(B * T, N, d)
+        a_BTNd = (x_FNd + self.attn(self.attn_norm(x_FNd))).view(B, T, N, d)
+        y_BTNd, state = self.mamba(self.mamba_norm(a_BTNd), state)
+        m_BTNd = a_BTNd + y_BTNd
+        g_BTNd = torch.sigmoid(self.gate(torch.cat([a_BTNd, m_BTNd], dim=-1)))
+        return torch.lerp(a_BTNd, m_BTNd, g_BTNd), state
 
 
 class GMMixCore(_MambaLayerStack):
@@ -421,7 +385,7 @@ class GMMixCore(_MambaLayerStack):
 
 
 def build_core(
-    kind: str,
+    kind: CoreKind,
     dim: int,
     *,
     depth: int = 1,

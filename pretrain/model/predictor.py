@@ -1,8 +1,10 @@
 """The trainable part of the model: input adapter, temporal core, predictor.
 
-Shape legend: B clips, S source frames, K target frames per clip, N patch
-tokens per frame, V visible tokens per target frame, L chosen encoder blocks,
-D frozen encoder width, d trainable width.
+Shape letters follow the glossary in ``pretrain/__init__.py``: B clips, S
+source frames, K target frames per clip, N patch tokens per frame, V visible
+tokens per target frame, L chosen encoder blocks, D frozen encoder width, d
+trainable width, U = B*K target frames batched as queries, G memory tokens per
+clip (S*N, or N with memory="last").
 
 The core reads adapted source tokens and its outputs at every source step are
 the memory. Each target frame is a set of N queries: a mask token (or the
@@ -18,45 +20,29 @@ With ``feature_layers`` (encoder.feature_layers) the core's source input is
 the mean of several encoder blocks through trainable per-block adapters
 (``LayerAdapters``, part of this model: trained, checkpointed, exported);
 visible target tokens, targets and the copy-last base stay final-block.
+
+``ModelSpec`` (declared in ``pretrain.model.spec``, with the core and
+predictor settings nested in it) is re-exported here with ``spec_from_config``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.model.blocks import PREDICTOR_ATTENTION_NAMES, PREDICTOR_MLP_NAMES, Attention, Mlp
 from pretrain.model.cores import build_core
 from pretrain.model.layer_adapters import LayerAdapters
+from pretrain.model.spec import ModelSpec
 
+if TYPE_CHECKING:
+    from pretrain.config import Config
 
-@dataclass(kw_only=True, slots=True)
-class ModelSpec:
-    """Everything needed to rebuild the trainable model (stored in exports)."""
-
-    encoder_dim: int
-    grid_h: int
-    grid_w: int
-    core_kind: str
-    dim: int
-    core_depth: int
-    core_heads: int
-    core_mlp_ratio: float
-    d_state: int
-    d_conv: int
-    expand: int
-    predictor_depth: int
-    predictor_heads: int
-    predictor_mlp_ratio: float
-    residual: bool
-    max_source_frames: int
-    max_offset: int
-    feature_layers: list[int] = field(default_factory=list)
-    """Encoder blocks mixed by trainable adapters into the core's input; [] = final block only."""
-    memory: str = "all"
-    """The predictor attends to 'all' source steps' core outputs or the 'last' one's (objective.memory)."""
+__all__ = ["FuturePredictor", "ModelSpec", "PredictorLayer", "count_parameters", "sincos_2d", "spec_from_config"]
 
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int) -> Tensor:
@@ -73,46 +59,24 @@ def sincos_2d(grid_h: int, grid_w: int, dim: int) -> Tensor:
     return torch.cat([angle_y.sin(), angle_y.cos(), angle_x.sin(), angle_x.cos()], dim=1)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x_BLd: Tensor, context_BMd: Tensor) -> Tensor:
-        B, L, d = x_BLd.shape
-        h = self.num_heads
-        q_BhLe = self.q(x_BLd).view(B, L, h, d // h).transpose(1, 2)
-        k_BMd, v_BMd = self.kv(context_BMd).chunk(2, dim=-1)
-        k_BhMe = k_BMd.reshape(B, -1, h, d // h).transpose(1, 2)
-        v_BhMe = v_BMd.reshape(B, -1, h, d // h).transpose(1, 2)
-        out_BhLe = F.scaled_dot_product_attention(q_BhLe, k_BhMe, v_BhMe)
-        return self.proj(out_BhLe.transpose(1, 2).reshape(B, L, d))
-
-
 class PredictorLayer(nn.Module):
     """Self-attention over a frame's queries, cross-attention to the memory, MLP (pre-norm)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.norm_self = nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, num_heads)
+        self.self_attn = Attention(dim, num_heads, PREDICTOR_ATTENTION_NAMES)
         self.norm_cross = nn.LayerNorm(dim)
         self.norm_memory = nn.LayerNorm(dim)
-        self.cross_attn = Attention(dim, num_heads)
+        self.cross_attn = Attention(dim, num_heads, PREDICTOR_ATTENTION_NAMES)
         self.norm_mlp = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), PREDICTOR_MLP_NAMES)
 
-    def forward(self, q_BNd: Tensor, memory_BMd: Tensor) -> Tensor:
-        x = self.norm_self(q_BNd)
-        q_BNd = q_BNd + self.self_attn(x, x)
-        q_BNd = q_BNd + self.cross_attn(self.norm_cross(q_BNd), self.norm_memory(memory_BMd))
-        return q_BNd + self.mlp(self.norm_mlp(q_BNd))
+    def forward(self, q_UNd: Tensor, memory_UGd: Tensor) -> Tensor:
+        x_UNd = self.norm_self(q_UNd)
+        q_UNd = q_UNd + self.self_attn(x_UNd, x_UNd)
+        q_UNd = q_UNd + self.cross_attn(self.norm_cross(q_UNd), self.norm_memory(memory_UGd))
+        return q_UNd + self.mlp(self.norm_mlp(q_UNd))
 
 
 class FuturePredictor(nn.Module):
@@ -121,25 +85,26 @@ class FuturePredictor(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        D, d = spec.encoder_dim, spec.dim
+        core, predictor = spec.core, spec.predictor
+        D, d = spec.encoder_dim, core.dim
         self.layer_adapters = LayerAdapters(spec.feature_layers, D) if spec.feature_layers else None
         self.adapter = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, d))
         self.core = build_core(
-            spec.core_kind,
+            core.kind,
             d,
-            depth=spec.core_depth,
-            num_heads=spec.core_heads,
-            mlp_ratio=spec.core_mlp_ratio,
-            d_state=spec.d_state,
-            d_conv=spec.d_conv,
-            expand=spec.expand,
+            depth=core.depth,
+            num_heads=core.num_heads,
+            mlp_ratio=core.mlp_ratio,
+            d_state=core.d_state,
+            d_conv=core.d_conv,
+            expand=core.expand,
         )
         self.source_time_embed = nn.Parameter(torch.zeros(spec.max_source_frames, d))
         self.offset_embed = nn.Embedding(spec.max_offset + 1, d)
         self.mask_token = nn.Parameter(torch.zeros(d))
         self.register_buffer("pos_Nd", sincos_2d(spec.grid_h, spec.grid_w, d), persistent=False)
         self.layers = nn.ModuleList(
-            PredictorLayer(d, spec.predictor_heads, spec.predictor_mlp_ratio) for _ in range(spec.predictor_depth)
+            PredictorLayer(d, predictor.num_heads, predictor.mlp_ratio) for _ in range(predictor.depth)
         )
         self.head_norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, D)
@@ -149,14 +114,14 @@ class FuturePredictor(nn.Module):
         nn.init.normal_(self.source_time_embed, std=0.02)
         nn.init.normal_(self.offset_embed.weight, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        if self.spec.residual:
+        if self.spec.predictor.residual:
             # Zero head: the untrained model predicts the last source frame (copy-last).
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
     @property
     def num_tokens(self) -> int:
-        return self.spec.grid_h * self.spec.grid_w
+        return self.spec.num_tokens
 
     def source_features(self, source_BSND: Tensor, source_layers_BSLND: Tensor | None = None) -> Tensor:
         """The core's input tokens before the adapter, (B, S, N, D).
@@ -219,35 +184,30 @@ class FuturePredictor(nn.Module):
             queries_BKNd = queries_BKNd.scatter(2, index_BKVd, visible_BKVd)
         queries_BKNd = queries_BKNd + self.pos_Nd + self.offset_embed(offsets_BK)[:, :, None, :] + x_BSNd[:, -1:, :, :]
 
-        q_MNd = queries_BKNd.reshape(B * K, N, d)
-        memory_MLd = memory_BSNd.reshape(B, 1, S * N, d).expand(B, K, S * N, d).reshape(B * K, S * N, d)
+        q_UNd = queries_BKNd.reshape(B * K, N, d)
+        memory_UGd = memory_BSNd.reshape(B, 1, S * N, d).expand(B, K, S * N, d).reshape(B * K, S * N, d)
         for layer in self.layers:
-            q_MNd = layer(q_MNd, memory_MLd)
-        delta_BKND = self.head(self.head_norm(q_MNd)).view(B, K, N, D)
-        if not self.spec.residual:
+            q_UNd = layer(q_UNd, memory_UGd)
+        delta_BKND = self.head(self.head_norm(q_UNd)).view(B, K, N, D)
+        if not self.spec.predictor.residual:
             return delta_BKND
         base_BND = F.layer_norm(source_BSND[:, -1].float(), (D,)).to(delta_BKND.dtype)
         return base_BND[:, None] + delta_BKND
 
 
-def spec_from_config(cfg, encoder_dim: int, grid_h: int, grid_w: int) -> ModelSpec:
-    """Derive the model spec from the typed config (``pretrain.config.Config``)."""
+def spec_from_config(cfg: Config, encoder_dim: int, grid_h: int, grid_w: int) -> ModelSpec:
+    """The model spec of a typed config (``pretrain.config.Config``) on an encoder of this width and grid.
+
+    The core and predictor sections are carried as they are (copies, so the
+    spec does not alias the config); the rest is derived from the objective
+    and encoder sections.
+    """
     return ModelSpec(
         encoder_dim=encoder_dim,
         grid_h=grid_h,
         grid_w=grid_w,
-        core_kind=cfg.core.kind,
-        dim=cfg.core.dim,
-        core_depth=cfg.core.depth,
-        core_heads=cfg.core.num_heads,
-        core_mlp_ratio=cfg.core.mlp_ratio,
-        d_state=cfg.core.d_state,
-        d_conv=cfg.core.d_conv,
-        expand=cfg.core.expand,
-        predictor_depth=cfg.predictor.depth,
-        predictor_heads=cfg.predictor.num_heads,
-        predictor_mlp_ratio=cfg.predictor.mlp_ratio,
-        residual=cfg.predictor.residual,
+        core=dataclasses.replace(cfg.core),
+        predictor=dataclasses.replace(cfg.predictor),
         max_source_frames=cfg.objective.source_frames,
         max_offset=max(cfg.objective.target_offsets),
         feature_layers=list(cfg.encoder.feature_layers),
@@ -256,4 +216,5 @@ def spec_from_config(cfg, encoder_dim: int, grid_h: int, grid_w: int) -> ModelSp
 
 
 def count_parameters(module: nn.Module) -> int:
+    """Trainable parameters of ``module``."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -11,13 +11,13 @@ of patch tokens with a 2-D axial RoPE (`position="rope"`), and has no
 position parameter at all (its frequencies are computed from rope_base, so
 they never enter a state dict or a weights hash, and stay fp32 under bf16).
 
-Shape legend:
-    B batch, C image channels, H W image height and width in pixels,
-    p patch side in pixels, h w patch-grid height and width (H/p, W/p),
-    N = h*w patches (row-major), K kept patches, G side of the learned
-    position grid, R register tokens, S sequence length (1 + R + N or K),
-    D embed dim, A attention heads, E head dim (D/A), F flattened patch
-    pixels (C*p*p), M MLP hidden dim, Q RoPE frequencies per axis (E/4).
+Shape letters follow the glossary in ``pretrain/__init__.py``: B batch,
+C image channels, H W image height and width in pixels, p patch side in
+pixels, h w patch-grid height and width (H/p, W/p), N = h*w patches
+(row-major), V kept (visible) patches, G side of the learned position grid,
+Y sequence length (1 + registers + N or V), D embed dim, A attention heads,
+E head dim (D/A), F flattened patch pixels (C*p*p), Q RoPE frequencies per
+axis (E/4).
 """
 
 import dataclasses
@@ -27,12 +27,14 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pretrain.model.spec import AttnBackend
 
 __all__ = [
     "ATTN_BACKENDS",
@@ -46,7 +48,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ATTN_BACKENDS = ("sdpa", "xformers", "math")
+ATTN_BACKENDS: tuple[str, ...] = get_args(AttnBackend)
 """Attention implementations: PyTorch SDPA (flash / cuDNN / efficient on GPU),
 xformers memory_efficient_attention (CUDA only), and explicit softmax(QK^T)V."""
 POSITIONS = ("learned", "rope")
@@ -110,7 +112,7 @@ class ViTArch:
 
     @property
     def mlp_hidden_dim(self) -> int:
-        """Hidden width M of each block's MLP."""
+        """Hidden width of each block's MLP."""
         return int(self.embed_dim * self.mlp_ratio)
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,40 +173,40 @@ def resolve_attn_backend(requested: str, device: torch.device | str) -> str:
     return requested
 
 
-def attention(q_BASE: torch.Tensor, k_BASE: torch.Tensor, v_BASE: torch.Tensor, backend: str) -> torch.Tensor:
-    """softmax(q k^T / sqrt(E)) v over heads: (B, A, S, E) x3 -> (B, A, S, E)."""
+def attention(q_BAYE: torch.Tensor, k_BAYE: torch.Tensor, v_BAYE: torch.Tensor, backend: str) -> torch.Tensor:
+    """softmax(q k^T / sqrt(E)) v over heads: (B, A, Y, E) x3 -> (B, A, Y, E)."""
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q_BASE, k_BASE, v_BASE)
+        return F.scaled_dot_product_attention(q_BAYE, k_BAYE, v_BAYE)
     if backend == "math":
         # fp32 scores: the reference against which the fused kernels are judged.
-        scores_BASS = (q_BASE.float() @ k_BASE.float().transpose(-2, -1)) * q_BASE.shape[-1] ** -0.5
-        return (scores_BASS.softmax(dim=-1) @ v_BASE.float()).to(q_BASE.dtype)
+        scores_BAYY = (q_BAYE.float() @ k_BAYE.float().transpose(-2, -1)) * q_BAYE.shape[-1] ** -0.5
+        return (scores_BAYY.softmax(dim=-1) @ v_BAYE.float()).to(q_BAYE.dtype)
     if backend == "xformers":
         import xformers.ops as xops
 
-        # xformers takes (B, S, A, E).
-        out_BSAE = xops.memory_efficient_attention(
-            q_BASE.transpose(1, 2), k_BASE.transpose(1, 2), v_BASE.transpose(1, 2)
+        # xformers takes (B, Y, A, E).
+        out_BYAE = xops.memory_efficient_attention(
+            q_BAYE.transpose(1, 2), k_BAYE.transpose(1, 2), v_BAYE.transpose(1, 2)
         )
-        return out_BSAE.transpose(1, 2)
+        return out_BYAE.transpose(1, 2)
     raise ValueError(f"attention backend {backend!r} unknown (known: {', '.join(ATTN_BACKENDS)})")
 
 
-def _rotate_half(x_BASE: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x_BASE.chunk(2, dim=-1)
+def _rotate_half(x_BAYE: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BAYE.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rope(x_BASE: torch.Tensor, sin_BKE: torch.Tensor, cos_BKE: torch.Tensor) -> torch.Tensor:
-    """Rotate the last K positions of x (the patches); the S-K prefix tokens pass unchanged.
+def apply_rope(x_BAYE: torch.Tensor, sin_BVE: torch.Tensor, cos_BVE: torch.Tensor) -> torch.Tensor:
+    """Rotate the last V positions of x (the patches, N or the kept V); the prefix tokens pass unchanged.
 
     Computed in fp32 (the angles reach 2*pi*rope_base) and cast back.
     """
-    K = sin_BKE.shape[-2]
-    prefix_BAPE, patches_BAKE = x_BASE[:, :, :-K], x_BASE[:, :, -K:].float()
-    sin_B1KE, cos_B1KE = sin_BKE.unsqueeze(1), cos_BKE.unsqueeze(1)
-    rotated_BAKE = patches_BAKE * cos_B1KE + _rotate_half(patches_BAKE) * sin_B1KE
-    return torch.cat([prefix_BAPE, rotated_BAKE.to(x_BASE.dtype)], dim=2)
+    V = sin_BVE.shape[-2]
+    patches_BAVE = x_BAYE[:, :, -V:].float()
+    sin_B1VE, cos_B1VE = sin_BVE.unsqueeze(1), cos_BVE.unsqueeze(1)
+    rotated_BAVE = patches_BAVE * cos_B1VE + _rotate_half(patches_BAVE) * sin_B1VE
+    return torch.cat([x_BAYE[:, :, :-V], rotated_BAVE.to(x_BAYE.dtype)], dim=2)
 
 
 class PatchEmbed(nn.Module):
@@ -218,14 +220,14 @@ class PatchEmbed(nn.Module):
         """(B, C, H, W) -> (B, N, D), patches in row-major order."""
         return self.proj(images_BCHW).flatten(2).transpose(1, 2)
 
-    def embed_pixels(self, pixels_BKF: torch.Tensor) -> torch.Tensor:
-        """Project pre-cut patches (B, K, C*p*p) with the same weights -> (B, K, D)."""
+    def embed_pixels(self, pixels_BVF: torch.Tensor) -> torch.Tensor:
+        """Project pre-cut patches (B, V, C*p*p) with the same weights -> (B, V, D)."""
         weight_DF = self.proj.weight.flatten(1)
-        return F.linear(pixels_BKF, weight_DF, self.proj.bias)
+        return F.linear(pixels_BVF, weight_DF, self.proj.bias)
 
 
 Rope = tuple[torch.Tensor, torch.Tensor]
-"""(sin, cos) of the patch tokens' RoPE angles, each (B or 1, K, E), fp32."""
+"""(sin, cos) of the patch tokens' RoPE angles, each (B or 1, N or V, E), fp32."""
 
 
 class Attention(nn.Module):
@@ -238,16 +240,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x_BSD: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
-        B, S, D = x_BSD.shape
+    def forward(self, x_BYD: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
+        B, Y, D = x_BYD.shape
         A = self.num_heads
-        qkv_3BASE = self.qkv(x_BSD).reshape(B, S, 3, A, D // A).permute(2, 0, 3, 1, 4)
-        q_BASE, k_BASE, v_BASE = qkv_3BASE.unbind(0)
+        qkv_3BAYE = self.qkv(x_BYD).reshape(B, Y, 3, A, D // A).permute(2, 0, 3, 1, 4)
+        q_BAYE, k_BAYE, v_BAYE = qkv_3BAYE.unbind(0)
         if rope is not None:
-            q_BASE, k_BASE = apply_rope(q_BASE, *rope), apply_rope(k_BASE, *rope)
-        out_BASE = attention(q_BASE, k_BASE, v_BASE, self.backend)
-        out_BSD = out_BASE.transpose(1, 2).reshape(B, S, D)
-        return self.proj(out_BSD)
+            q_BAYE, k_BAYE = apply_rope(q_BAYE, *rope), apply_rope(k_BAYE, *rope)
+        out_BAYE = attention(q_BAYE, k_BAYE, v_BAYE, self.backend)
+        out_BYD = out_BAYE.transpose(1, 2).reshape(B, Y, D)
+        return self.proj(out_BYD)
 
 
 class Mlp(nn.Module):
@@ -259,8 +261,8 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x_BSD)))
+    def forward(self, x_BYD: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x_BYD)))
 
 
 class LayerScale(nn.Module):
@@ -272,8 +274,8 @@ class LayerScale(nn.Module):
         # it) keeps a randomly initialised model's blocks non-trivial in tests.
         self.gamma = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        return x_BSD * self.gamma
+    def forward(self, x_BYD: torch.Tensor) -> torch.Tensor:
+        return x_BYD * self.gamma
 
 
 class Block(nn.Module):
@@ -289,9 +291,9 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, arch.mlp_hidden_dim)
         self.ls2: nn.Module = LayerScale(dim) if arch.layer_scale else nn.Identity()
 
-    def forward(self, x_BSD: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
-        x_BSD = x_BSD + self.ls1(self.attn(self.norm1(x_BSD), rope))
-        return x_BSD + self.ls2(self.mlp(self.norm2(x_BSD)))
+    def forward(self, x_BYD: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
+        x_BYD = x_BYD + self.ls1(self.attn(self.norm1(x_BYD), rope))
+        return x_BYD + self.ls2(self.mlp(self.norm2(x_BYD)))
 
 
 class VisionTransformer(nn.Module):
@@ -392,7 +394,7 @@ class VisionTransformer(nn.Module):
         return rope_sin_cos(periods_Q, h, w)
 
     def _prefix_tokens(self, batch: int) -> torch.Tensor:
-        """CLS (+ its position, if learned) then registers (no position) -> (B, 1 + R, D)."""
+        """CLS (+ its position, if learned) then registers (no position) -> (B, 1 + registers, D)."""
         cls_11D = self.cls_token
         if self.arch.position == "learned":
             cls_11D = cls_11D + self.pos_embed[:, :1]
@@ -409,22 +411,21 @@ class VisionTransformer(nn.Module):
         return checked
 
     def _encode_patches(
-        self, patches_BKD: torch.Tensor, rope: Rope | None, layers: Sequence[int] | None = None
+        self, patches_BVD: torch.Tensor, rope: Rope | None, layers: Sequence[int] | None = None
     ) -> list[torch.Tensor]:
-        """Prefix, blocks, final norm; patch positions only, one (B, K, D) per requested block.
+        """Prefix, blocks, final norm; patch positions only, one (B, V, D) per requested block.
 
         layers=None means the last block. Blocks after the last requested one are not run.
         """
         wanted = [self.arch.depth - 1] if layers is None else self._check_layers(layers)
-        prefix_BPD = self._prefix_tokens(patches_BKD.shape[0])
-        x_BSD = torch.cat([prefix_BPD, patches_BKD], dim=1)
+        x_BYD = torch.cat([self._prefix_tokens(patches_BVD.shape[0]), patches_BVD], dim=1)
         outputs: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.blocks[: max(wanted) + 1]):
-            x_BSD = block(x_BSD, rope)
+            x_BYD = block(x_BYD, rope)
             if index in wanted:
                 # Intermediate blocks go through the final norm too (DINOv2's
                 # get_intermediate_layers(norm=True)), so all share one scale.
-                outputs[index] = self.norm(x_BSD)[:, self.num_prefix_tokens :]
+                outputs[index] = self.norm(x_BYD)[:, self.num_prefix_tokens :]
         return [outputs[i] for i in wanted]
 
     def _embed_all(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, Rope | None]:
@@ -435,16 +436,16 @@ class VisionTransformer(nn.Module):
         sin_NE, cos_NE = self.rope_sin_cos(h, w)
         return patches_BND, (sin_NE.unsqueeze(0), cos_NE.unsqueeze(0))
 
-    def _embed_subset(self, images_BCHW: torch.Tensor, keep_idx_BK: torch.Tensor) -> tuple[torch.Tensor, Rope | None]:
+    def _embed_subset(self, images_BCHW: torch.Tensor, keep_idx_BV: torch.Tensor) -> tuple[torch.Tensor, Rope | None]:
         h, w = self._check_images(images_BCHW)
-        keep_idx_BK = self._check_keep_idx(keep_idx_BK, images_BCHW.shape[0], h * w)
-        pixels_BKF = self._gather_patch_pixels(images_BCHW, keep_idx_BK, w)
-        patches_BKD = self.patch_embed.embed_pixels(pixels_BKF)
+        keep_idx_BV = self._check_keep_idx(keep_idx_BV, images_BCHW.shape[0], h * w)
+        pixels_BVF = self._gather_patch_pixels(images_BCHW, keep_idx_BV, w)
+        patches_BVD = self.patch_embed.embed_pixels(pixels_BVF)
         if self.arch.position == "learned":
-            return patches_BKD + self.patch_pos_embed(h, w)[0][keep_idx_BK], None
+            return patches_BVD + self.patch_pos_embed(h, w)[0][keep_idx_BV], None
         # Each kept patch keeps the coordinates of its place in the full grid.
         sin_NE, cos_NE = self.rope_sin_cos(h, w)
-        return patches_BKD, (sin_NE[keep_idx_BK], cos_NE[keep_idx_BK])
+        return patches_BVD, (sin_NE[keep_idx_BV], cos_NE[keep_idx_BV])
 
     def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, H, W) -> patch tokens (B, N, D) after the final norm.
@@ -454,47 +455,47 @@ class VisionTransformer(nn.Module):
         return self._encode_patches(*self._embed_all(images_BCHW))[0]
 
     def forward_layers(
-        self, images_BCHW: torch.Tensor, layers: Sequence[int], keep_idx_BK: torch.Tensor | None = None
+        self, images_BCHW: torch.Tensor, layers: Sequence[int], keep_idx_BV: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
-        """Patch tokens of the given blocks (0-based), each (B, N, D) or (B, K, D), final-normed.
+        """Patch tokens of the given blocks (0-based), each (B, N, D) or (B, V, D), final-normed.
 
-        With keep_idx_BK, only those patches are encoded, as in `forward_subset`.
+        With keep_idx_BV, only those patches are encoded, as in `forward_subset`.
         """
-        if keep_idx_BK is None:
+        if keep_idx_BV is None:
             return self._encode_patches(*self._embed_all(images_BCHW), layers)
-        return self._encode_patches(*self._embed_subset(images_BCHW, keep_idx_BK), layers)
+        return self._encode_patches(*self._embed_subset(images_BCHW, keep_idx_BV), layers)
 
-    def forward_subset(self, images_BCHW: torch.Tensor, keep_idx_BK: torch.Tensor) -> torch.Tensor:
-        """Encode only the kept patches: (B, 3, H, W), (B, K) -> tokens (B, K, D).
+    def forward_subset(self, images_BCHW: torch.Tensor, keep_idx_BV: torch.Tensor) -> torch.Tensor:
+        """Encode only the kept patches: (B, 3, H, W), (B, V) -> tokens (B, V, D).
 
-        keep_idx_BK indexes the row-major N = h*w patch grid; the output follows
+        keep_idx_BV indexes the row-major N = h*w patch grid; the output follows
         its order. Pixels of patches not kept are never read, so changing them
-        leaves the output bit-identical, and the cost scales with K, not N.
+        leaves the output bit-identical, and the cost scales with V, not N.
         """
-        return self._encode_patches(*self._embed_subset(images_BCHW, keep_idx_BK))[0]
+        return self._encode_patches(*self._embed_subset(images_BCHW, keep_idx_BV))[0]
 
     @staticmethod
-    def _check_keep_idx(keep_idx_BK: torch.Tensor, batch: int, num_patches: int) -> torch.Tensor:
-        if keep_idx_BK.ndim != 2 or keep_idx_BK.shape[0] != batch:
-            raise ValueError(f"keep_idx must be (B={batch}, K), got {tuple(keep_idx_BK.shape)}")
-        if keep_idx_BK.dtype.is_floating_point or keep_idx_BK.dtype == torch.bool:
-            raise ValueError(f"keep_idx must be an integer tensor, got {keep_idx_BK.dtype}")
-        keep_idx_BK = keep_idx_BK.long()
+    def _check_keep_idx(keep_idx_BV: torch.Tensor, batch: int, num_patches: int) -> torch.Tensor:
+        if keep_idx_BV.ndim != 2 or keep_idx_BV.shape[0] != batch:
+            raise ValueError(f"keep_idx must be (B={batch}, V), got {tuple(keep_idx_BV.shape)}")
+        if keep_idx_BV.dtype.is_floating_point or keep_idx_BV.dtype == torch.bool:
+            raise ValueError(f"keep_idx must be an integer tensor, got {keep_idx_BV.dtype}")
+        keep_idx_BV = keep_idx_BV.long()
         # Checked here (a host sync) because an out-of-range index on CUDA
         # surfaces only as an unreadable device-side assert.
-        if keep_idx_BK.numel() > 0 and (int(keep_idx_BK.min()) < 0 or int(keep_idx_BK.max()) >= num_patches):
+        if keep_idx_BV.numel() > 0 and (int(keep_idx_BV.min()) < 0 or int(keep_idx_BV.max()) >= num_patches):
             raise ValueError(f"keep_idx values must lie in [0, {num_patches})")
-        return keep_idx_BK
+        return keep_idx_BV
 
-    def _gather_patch_pixels(self, images_BCHW: torch.Tensor, keep_idx_BK: torch.Tensor, w: int) -> torch.Tensor:
-        """Cut out only the kept patches -> (B, K, C*p*p), flattened as the conv weight."""
+    def _gather_patch_pixels(self, images_BCHW: torch.Tensor, keep_idx_BV: torch.Tensor, w: int) -> torch.Tensor:
+        """Cut out only the kept patches -> (B, V, C*p*p), flattened as the conv weight."""
         B, C, H, W = images_BCHW.shape
         p = self.arch.patch_size
         # A view, not a copy: advanced indexing below reads only the kept patches.
         grid_BhwCpp = images_BCHW.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
-        batch_BK = torch.arange(B, device=keep_idx_BK.device).unsqueeze(1).expand_as(keep_idx_BK)
-        pixels_BKCpp = grid_BhwCpp[batch_BK, keep_idx_BK // w, keep_idx_BK % w]
-        return pixels_BKCpp.flatten(2)
+        batch_BV = torch.arange(B, device=keep_idx_BV.device).unsqueeze(1).expand_as(keep_idx_BV)
+        pixels_BVCpp = grid_BhwCpp[batch_BV, keep_idx_BV // w, keep_idx_BV % w]
+        return pixels_BVCpp.flatten(2)
 
 
 def rope_periods(arch: ViTArch) -> torch.Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_shards import features as shard_features
 from eval.features import (
     VARIANTS,
     EncoderMismatchError,
@@ -18,8 +19,12 @@ from eval.features import (
     read_export,
 )
 from eval.run import main as run_main
+from pretrain.config import load_config
+from pretrain.encoder import load_encoder
 from pretrain.model.cores import CORE_KINDS, build_core
+from tests.conftest import tiny_overrides
 from tests.eval.conftest import tiny_data_args
+from tests.pretrain.test_export_isolation import write_v1_export
 
 
 @pytest.mark.parametrize("kind", CORE_KINDS)
@@ -102,3 +107,21 @@ def test_missing_recorded_encoder_path_asks_for_encoder(tiny_export: Path, tmp_p
         load_checked_encoder(export)
     # --encoder points at weights that are here (for the tiny export: the seeded random ViT).
     assert load_checked_encoder(export, "random").weights_hash == export.encoder_hash
+
+
+def test_one_encoder_mismatch_error() -> None:
+    """Eval refuses a mismatched encoder with the class the feature shards raise: one except catches both."""
+    assert EncoderMismatchError is shard_features.EncoderMismatchError
+
+
+def test_a_format_1_export_is_evaluated_like_a_new_one(tmp_path: Path) -> None:
+    cfg = load_config("tiny-cpu", tiny_overrides(tmp_path))
+    encoder = load_encoder("random", arch="vit_test", image_size=56, device="cpu", seed=cfg.run.seed)
+    write_v1_export(tmp_path / "export", cfg, encoder.identity())
+    export = read_export(tmp_path / "export")
+    assert export.spec.core.kind == "gmmix" and export.config.training.objective.visible_fraction == 0.05
+    assert load_checked_encoder(export).weights_hash == encoder.weights_hash
+    tokens_BTND = torch.randn(1, 3, export.spec.num_tokens, export.spec.encoder_dim)
+    with torch.no_grad():
+        features = build_feature_path(export, "pretrained", "streaming", "frozen", seed=0)(tokens_BTND)
+    assert features.shape == (1, 3, export.spec.num_tokens, export.spec.core.dim)

@@ -175,11 +175,12 @@ def test_exports_without_geometry_fall_back(tiny_export: Path, caplog) -> None:
     export = read_export(tiny_export)
     recorded, where = export_geometry(export)
     assert where == "recorded by the export"
-    del export.config["clip_geometry"]
+    export.config.clip_geometry = None
     # In-memory videos: the config is the whole geometry.
     assert export_geometry(export)[0] == recorded
     # Shards that are gone: data.fps / data.frame_stride, with a warning.
-    export.config["config"]["data"] = {**export.config["config"]["data"], "source": "clips", "shards": "/nonexistent"}
+    training = export.config.training
+    training.data = dataclasses.replace(training.data, source="clips", shards="/nonexistent")
     geometry, where = export_geometry(export)
     assert where.startswith("legacy") and geometry.fps is None and geometry.frame_stride == 1
     assert "may not be the rate and stride" in caplog.text
@@ -188,9 +189,10 @@ def test_exports_without_geometry_fall_back(tiny_export: Path, caplog) -> None:
 def _identity_export(main: Path, out: Path) -> Path:
     """An untrained identity-core export of the main export's spec: exactly copy-last on any window."""
     config = json.loads((main / "config.json").read_text())
-    spec = ModelSpec(**{**config["model_spec"], "core_kind": "identity"})
+    spec = ModelSpec.from_dict(config["model_spec"])
+    spec = dataclasses.replace(spec, core=dataclasses.replace(spec.core, kind="identity"))
     model = FuturePredictor(spec)
-    control = {**config, "model_spec": dataclasses.asdict(spec)}
+    control = {**config, "model_spec": spec.to_dict()}
     control.pop("dtype")
     return write_export(model.state_dict(), control, out, "fp32")
 
@@ -233,7 +235,7 @@ def test_an_old_shard_export_reads_its_geometry_from_its_shards(shard_run) -> No
     result, _ = shard_run
     export = read_export(result.export_dir)
     recorded, _ = export_geometry(export)
-    del export.config["clip_geometry"]
+    export.config.clip_geometry = None
     geometry, where = export_geometry(export)
     assert geometry == recorded and where.startswith("the training shards' manifest")
 

@@ -1,11 +1,23 @@
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
-from pretrain.config import PRESET_DIR, Config, ConfigError, config_from_dict, flatten, load_config, save_config
+from pretrain.config import (
+    PRESET_DIR,
+    BatchPlan,
+    Config,
+    ConfigError,
+    config_from_dict,
+    flatten,
+    load_config,
+    save_config,
+)
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
@@ -84,6 +96,72 @@ def test_roundtrip_and_flatten(tmp_path: Path) -> None:
 def test_batch_plan() -> None:
     cfg = load_config(None, ["--train.micro_batch_size=4", "--train.grad_accum=3"])
     plan = cfg.batch_plan(world_size=2)
-    assert plan.global_batch_size == 24
+    assert plan == BatchPlan(micro_batch_size=4, grad_accum=3, world_size=2, global_batch_size=24)
     with pytest.raises(ConfigError):
         cfg.batch_plan(world_size=0)
+
+
+@pytest.mark.parametrize(("world", "accum"), [(1, 6), (2, 3), (3, 2), (6, 1)])
+def test_global_batch_size_sets_accumulation(world: int, accum: int) -> None:
+    cfg = load_config(None, ["--train.micro_batch_size=4", "--train.global_batch_size=24"])
+    assert cfg.batch_plan(world_size=world) == BatchPlan(4, accum, world, 24)
+
+
+def test_a_global_batch_that_does_not_divide_names_the_keys() -> None:
+    cfg = load_config(None, ["--train.micro_batch_size=4", "--train.global_batch_size=24"])
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size.*train\.micro_batch_size=4.*world size 4"):
+        cfg.batch_plan(world_size=4)
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size.*train\.micro_batch_size=4"):
+        load_config(None, ["--train.micro_batch_size=4", "--train.global_batch_size=10"])
+    # Accumulation is derived from the global batch: both set is ambiguous.
+    with pytest.raises(ConfigError, match=r"train\.grad_accum.*train\.global_batch_size"):
+        load_config(None, ["--train.global_batch_size=24", "--train.grad_accum=2"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("--run.device=tpu", "run.device"),
+        ("--encoder.compile_mode=fast", "encoder.compile_mode"),
+        ("--objective.memory=first", "objective.memory"),
+        ("--data.source=frames", "data.source"),
+        ("--train.resume=maybe", "train.resume"),
+        ("--distributed.engine=fsdp", "distributed.engine"),
+        ("--distributed.backend=mpi", "distributed.backend"),
+        ("--distributed.precision=fp16", "distributed.precision"),
+        ("--distributed.optimizer=sgd", "distributed.optimizer"),
+    ],
+)
+def test_choice_fields_refuse_other_values(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*expected one of"):
+        load_config("tiny-cpu", [override])
+
+
+def test_choice_fields_are_literal_types() -> None:
+    """Every choice is a Literal, so the loader (and a type checker) knows the allowed values."""
+    cfg = Config()
+    choices = set()
+    for section in dataclasses.fields(Config):
+        hints = typing.get_type_hints(type(getattr(cfg, section.name)))
+        choices |= {(section.name, name) for name, hint in hints.items() if typing.get_origin(hint) is Literal}
+    assert {
+        ("run", "device"),
+        ("encoder", "attn_backend"),
+        ("encoder", "compile_mode"),
+        ("core", "kind"),
+        ("objective", "memory"),
+        ("data", "source"),
+        ("train", "resume"),
+        ("distributed", "engine"),
+        ("distributed", "backend"),
+        ("distributed", "precision"),
+        ("distributed", "optimizer"),
+    } <= choices
+
+
+def test_presets_keep_their_batches() -> None:
+    """Effective batches of the shipped presets (one rank), so a preset edit that changes them is seen."""
+    expected = {"tiny-cpu": (8, 1), "procedural-cpu": (16, 1), "vits14-gmmix": (32, 1), "vitl16-gmmix": (16, 2)}
+    for name, (micro, accum) in expected.items():
+        plan = load_config(name).batch_plan(world_size=1)
+        assert (plan.micro_batch_size, plan.grad_accum, plan.global_batch_size) == (micro, accum, micro * accum)

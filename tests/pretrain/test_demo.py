@@ -37,4 +37,4 @@ def test_shard_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     exported = json.loads((tmp_path / "tiny-cpu" / "export" / "config.json").read_text())
     assert exported["identity_control"]["export"] == str(control)
     assert len(exported["identity_control"]["heldout"]) == len(exported["heldout"]) == 3
-    assert json.loads((control / "config.json").read_text())["model_spec"]["core_kind"] == "identity"
+    assert json.loads((control / "config.json").read_text())["model_spec"]["core"]["kind"] == "identity"

@@ -7,24 +7,16 @@ import dataclasses
 import pytest
 import torch
 
+from pretrain.export import spec_from_record
 from pretrain.model.predictor import FuturePredictor, ModelSpec
+from pretrain.model.spec import CoreConfig, PredictorConfig
 
 SPEC = ModelSpec(
     encoder_dim=24,
     grid_h=3,
     grid_w=3,
-    core_kind="gmmix",
-    dim=16,
-    core_depth=1,
-    core_heads=2,
-    core_mlp_ratio=2.0,
-    d_state=4,
-    d_conv=4,
-    expand=2,
-    predictor_depth=1,
-    predictor_heads=2,
-    predictor_mlp_ratio=2.0,
-    residual=True,
+    core=CoreConfig(kind="gmmix", dim=16, depth=1, num_heads=2, mlp_ratio=2.0, d_state=4, d_conv=4, expand=2),
+    predictor=PredictorConfig(depth=1, num_heads=2, mlp_ratio=2.0, residual=True),
     max_source_frames=6,
     max_offset=2,
 )
@@ -43,7 +35,8 @@ def _predict(model: FuturePredictor, source_BSND: torch.Tensor) -> torch.Tensor:
 )
 def test_what_reaches_the_predictor_from_earlier_frames(core_kind: str, memory: str, past_matters: bool) -> None:
     torch.manual_seed(0)
-    model = FuturePredictor(dataclasses.replace(SPEC, core_kind=core_kind, memory=memory)).eval()
+    spec = dataclasses.replace(SPEC, core=dataclasses.replace(SPEC.core, kind=core_kind), memory=memory)
+    model = FuturePredictor(spec).eval()
     torch.nn.init.normal_(model.head.weight, std=0.1)
     source_BSND = torch.randn(2, 5, 9, 24)
     changed = source_BSND.clone()
@@ -54,6 +47,28 @@ def test_what_reaches_the_predictor_from_earlier_frames(core_kind: str, memory: 
 
 
 def test_memory_is_recorded_and_old_specs_default_to_all() -> None:
-    fields = dataclasses.asdict(SPEC)
-    fields.pop("memory")
-    assert ModelSpec(**fields).memory == "all"
+    record = SPEC.to_dict()
+    assert record["memory"] == "all" and ModelSpec.from_dict(record) == SPEC
+    record.pop("memory")
+    assert ModelSpec.from_dict(record).memory == "all"
+    # A format-1 export's flat spec, written before memory and feature_layers existed.
+    flat = {
+        "encoder_dim": 24,
+        "grid_h": 3,
+        "grid_w": 3,
+        "core_kind": "gmmix",
+        "dim": 16,
+        "core_depth": 1,
+        "core_heads": 2,
+        "core_mlp_ratio": 2.0,
+        "d_state": 4,
+        "d_conv": 4,
+        "expand": 2,
+        "predictor_depth": 1,
+        "predictor_heads": 2,
+        "predictor_mlp_ratio": 2.0,
+        "residual": True,
+        "max_source_frames": 6,
+        "max_offset": 2,
+    }
+    assert spec_from_record(flat) == SPEC

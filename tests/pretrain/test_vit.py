@@ -141,18 +141,18 @@ def test_forward_subset_never_reads_masked_pixels(registers: int) -> None:
     model = _model(dataclasses.replace(TEST_ARCH, num_registers=registers))
     h, w, keep = 6, 7, 5
     images = _images(3, h * PATCH, w * PATCH)
-    keep_idx_BK = _random_keep_idx(3, h * w, keep)
+    keep_idx_BV = _random_keep_idx(3, h * w, keep)
     edited = _images(3, h * PATCH, w * PATCH, seed=9) * 10
     kept_mask_BN = torch.zeros(3, h * w, dtype=torch.bool)
-    kept_mask_BN.scatter_(1, keep_idx_BK, True)
+    kept_mask_BN.scatter_(1, keep_idx_BV, True)
     pixel_mask = kept_mask_BN.reshape(3, 1, h, 1, w, 1).expand(3, 3, h, PATCH, w, PATCH)
     edited = torch.where(pixel_mask.reshape(3, 3, h * PATCH, w * PATCH), images, edited)
     with torch.no_grad():
-        before_BKD = model.forward_subset(images, keep_idx_BK)
-        after_BKD = model.forward_subset(edited, keep_idx_BK)
+        before_BVD = model.forward_subset(images, keep_idx_BV)
+        after_BVD = model.forward_subset(edited, keep_idx_BV)
         full_changed = not torch.allclose(model(images), model(edited))
-    assert before_BKD.shape == (3, keep, TEST_ARCH.embed_dim)
-    assert torch.equal(before_BKD, after_BKD)
+    assert before_BVD.shape == (3, keep, TEST_ARCH.embed_dim)
+    assert torch.equal(before_BVD, after_BVD)
     # The edit is large enough that full-frame attention does see it.
     assert full_changed
 
@@ -248,14 +248,14 @@ def test_rope_forward_subset_never_reads_masked_pixels() -> None:
     model = _rope_model()
     h, w, keep = 4, 5, 6
     images = _images(2, h * ROPE_PATCH, w * ROPE_PATCH)
-    keep_idx_BK = _random_keep_idx(2, h * w, keep)
+    keep_idx_BV = _random_keep_idx(2, h * w, keep)
     with torch.no_grad():
-        before = model.forward_subset(images, keep_idx_BK)
+        before = model.forward_subset(images, keep_idx_BV)
         edited = images.clone()
-        kept = torch.zeros(2, h * w, dtype=torch.bool).scatter_(1, keep_idx_BK, True)
+        kept = torch.zeros(2, h * w, dtype=torch.bool).scatter_(1, keep_idx_BV, True)
         mask = kept.reshape(2, 1, h, 1, w, 1).expand(2, 3, h, ROPE_PATCH, w, ROPE_PATCH)
         edited = torch.where(mask.reshape(2, 3, h * ROPE_PATCH, w * ROPE_PATCH), images, images * 10 + 3)
-        after = model.forward_subset(edited, keep_idx_BK)
+        after = model.forward_subset(edited, keep_idx_BV)
     assert torch.equal(before, after)
 
 
@@ -264,12 +264,12 @@ def test_forward_layers(name: str) -> None:
     model = _rope_model() if name == "vit_test16" else _model()
     arch = model.arch
     images = _images(2, 3 * arch.patch_size, 4 * arch.patch_size)
-    keep_idx_BK = _random_keep_idx(2, 12, 5)
+    keep_idx_BV = _random_keep_idx(2, 12, 5)
     with torch.no_grad():
         last, first = model.forward_layers(images, [arch.depth - 1, 0])
         torch.testing.assert_close(last, model(images))
         assert first.shape == last.shape and not torch.allclose(first, last)
-        (sub_first,) = model.forward_layers(images, [0], keep_idx_BK=keep_idx_BK)
+        (sub_first,) = model.forward_layers(images, [0], keep_idx_BV=keep_idx_BV)
         assert sub_first.shape == (2, 5, arch.embed_dim)
     with pytest.raises(ValueError, match="block indices"):
         model.forward_layers(images, [arch.depth])

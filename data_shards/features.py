@@ -19,7 +19,7 @@ weights hash, so features of two encoders never mix):
   encoder blocks, for a core that mixes them through trainable adapters)
   and ``json`` (the clip's json plus "encoder", "encoder_hash", "grid"
   [gh, gw], "embed_dim", "image_size").
-- ``manifest.json``: "format" (FEATURES_FORMAT), "encoder" (``FrozenEncoder.identity()``),
+- ``manifest.json``: "format" (FEATURES_FORMAT), "encoder" (``ClipEncoder.identity()``),
   "grid", "embed_dim", "image_size", "visible_fraction", "visible_sets",
   "feature_layers", "clips", "shards" [{name, bytes, samples, sha256}], "skipped" (clips that
   failed to decode, by reason), "source" (clip shard directory and a digest
@@ -46,8 +46,9 @@ directory (``is_feature_dir``). Clip shards are checked to be whole tars
 before anything is written; unreadable ones raise ClipShardError, and a
 failed run leaves neither a temporary directory nor an OUT it created.
 
-This module imports no model code at import time: ``pretrain.encoder`` is
-imported inside the encode command only.
+This module imports no model code: the encode pass takes any encoder with
+the interface of ``ClipEncoder`` from its caller (the command line is
+``python -m pretrain.encode``, which loads the frozen ViT from a config).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import torch
@@ -86,9 +87,6 @@ from data_shards.loader import (
     read_sample_json,
 )
 
-if TYPE_CHECKING:
-    from pretrain.encoder import FrozenEncoder
-
 logger = logging.getLogger(__name__)
 
 FEATURES_FORMAT = "features-v1"
@@ -106,6 +104,68 @@ class EncoderMismatchError(ValueError):
 
 class ClipShardError(ValueError):
     """The clip shards to encode are missing or unreadable (no shards, a truncated or foreign tar)."""
+
+
+class ClipEncoder(Protocol):
+    """What the encode pass needs of a frozen per-frame encoder (the training package's frozen ViT is one).
+
+    Frames go in as uint8 RGB of any size (the encoder resizes them to
+    image_size x image_size); tokens come out float32, on any device, for a
+    grid x grid patch grid. Frames are encoded independently, so how frames
+    are grouped into calls changes no token.
+    """
+
+    @property
+    def name(self) -> str:
+        """Recorded in every feature sample's json ("encoder")."""
+        ...
+
+    @property
+    def weights_hash(self) -> str:
+        """Hex digest of the weights: keys the output directory, and every consumer checks it."""
+        ...
+
+    @property
+    def image_size(self) -> int:
+        """Side in pixels of the square frames the encoder sees."""
+        ...
+
+    @property
+    def grid(self) -> int:
+        """Patch grid side: N = grid * grid tokens per frame."""
+        ...
+
+    @property
+    def num_tokens(self) -> int:
+        """N, tokens per frame."""
+        ...
+
+    @property
+    def embed_dim(self) -> int:
+        """D, token width."""
+        ...
+
+    @property
+    def depth(self) -> int:
+        """Number of blocks: ``feature_layers`` must be indices in [0, depth)."""
+        ...
+
+    def identity(self) -> dict[str, object]:
+        """What the manifest records as "encoder": at least "name" and "weights_hash"."""
+        ...
+
+    def encode(self, frames_BTCHW: Tensor) -> Tensor:
+        """uint8 frames (B, T, 3, H, W) -> final-block tokens (B, T, N, D)."""
+        ...
+
+    def encode_with_layers(self, frames_BTCHW: Tensor, layers: list[int]) -> tuple[Tensor, Tensor]:
+        """uint8 frames (B, T, 3, H, W) -> final tokens (B, T, N, D) and the given blocks (B, T, L, N, D)."""
+        ...
+
+    def encode_subset(self, frames_BKCHW: Tensor, keep_idx_BKV: Tensor) -> Tensor:
+        """uint8 frames (B, K, 3, H, W), int64 patch indices (B, K, V) -> tokens of those patches computed
+        from those patches only (B, K, V, D)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -422,7 +482,7 @@ def _check_whole_tar(path: Path, expected_bytes: int | None) -> None:
 def encode_clip_shards(
     shards_dir: str | Path,
     out_root: str | Path,
-    encoder: FrozenEncoder,
+    encoder: ClipEncoder,
     *,
     batch_clips: int = 8,
     visible_fraction: float = 0.05,
@@ -435,7 +495,8 @@ def encode_clip_shards(
 
     Writes ``out_root/<hash[:16]>/`` atomically (a temporary directory, then
     a rename). If that directory already holds features of the same encoder
-    for the same clip shards it is kept and returned. ``out_root`` must be
+    for the same clip shards it is kept and returned; with another image
+    size, other visible sets or other blocks, FileExistsError. ``out_root`` must be
     new, empty or hold earlier feature directories, and the feature
     directory new, empty or an earlier one (OutputDirError otherwise,
     nothing written). Clip shards that are missing or not whole tars raise
@@ -461,7 +522,7 @@ def encode_clip_shards(
         raise ValueError(f"visible_sets must be >= 1 with visible_fraction > 0, got {visible_sets}")
     visible_sets = visible_sets if visible_fraction > 0 else 0
     feature_layers = [int(i) for i in feature_layers]
-    depth = encoder.arch.depth
+    depth = encoder.depth
     if len(set(feature_layers)) != len(feature_layers) or any(not 0 <= i < depth for i in feature_layers):
         raise ValueError(f"feature_layers {feature_layers} must be distinct block indices in [0, {depth})")
     identity = encoder.identity()
@@ -486,14 +547,16 @@ def encode_clip_shards(
         if existing.get("source", {}).get("digest") != source_digest:
             raise FileExistsError(f"{final} holds features of other clip shards; remove it or choose another --out")
         stored = (
+            existing.get("image_size"),
             existing.get("visible_fraction", 0.0),
             existing.get("visible_sets", 0),
             existing.get("feature_layers", []),
         )
-        if stored != (visible_fraction, visible_sets, feature_layers):
+        if stored != (encoder.image_size, visible_fraction, visible_sets, feature_layers):
             raise FileExistsError(
-                f"{final} holds features of these clip shards with visible_fraction={stored[0]}, "
-                f"visible_sets={stored[1]}, feature_layers={stored[2]}; remove it or choose another --out for "
+                f"{final} holds features of these clip shards with image_size={stored[0]}, "
+                f"visible_fraction={stored[1]}, visible_sets={stored[2]}, feature_layers={stored[3]}; "
+                f"remove it or choose another --out for image_size={encoder.image_size}, "
                 f"visible_fraction={visible_fraction}, visible_sets={visible_sets}, feature_layers={feature_layers}"
             )
         logger.info("features of %s by encoder %s already in %s", shards_dir, weights_hash[:16], final)
@@ -552,7 +615,7 @@ def _removed_if_left_empty(directory: Path) -> Iterator[None]:
 def _encode_one_shard(
     src: str,
     dst: Path,
-    encoder: FrozenEncoder,
+    encoder: ClipEncoder,
     batch_clips: int,
     skipped: Counter[str],
     visible_fraction: float,
@@ -627,7 +690,7 @@ def _decoded_groups(
 
 def _encode_group(
     group: list[tuple[str, dict[str, Any], Tensor]],
-    encoder: FrozenEncoder,
+    encoder: ClipEncoder,
     visible_fraction: float = 0.0,
     visible_sets: int = 0,
     feature_layers: Sequence[int] = (),
@@ -822,7 +885,9 @@ def feature_loader(
             "which are only supported on the full grid (crop_grid=0, or load with visible=False)"
         )
     if layers and not manifest.get("feature_layers"):
-        raise ValueError(f"feature shards in {directory} store no encoder blocks (encode them with --feature-layers)")
+        raise ValueError(
+            f"feature shards in {directory} store no encoder blocks (encode them with encoder.feature_layers set)"
+        )
     return ShardLoader(
         dataclasses.replace(cfg, shards=str(directory)),
         rank=rank,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +39,13 @@ from data_shards.features import resolve_feature_dir
 from data_shards.loader import list_shards
 from pretrain.config import Config, ConfigError, config_to_dict
 from pretrain.data import ClipBatch, ClipGeometry, config_geometry
-from pretrain.encoder import FrozenEncoder
+from pretrain.encoder import (
+    FrozenEncoder,
+    compare_encoder_settings,
+    describe_settings_mismatch,
+    encoder_settings,
+    recorded_encoder_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,37 +119,29 @@ def clip_batch_from_frames(
 
 
 def check_feature_shards(cfg: Config, encoder_hash: str) -> None:
-    """Feature shards (data.shards, data.eval_shards) must hold what the objective and the model read.
+    """Feature shards (data.shards, data.eval_shards) must hold what this config would have encoded.
 
-    - Visible sets matching objective.visible_fraction: with a fraction of 0
-      any shards do (stored sets are ignored); otherwise the shards'
-      "visible_fraction" must equal it, since visible tokens cannot be
-      re-encoded without pixels.
-    - With encoder.feature_layers, the same blocks (manifest "feature_layers");
-      without, stored blocks are ignored.
+    One comparison (``pretrain.encoder.compare_encoder_settings``) of the
+    encoder settings each manifest records against the config's, with the
+    loaded encoder's ``encoder_hash``: the weights, encoder.image_size,
+    encoder.feature_layers (without, stored blocks are ignored) and
+    objective.visible_fraction (0 = pure forecasting: stored sets are
+    ignored; otherwise the visible sets must have this fraction, since visible
+    tokens cannot be re-encoded without pixels).
 
-    Raises ConfigError naming the key.
+    Raises ConfigError naming each differing key with its configured and
+    recorded values (EncoderMismatchError, naming both hashes, for shards of
+    another encoder).
     """
     if cfg.data.source != "features":
         return
-    fraction = cfg.objective.visible_fraction
-    layers = list(cfg.encoder.feature_layers)
+    current = encoder_settings(cfg, encoder_hash)
     for shards in dict.fromkeys(s for s in (cfg.data.shards, cfg.data.eval_shards) if s):
         directory, manifest = resolve_feature_dir(shards, encoder_hash)
-        stored = float(manifest.get("visible_fraction", 0.0)) if manifest.get("visible_sets", 0) else 0.0
-        if fraction and not math.isclose(stored, fraction, rel_tol=1e-9, abs_tol=1e-12):
-            raise ConfigError(
-                f"config key 'objective.visible_fraction': {fraction}, but the feature shards in {directory} "
-                f"carry visible sets of fraction {stored} (re-encode with --visible-fraction {fraction}, "
-                "or set objective.visible_fraction=0 for pure forecasting)"
-            )
-        stored_layers = list(manifest.get("feature_layers", []))
-        if layers and stored_layers != layers:
-            flag = ",".join(map(str, layers))
-            raise ConfigError(
-                f"config key 'encoder.feature_layers': {layers}, but the feature shards in {directory} store "
-                f"blocks {stored_layers} (re-encode with --feature-layers {flag}, or train from clips)"
-            )
+        recorded = recorded_encoder_settings(manifest)
+        differing = compare_encoder_settings(recorded, current)
+        if differing:
+            raise ConfigError(describe_settings_mismatch(differing, recorded, current, directory))
 
 
 def clip_batch_from_tokens(

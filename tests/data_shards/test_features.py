@@ -14,9 +14,9 @@ import pytest
 import torch
 import webdataset as wds
 
-from data_shards.cli import main_encode
 from data_shards.features import (
     FEATURES_FORMAT,
+    ClipEncoder,
     EncoderMismatchError,
     FeatureBatch,
     FeatureBlob,
@@ -147,6 +147,30 @@ def test_encoding_in_groups_changes_no_token(
     for a, b in zip(_samples(single, "features"), _samples(grouped, "features"), strict=True):
         assert a["__key__"] == b["__key__"]
         assert a["safetensors"] == b["safetensors"]
+
+
+CLIP_ENCODER_MEMBERS = {name for name in vars(ClipEncoder) if not name.startswith("_")}
+
+
+class _ClipEncoderOnly:
+    """The members ClipEncoder declares, taken from a FrozenEncoder, and nothing else."""
+
+    def __init__(self, inner: FrozenEncoder) -> None:
+        for member in CLIP_ENCODER_MEMBERS:
+            setattr(self, member, getattr(inner, member))
+
+
+def test_the_encode_pass_needs_only_the_clip_encoder_protocol(
+    clip_dir: Path, feature_root: Path, encoder: FrozenEncoder, tmp_path: Path
+) -> None:
+    """data_shards imports no model: whatever has ClipEncoder's members encodes exactly as the frozen ViT does."""
+    assert {"weights_hash", "identity", "encode", "encode_with_layers", "encode_subset"} <= CLIP_ENCODER_MEMBERS
+    only = _ClipEncoderOnly(encoder)
+    out = encode_clip_shards(clip_dir, tmp_path, only, batch_clips=3, visible_fraction=0.1, visible_sets=3)
+    assert out == feature_dir(tmp_path, encoder.weights_hash)
+    reference = feature_dir(feature_root, encoder.weights_hash)
+    for a, b in zip(_samples(out, "features"), _samples(reference, "features"), strict=True):
+        assert (a["__key__"], a["safetensors"], a["json"]) == (b["__key__"], b["safetensors"], b["json"])
 
 
 def test_existing_output_is_reused(clip_dir: Path, feature_root: Path, encoder: FrozenEncoder) -> None:
@@ -280,13 +304,26 @@ def test_crop_grid_larger_than_grid_is_an_error(feature_root: Path, encoder: Fro
 
 
 def test_encode_command(clip_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--shards", str(clip_dir), "--out", str(tmp_path), "--encoder", "random", "--arch", "vit_test"]
-    assert main_encode([*argv, "--image-size", "28", "--batch", "2"]) == 0
+    """``python -m pretrain.encode`` (the command lives with the encoder): encoder settings from the config."""
+    from pretrain.encode import main as encode_main
+
+    overrides = ["--encoder.source=random", "--encoder.arch=vit_test", "--encoder.image_size=28", "--run.device=cpu"]
+    argv = ["--config", "tiny-cpu", *overrides, "--shards", str(clip_dir), "--out", str(tmp_path)]
+    assert encode_main([*argv, "--batch", "2"]) == 0
     out = Path(capsys.readouterr().out.strip())
     manifest = json.loads((out / "manifest.json").read_text())
     assert out.parent == tmp_path and out.name == manifest["encoder"]["weights_hash"][:16]
     assert manifest["image_size"] == 28 and manifest["grid"] == [2, 2] and manifest["clips"] == 7
     assert manifest["args"]["batch"] == 2
+
+
+def test_data_shards_encode_says_where_the_command_went(capsys: pytest.CaptureFixture[str]) -> None:
+    """data_shards imports no model code, so its old encode command refuses with one line naming the new one."""
+    from data_shards.__main__ import main as data_shards_main
+
+    assert data_shards_main(["encode", "--shards", "in", "--out", "out", "--encoder", "random"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "python -m pretrain.encode --config" in lines[0]
 
 
 def test_frame_subsets_read_only_those_frames_exactly() -> None:
@@ -376,7 +413,7 @@ def test_encoder_blocks_round_trip_and_follow_crop_and_flip(clip_dir: Path, enco
             flips.add(meta["flip"])
     assert flips == {True, False}
     plain = encode_clip_shards(clip_dir, tmp_path / "plain", encoder, visible_fraction=0)
-    with pytest.raises(ValueError, match="--feature-layers"):
+    with pytest.raises(ValueError, match="store no encoder blocks"):
         feature_loader(
             dataclasses.replace(cfg, shards=str(plain)), 0, 1, expected_encoder_hash=encoder.weights_hash, layers=True
         )

@@ -1,4 +1,4 @@
-"""Never lose a user's files: `data_shards build` and `encode` refuse outputs that are not theirs, and fail cleanly.
+"""Never lose a user's files: `data_shards build` and `pretrain.encode` refuse outputs not theirs, and fail cleanly.
 
 Each refusal is checked through the real command line (a subprocess): one
 ``error:`` line on stderr, exit code 2, and every file that was there before
@@ -26,16 +26,25 @@ from tests.data_shards.shard_fixtures import real_clips, write_clip_shards
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # A 2-clip build and a 28-pixel random encoder keep every command here to a few seconds.
 BUILD_ARGS = ["--clip-frames", "8", "--short-side", "64", "--workers", "0", "--no-progress"]
-ENCODE_ARGS = ["--encoder", "random", "--arch", "vit_test", "--image-size", "28", "--batch", "2"]
+# The encode command lives with the encoder (python -m pretrain.encode); its settings come from a config.
+ENCODE = ["--config", "tiny-cpu", "--encoder.source=random", "--encoder.arch=vit_test", "--encoder.image_size=28"]
+ENCODE_ARGS = ["--run.device=cpu", "--batch", "2"]
 
 
-def _cli(*argv: str, cwd: Path = REPO_ROOT, home: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m data_shards ARGV`` as a user would."""
+def _cli(
+    *argv: str, cwd: Path = REPO_ROOT, home: Path | None = None, module: str = "data_shards"
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m MODULE ARGV`` (default: data_shards) as a user would."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     if home is not None:
         env["HOME"] = str(home)
-    command = [sys.executable, "-m", "data_shards", *argv]
+    command = [sys.executable, "-m", module, *argv]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _encode(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m pretrain.encode`` with the random test encoder's config and ARGV."""
+    return _cli(*ENCODE, *argv, module="pretrain.encode")
 
 
 def _assert_refused(result: subprocess.CompletedProcess[str], *named: str) -> None:
@@ -134,7 +143,7 @@ def test_build_resumes_into_its_own_directories(video: Path, tmp_path: Path) -> 
 def test_encode_refuses_a_directory_of_unrelated_files(clip_dir: Path, tmp_path: Path) -> None:
     out = _unrelated_files(tmp_path / "mine")
     before = _snapshot(out)
-    result = _cli("encode", "--shards", str(clip_dir), "--out", str(out), *ENCODE_ARGS)
+    result = _encode("--shards", str(clip_dir), "--out", str(out), *ENCODE_ARGS)
     _assert_refused(result, str(out))
     assert _snapshot(out) == before
 
@@ -145,7 +154,7 @@ def test_encode_refuses_to_replace_an_unrelated_feature_directory(clip_dir: Path
     encode_clip_shards(clip_dir, root, load_encoder("random", arch="vit_test", image_size=28, seed=1))
     squatted = _unrelated_files(feature_dir(root, load_encoder("random", arch="vit_test", image_size=28).weights_hash))
     before = _snapshot(root)
-    result = _cli("encode", "--shards", str(clip_dir), "--out", str(root), *ENCODE_ARGS)
+    result = _encode("--shards", str(clip_dir), "--out", str(root), *ENCODE_ARGS)
     _assert_refused(result, str(squatted))
     assert _snapshot(root) == before
 
@@ -173,7 +182,7 @@ def test_encode_of_unreadable_clip_shards_fails_cleanly(clip_dir: Path, tmp_path
     _damage(clip_dir, shards, how)
     outs = tmp_path / "outs"
     outs.mkdir()
-    result = _cli("encode", "--shards", str(shards), "--out", str(outs / "features"), *ENCODE_ARGS)
+    result = _encode("--shards", str(shards), "--out", str(outs / "features"), *ENCODE_ARGS)
     _assert_refused(result, str(shards))
     # No output directory, no temporary directory.
     assert not list(outs.iterdir())

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from pretrain.encoder import load_encoder
+from pretrain.encoder.weights import load_encoder_weights, load_meta
 from pretrain.model.vit import VIT_ARCHS, VisionTransformer, ViTArch, weights_hash
-from pretrain.weights import load_encoder_weights, load_meta
 
 V3_ARCH = VIT_ARCHS["vit_test16"]
 V2_ARCH = VIT_ARCHS["vit_test"]

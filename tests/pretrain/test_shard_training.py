@@ -121,7 +121,7 @@ def test_feature_shards_must_match_the_visible_fraction(tmp_path: Path, clip_sha
 
 @pytest.mark.slow
 def test_cli_build_encode_train(tmp_path: Path) -> None:
-    """The real commands: data_shards build, data_shards encode, pretrain.train from each kind of shard.
+    """The real commands: data_shards build, pretrain.encode, pretrain.train from each kind of shard.
 
     Both trainings use the default objective (visible fraction 0.05): the
     encode pass's default visible sets serve the feature run.
@@ -157,21 +157,9 @@ def test_cli_build_encode_train(tmp_path: Path) -> None:
         "0",
         "--no-progress",
     )
-    run(
-        "data_shards",
-        "encode",
-        "--shards",
-        str(clips),
-        "--out",
-        str(tmp_path / "features"),
-        "--encoder",
-        "random",
-        "--arch",
-        "vit_test",
-        "--image-size",
-        "56",
-    )
     base = [*tiny_overrides(tmp_path / "runs"), "--data.num_workers=0", f"--data.eval_shards={clips}"]
+    # The encoder settings (random vit_test, 56 px, visible fraction 0.05) come from the training config.
+    run("pretrain.encode", "--config", "tiny-cpu", *base, "--shards", str(clips), "--out", str(tmp_path / "features"))
     out = run("pretrain.train", *base, "--data.source=clips", f"--data.shards={clips}").stdout
     assert "copy-last" in out
     features = f"--data.shards={tmp_path / 'features'}"

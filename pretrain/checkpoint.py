@@ -29,6 +29,9 @@ name, and any outside a short allow-list (tensors, plain containers, three
 DeepSpeed bookkeeping types) makes the checkpoint refused before a byte of
 it is unpickled. A checkpoint whose files do not match their manifest is
 skipped on resume (the newest one that verifies is used) and refused by export.
+
+This module is the file format; ``pretrain.checkpointer.Checkpointer`` decides
+when a run saves, which checkpoint it resumes from and whether it may.
 """
 
 from __future__ import annotations

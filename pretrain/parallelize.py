@@ -11,9 +11,9 @@ parameter of the module it wraps, frozen ones included, and would keep them in
 its bookkeeping; the encoder stays beside the engine instead (bf16 on CUDA, one
 copy per rank, no gradients, no optimizer state).
 
-Both engines share one small interface (``TrainEngine``): ``module`` (the
-single-device model), ``backward``, ``step``, ``lr``, and checkpoint hooks, so
-``Trainer.train_step`` is one loop whichever runs underneath.
+Both engines implement one complete interface (``TrainEngine``): the forward
+call, ``backward``, ``step`` and their checkpoint state, so neither the trainer
+nor the checkpointer (``pretrain.checkpointer``) ever asks which engine runs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from pretrain.checkpoint import check_engine_files, safe_torch_load
+from pretrain.checkpoint import LAYOUT_DEEPSPEED, CheckpointError, check_engine_files, safe_torch_load
 from pretrain.config import BatchPlan, Config
 from pretrain.distributed import DistContext
 
@@ -49,15 +49,52 @@ class StepOutcome:
 
 
 class TrainEngine(Protocol):
-    """What the trainer needs from an engine."""
+    """What the trainer and the checkpointer need from an engine; ``LocalEngine`` and ``DeepSpeedEngine`` are both.
+
+    One optimizer step is ``grad_accum`` times (``engine(*inputs)``, ``backward(loss)``), then
+    ``step(skip)``: accumulation, clipping, the non-finite guard and the update happen inside.
+
+    A checkpoint has one of two layouts (``pretrain.checkpoint``), and ``sharded`` says which this
+    engine writes. Either way ``state_dict()`` goes into the tag's ``state.pt`` and ``save(tag_dir)``
+    writes whatever the engine keeps in files of its own; resume is ``load_state_dict(state)``,
+    which first refuses a checkpoint of another layout (CheckpointError), then ``load(tag_dir)``.
+    """
 
     module: nn.Module
-    """The single-device model (for forward, evaluation and export)."""
+    """The single-device model (train/eval mode, parameters, evaluation and export)."""
     optimizer: torch.optim.Optimizer
     """The torch optimizer; the LR scheduler drives its param groups."""
+    sharded: bool
+    """False: one process writes the whole state into one state.pt (model and optimizer come from
+    ``state_dict``). True: every rank writes its own files (``save``) and its own rank state file."""
 
-    def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self, skip: bool) -> StepOutcome: ...
+    def __call__(self, *inputs: Any) -> torch.Tensor:
+        """The training forward (through the wrapper, where there is one); gradients flow to ``module``."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of one micro-batch's mean loss (scaled by 1 / grad_accum inside)."""
+        ...
+
+    def step(self, skip: bool) -> StepOutcome:
+        """At the accumulation boundary: clip, then update unless ``skip`` or a gradient is non-finite."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this engine records in state.pt: model and optimizer, or the shard layout it wrote."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from a checkpoint's state.pt; CheckpointError (no path) when it has another layout."""
+        ...
+
+    def save(self, tag_dir: Path) -> None:
+        """Collective: write the engine's own files under ``tag_dir`` (none when not ``sharded``)."""
+        ...
+
+    def load(self, tag_dir: Path) -> None:
+        """Collective: read back what ``save`` wrote (nothing when not ``sharded``)."""
+        ...
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -109,11 +146,16 @@ def build_optimizer(model: nn.Module, cfg: Config, *, check_group: bool = False)
 class LocalEngine:
     """One process, plain torch: accumulation, clipping and the non-finite guard done here."""
 
+    sharded = False
+
     def __init__(self, model: nn.Module, cfg: Config, plan: BatchPlan) -> None:
         self.module = model
         self.optimizer = build_optimizer(model, cfg)
         self.grad_clip = cfg.train.grad_clip
         self.plan = plan
+
+    def __call__(self, *inputs: Any) -> torch.Tensor:
+        return self.module(*inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.plan.grad_accum).backward()
@@ -132,8 +174,19 @@ class LocalEngine:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("layout") == LAYOUT_DEEPSPEED:
+            raise CheckpointError(
+                f"was written by DeepSpeed on {state['world_size']} rank(s); resume it under a launcher "
+                "(or with distributed.engine='deepspeed'), or export it and start a new run.name"
+            )
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+    def save(self, tag_dir: Path) -> None:
+        """Nothing: model and optimizer are all in ``state_dict``."""
+
+    def load(self, tag_dir: Path) -> None:
+        """Nothing: ``load_state_dict`` restored everything."""
 
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:
@@ -183,6 +236,8 @@ def _skip_shm_build() -> None:
 class DeepSpeedEngine:
     """A DeepSpeed engine around the trainable model; accumulation, clipping, ZeRO inside DeepSpeed."""
 
+    sharded = True
+
     def __init__(self, model: nn.Module, cfg: Config, plan: BatchPlan, ctx: DistContext, run_dir: Path) -> None:
         import deepspeed
 
@@ -206,8 +261,8 @@ class DeepSpeedEngine:
             (run_dir / DEEPSPEED_CONFIG_FILE).write_text(json.dumps(self.ds_config, indent=2) + "\n")
         log.info("DeepSpeed ZeRO-%d, %s, config in %s", self.zero_stage, "bf16" if self.bf16 else "fp32", run_dir)
 
-    def __call__(self, *args: Any) -> torch.Tensor:
-        return self.engine(*args)
+    def __call__(self, *inputs: Any) -> torch.Tensor:
+        return self.engine(*inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed divides by the accumulation steps and averages over ranks itself.
@@ -233,6 +288,21 @@ class DeepSpeedEngine:
         if not grads:
             return 0.0
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The layout of the shards ``save`` writes: resuming needs the same world size and ZeRO stage."""
+        return {"world_size": self.ctx.world_size, "zero_stage": self.zero_stage}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Check the checkpoint's layout against this engine's; the tensors come from ``load``."""
+        if state.get("layout") != LAYOUT_DEEPSPEED:
+            raise CheckpointError("was written by the single-process torch engine; resume it without a launcher")
+        if state["world_size"] != self.ctx.world_size or state["zero_stage"] != self.zero_stage:
+            raise CheckpointError(
+                f"holds ZeRO-{state['zero_stage']} shards of {state['world_size']} rank(s); this run has "
+                f"distributed.zero_stage={self.zero_stage} on {self.ctx.world_size} rank(s). "
+                "Resume with the same layout, or export it and start a new run.name"
+            )
 
     def save(self, tag_dir: Path) -> None:
         """Collective: every rank writes its ZeRO shard under tag_dir/engine."""

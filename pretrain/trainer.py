@@ -3,13 +3,16 @@
 The frozen encoder lives beside the trainable model (never inside what an
 optimizer or a distributed wrapper sees). The trainable model is wrapped by
 ``pretrain.parallelize.build_engine``: the plain torch engine for a lone
-process, a DeepSpeed engine under a launcher (``pretrain.distributed``).
+process, a DeepSpeed engine under a launcher (``pretrain.distributed``); the
+trainer only uses the ``TrainEngine`` interface, never asks which.
 Everything resumable is a stateful object with ``state_dict``/``load_state_dict``:
 engine (model, optimizer), scheduler, batch source, mask RNG and ``TrainState``
-(step, counters, loss history, global RNGs), the last four per rank. SIGTERM
-(preemption) finishes the current step, checkpoints and returns normally; all
-ranks agree on the stop through the per-step metric all-reduce, so they stop
-at the same step.
+(step, counters, loss history, global RNGs), the last four per rank; the
+``Checkpointer`` (``pretrain.checkpointer``) saves, finds and restores them.
+SIGTERM (preemption) finishes the current step, checkpoints and returns
+normally; all ranks agree on the stop through the per-step metric all-reduce,
+so they stop at the same step. Every ``train.eval_every`` steps rank 0 runs the
+final held-out evaluation on the current weights and logs it.
 """
 
 from __future__ import annotations
@@ -33,36 +36,20 @@ import torch
 
 from data_shards.features import resolve_feature_dir
 from pretrain import distributed
-from pretrain.checkpoint import (
-    LAYOUT_DEEPSPEED,
-    CheckpointError,
-    checkpoint_dir,
-    describe_resume,
-    find_resume_point,
-    list_checkpoints,
-    load_checkpoint,
-    load_rank_state,
-    read_latest,
-    remove_stale_temporaries,
-    save_checkpoint,
-    save_sharded_checkpoint,
-)
-from pretrain.config import Config, ConfigError, config_to_dict, save_config
+from pretrain.checkpointer import Checkpointer, GeneratorState
+from pretrain.config import Config, ConfigError, config_to_dict
 from pretrain.data import BatchSource, EncodedVideo, WindowSampler, data_summary, encode_video, split_windows
 from pretrain.distributed import DistContext
 from pretrain.encoder import FrozenEncoder, check_feature_layers, load_encoder
-from pretrain.export import checkpoint_weights, export_config, spec_dict, write_export
+from pretrain.export import export_config, spec_dict, write_export
 from pretrain.model.predictor import FuturePredictor, count_parameters, spec_from_config
 from pretrain.objective import HeldoutResult, evaluate_batches, evaluate_heldout, objective_loss
-from pretrain.parallelize import DeepSpeedEngine, LocalEngine, build_engine
+from pretrain.parallelize import TrainEngine, build_engine
 from pretrain.shard_data import ShardBatchSource, check_feature_shards, eval_batches, shard_summary
 from pretrain.tracking import MetricLogger, build_logger
 
 log = logging.getLogger(__name__)
 
-# Sections that define the model and objective: a checkpoint written under
-# different values cannot be resumed by this config.
-MODEL_SECTIONS = ("encoder", "core", "predictor", "objective")
 # Rank r draws data and masks from seed + r * RANK_SEED_STRIDE: rank 0 keeps the
 # single-process streams, other ranks get distinct ones.
 RANK_SEED_STRIDE = 1_000_003
@@ -225,15 +212,34 @@ class Trainer:
 
         self.spec = spec_from_config(cfg, self.encoder.embed_dim, *grid_hw)
         self.batch_plan = cfg.batch_plan(world_size=self.ctx.world_size)
-        self.engine = build_engine(FuturePredictor(self.spec), cfg, self.batch_plan, self.ctx, self.run_dir)
+        self.engine: TrainEngine = build_engine(
+            FuturePredictor(self.spec), cfg, self.batch_plan, self.ctx, self.run_dir
+        )
         self.model: FuturePredictor = self.engine.module
         self.optimizer = self.engine.optimizer
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.mask_generator = torch.Generator().manual_seed(rank_seed + 1)
         self.state = TrainState()
+        self.meta = {
+            "model_spec": spec_dict(self.spec),
+            "encoder": self.encoder.identity(),
+            "data_summary": self.summary,
+        }
+        self.checkpointer = Checkpointer(
+            cfg,
+            self.ctx,
+            self.engine,
+            scheduler=self.scheduler,
+            rank_state={
+                "scheduler": self.scheduler,
+                "sampler": self.sampler,
+                "mask_rng": GeneratorState(self.mask_generator),
+                "trainer": self.state,
+            },
+            meta=self.meta,
+        )
         self.logger: MetricLogger | None = None
         self._stop = stop if stop is not None else StopFlag()
-        self.resumed_from: Path | None = None
         log.info(
             "model: %d trainable parameters (%s core); data %s; %s engine; batch: micro %d x accum %d x ranks %d = %d",
             count_parameters(self.model),
@@ -260,123 +266,77 @@ class Trainer:
     def run_dir(self) -> Path:
         return self.cfg.run_dir
 
-    # ---- resumable state ----
-    def meta(self) -> dict[str, Any]:
-        return {"model_spec": spec_dict(self.spec), "encoder": self.encoder.identity(), "data_summary": self.summary}
-
-    def rank_state_dict(self) -> dict[str, Any]:
-        """What differs per rank (or lives outside the engine): scheduler, data position, RNGs, counters."""
-        return {
-            "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "mask_rng": self.mask_generator.get_state(),
-            "trainer": self.state.state_dict(),
-        }
-
-    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.mask_generator.set_state(state["mask_rng"])
-        self.state.load_state_dict(state["trainer"])
-
-    def state_dict(self) -> dict[str, Any]:
-        """Single-process (torch engine) checkpoint: everything in one file."""
-        assert isinstance(self.engine, LocalEngine)
-        return {**self.engine.state_dict(), **self.rank_state_dict(), "meta": self.meta()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        assert isinstance(self.engine, LocalEngine)
-        self.engine.load_state_dict(state)
-        self.load_rank_state_dict(state)
-
-    def save(self) -> Path:
-        config = config_to_dict(self.cfg)
-        if self.ctx.is_main:
-            save_config(self.cfg, self.run_dir / "config.json")
-        if isinstance(self.engine, LocalEngine):
-            return save_checkpoint(self.run_dir, self.state.step, self.state_dict(), config, self.cfg.train.keep_last)
-        shared = {
-            "meta": self.meta(),
-            "trainer": {"step": self.state.step},
-            "world_size": self.ctx.world_size,
-            "zero_stage": self.cfg.distributed.zero_stage,
-        }
-        return save_sharded_checkpoint(
-            self.run_dir,
-            self.state.step,
-            comm=self.ctx,
-            write_engine=self.engine.save,
-            rank_state=self.rank_state_dict(),
-            shared_state=shared,
-            config=config,
-            keep_last=self.cfg.train.keep_last,
-        )
-
-    def maybe_resume(self) -> None:
-        """Continue from the newest checkpoint that verifies; ``train.resume`` says what having none means."""
-        root = checkpoint_dir(self.run_dir)
-        if self.ctx.is_main:
-            remove_stale_temporaries(self.run_dir)
-        if self.cfg.train.resume == "never":
-            if list_checkpoints(root):
-                raise CheckpointError(
-                    f"{self.run_dir} already holds checkpoints and train.resume='never'; "
-                    "choose a new run.name, or train.resume=auto to continue that run"
-                )
-            return
-        point = find_resume_point(self.run_dir)
-        if point is None:
-            if self.cfg.train.resume == "must":
-                raise CheckpointError(f"train.resume='must' but {root} holds no checkpoint")
-            return
-        (log.warning if point.skipped else log.info)(describe_resume(point, root))
-        latest = point.path
-        state, saved_cfg = load_checkpoint(latest)
-        current = config_to_dict(self.cfg)
-        changed = [
-            f"{section}.{key}"
-            for section in MODEL_SECTIONS
-            for key in current[section]
-            if saved_cfg.get(section, {}).get(key) != current[section][key]
-        ]
-        if changed:
-            raise CheckpointError(
-                f"{latest} was written with different {', '.join(changed)}; "
-                "resume with the same config or start a new run.name"
-            )
-        if state["meta"]["encoder"]["weights_hash"] != self.encoder.weights_hash:
-            raise CheckpointError(f"{latest} was trained with another encoder ({state['meta']['encoder']['name']})")
-        if isinstance(self.engine, DeepSpeedEngine):
-            self._resume_sharded(latest, state)
-        elif state.get("layout") == LAYOUT_DEEPSPEED:
-            raise CheckpointError(
-                f"{latest} was written by DeepSpeed on {state['world_size']} rank(s); resume it under a launcher "
-                "(or with distributed.engine='deepspeed'), or export it and start a new run.name"
-            )
-        else:
-            self.load_state_dict(state)
-        self.resumed_from = latest
-        log.info("resumed from %s at step %d", latest, self.state.step)
-
-    def _resume_sharded(self, latest: Path, state: dict[str, Any]) -> None:
-        if state.get("layout") != LAYOUT_DEEPSPEED:
-            raise CheckpointError(
-                f"{latest} was written by the single-process torch engine; resume it without a launcher"
-            )
-        if state["world_size"] != self.ctx.world_size or state["zero_stage"] != self.cfg.distributed.zero_stage:
-            raise CheckpointError(
-                f"{latest} holds ZeRO-{state['zero_stage']} shards of {state['world_size']} rank(s); this run has "
-                f"distributed.zero_stage={self.cfg.distributed.zero_stage} on {self.ctx.world_size} rank(s). "
-                "Resume with the same layout, or export it and start a new run.name"
-            )
-        assert isinstance(self.engine, DeepSpeedEngine)
-        self.engine.load(latest)
-        self.load_rank_state_dict(load_rank_state(latest, self.rank))
-        # The schedule is ours, not DeepSpeed's: put its learning rate back into the shared param groups.
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
-            group["lr"] = lr
-
     # ---- the loop ----
+    def train(self, stop_at: int | None = None, finalize: bool = True) -> TrainResult:
+        """Resume, train to train.steps (or stop_at, checkpointing there); then evaluate and export.
+
+        A SIGTERM stops at the next step boundary with a checkpoint, and returns normally (``stopped_early``).
+        """
+        end = min(self.cfg.train.steps, stop_at) if stop_at is not None else self.cfg.train.steps
+        with self._stop_context() as self._stop:
+            self.checkpointer.maybe_resume()
+            self.logger = self._start_logger()
+            status = "FAILED"
+            try:
+                if self._stop_requested_by_any_rank():
+                    log.warning(
+                        "SIGTERM during start-up: stopped before step %d; nothing new to save", self.state.step + 1
+                    )
+                    result = TrainResult(self.state.step, True, self.run_dir)
+                else:
+                    with _progress(self.cfg, self.state.step, end, self.ctx.is_main) as bar:
+                        stopped = self._loop(end, bar)
+                    result = TrainResult(
+                        self.state.step, stopped or self.state.step < self.cfg.train.steps, self.run_dir
+                    )
+                    if finalize and not result.stopped_early:
+                        self._finish(result)
+                status = "KILLED" if result.stopped_early else "FINISHED"
+                result.tracking = self.logger.where
+                return result
+            finally:
+                self.logger.close(status)
+
+    def _stop_context(self) -> contextlib.AbstractContextManager[StopFlag]:
+        """The caller's StopFlag when it installed one (``pretrain.train``), else one for this ``train()``."""
+        return contextlib.nullcontext(self._outer_stop) if self._outer_stop is not None else StopFlag()
+
+    def _start_logger(self) -> MetricLogger:
+        """The metric logger, continuing a resumed run's MLflow run; its id goes into the next checkpoint."""
+        logger = build_logger(
+            self.cfg,
+            self.rank,
+            resume_run_id=self.state.mlflow_run_id,
+            resume_step=self.state.step,
+            run_dir=self.run_dir,
+        )
+        self.state.mlflow_run_id = getattr(logger, "run_id", None)
+        return logger
+
+    def _loop(self, end: int, bar) -> bool:
+        """Steps to ``end``: log, checkpoint, evaluate at their cadences. True when stopped by a SIGTERM."""
+        train = self.cfg.train
+        window = _Window()
+        while self.state.step < end:
+            metrics = self.train_step()
+            self.state.step += 1
+            self.state.history.append((self.state.step, metrics["loss"]))
+            window.add(metrics["data_wait_s"])
+            bar.update(1)
+            if self.state.step % train.log_every == 0 or self.state.step == end:
+                self._log_step(metrics, window, bar)
+                window = _Window()
+            # Ranks act on the all-reduced flag only, so they all stop (and checkpoint) at the same step.
+            stop = metrics["stop"] > 0
+            if stop or _due(self.state.step, train.ckpt_every) or self.state.step == end:
+                self.checkpointer.save(self.state.step)
+            if stop:
+                return True
+            # The last step's evaluation is the final one (on the exported weights).
+            if _due(self.state.step, train.eval_every) and self.state.step < train.steps:
+                self.evaluate_and_log()
+        return False
+
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches, with clipping and the non-finite guard.
 
@@ -388,13 +348,14 @@ class Trainer:
         self.model.train()
         total_loss = torch.zeros((), device=self.device)
         wait = 0.0
-        forward = self.engine if isinstance(self.engine, DeepSpeedEngine) else self.model
         for _ in range(plan.grad_accum):
             t0 = time.perf_counter()
             batch = self.sampler.next_batch(plan.micro_batch_size).to(self.device)
             wait += time.perf_counter() - t0
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                out = objective_loss(forward, self.encoder, batch, cfg.objective.visible_fraction, self.mask_generator)
+                out = objective_loss(
+                    self.engine, self.encoder, batch, cfg.objective.visible_fraction, self.mask_generator
+                )
             self.engine.backward(out.loss)
             total_loss += out.loss.detach() / plan.grad_accum
         local_V = torch.tensor([total_loss.item(), wait, float(self._stop.requested)], dtype=torch.float64)
@@ -424,47 +385,50 @@ class Trainer:
             self.scheduler.step()
         return {"loss": loss, "grad_norm": float("nan"), "data_wait_s": 0.0}
 
-    def train(self, stop_at: int | None = None, finalize: bool = True) -> TrainResult:
-        """Train to train.steps (or stop_at, checkpointing there); then evaluate and export."""
-        stop_context = contextlib.nullcontext(self._outer_stop) if self._outer_stop is not None else StopFlag()
-        with stop_context as stop:
-            self._stop = stop
-            return self._train(stop_at, finalize)
-
-    def _train(self, stop_at: int | None, finalize: bool) -> TrainResult:
-        cfg = self.cfg
-        self.maybe_resume()
-        self.logger = build_logger(
-            cfg, self.rank, resume_run_id=self.state.mlflow_run_id, resume_step=self.state.step, run_dir=self.run_dir
+    def _log_step(self, metrics: dict[str, float], window: _Window, bar) -> None:
+        elapsed = time.perf_counter() - window.t0
+        clips = window.steps * self.batch_plan.global_batch_size
+        self.logger.log_metrics(
+            {
+                "loss": metrics["loss"],
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": metrics["grad_norm"],
+                "clips_per_s": clips / elapsed,
+                "data_wait_share": window.wait_s / elapsed,
+                "skipped_steps": self.state.skipped_steps,
+                "skipped_samples": self.sampler.skipped_samples,
+                **self._memory_metrics(),
+            },
+            step=self.state.step,
         )
-        self.state.mlflow_run_id = getattr(self.logger, "run_id", None)
-        end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
-        status = "FAILED"
-        try:
-            if self._stop_requested_by_any_rank():
-                log.warning("SIGTERM during start-up: stopped before step %d; nothing new to save", self.state.step + 1)
-                status = "KILLED"
-                return TrainResult(self.state.step, True, self.run_dir, tracking=self.logger.where)
-            with _progress(cfg, self.state.step, end, self.ctx.is_main) as bar:
-                stopped = self._loop(end, bar)
-            result = TrainResult(self.state.step, stopped or self.state.step < cfg.train.steps, self.run_dir)
-            if finalize and not result.stopped_early and self._wants_identity_control():
-                result.identity = self._train_identity_control()
-                result.stopped_early = result.identity.stopped_early
-            if finalize and not result.stopped_early:
-                # A SIGTERM from here on is noted, not obeyed: the last checkpoint is written and
-                # evaluation and export are bounded, so finishing them loses nothing.
-                self._finalize(result)
-                # The other ranks wait here while rank 0 evaluates and exports, so that every
-                # rank leaves the process group together: a rank tearing its group down while a
-                # peer still holds it open was seen to abort (gloo: "terminate called without
-                # an active exception"). Bounded by distributed.timeout_s.
-                self.ctx.barrier("run finished (rank 0 evaluated and exported)")
-            status = "FINISHED" if not result.stopped_early else "KILLED"
-            result.tracking = self.logger.where
-            return result
-        finally:
-            self.logger.close(status)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", clips_s=f"{clips / elapsed:.1f}")
+
+    def _memory_metrics(self) -> dict[str, float]:
+        if self.device.type != "cuda":
+            return {}
+        return {"gpu_mem_peak_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
+
+    def _stop_requested_by_any_rank(self) -> bool:
+        """All ranks agree whether a SIGTERM arrived during start-up, so they all stop or all train."""
+        flag_V = torch.tensor([float(self._stop.requested)], dtype=torch.float64)
+        return bool(self.ctx.all_reduce_sum(flag_V, "start-up stop flag")[0].item() > 0)
+
+    # ---- after the loop ----
+    def _finish(self, result: TrainResult) -> None:
+        """The identity-core control (when asked for), then rank 0 evaluates and exports."""
+        if self._wants_identity_control():
+            result.identity = self._train_identity_control()
+            result.stopped_early = result.identity.stopped_early
+            if result.stopped_early:
+                return
+        # A SIGTERM from here on is noted, not obeyed: the last checkpoint is written and
+        # evaluation and export are bounded, so finishing them loses nothing.
+        self._finalize(result)
+        # The other ranks wait here while rank 0 evaluates and exports, so that every
+        # rank leaves the process group together: a rank tearing its group down while a
+        # peer still holds it open was seen to abort (gloo: "terminate called without
+        # an active exception"). Bounded by distributed.timeout_s.
+        self.ctx.barrier("run finished (rank 0 evaluated and exported)")
 
     def _wants_identity_control(self) -> bool:
         return self.cfg.train.identity_control and self.cfg.core.kind != "identity"
@@ -480,82 +444,17 @@ class Trainer:
         log.info("identity-core control: training %s the same way", cfg.run_dir)
         return Trainer(cfg, self.ctx, stop=self._stop).train()
 
-    def _stop_requested_by_any_rank(self) -> bool:
-        """All ranks agree whether a SIGTERM arrived during start-up, so they all stop or all train."""
-        flag_V = torch.tensor([float(self._stop.requested)], dtype=torch.float64)
-        return bool(self.ctx.all_reduce_sum(flag_V, "start-up stop flag")[0].item() > 0)
-
-    def _loop(self, end: int, bar) -> bool:
-        cfg = self.cfg
-        window_t0, window_steps = time.perf_counter(), 0
-        window_wait = 0.0
-        while self.state.step < end:
-            metrics = self.train_step()
-            self.state.step += 1
-            self.state.history.append((self.state.step, metrics["loss"]))
-            window_steps += 1
-            window_wait += metrics["data_wait_s"]
-            bar.update(1)
-            if self.state.step % cfg.train.log_every == 0 or self.state.step == end:
-                elapsed = time.perf_counter() - window_t0
-                clips = window_steps * self.batch_plan.global_batch_size
-                self.logger.log_metrics(
-                    {
-                        "loss": metrics["loss"],
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "grad_norm": metrics["grad_norm"],
-                        "clips_per_s": clips / elapsed,
-                        "data_wait_share": window_wait / elapsed,
-                        "skipped_steps": self.state.skipped_steps,
-                        "skipped_samples": self.sampler.skipped_samples,
-                        **self._memory_metrics(),
-                    },
-                    step=self.state.step,
-                )
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", clips_s=f"{clips / elapsed:.1f}")
-                window_t0, window_steps, window_wait = time.perf_counter(), 0, 0.0
-            # Ranks act on the all-reduced flag only, so they all stop (and checkpoint) at the same step.
-            stop = metrics["stop"] > 0
-            at_ckpt = cfg.train.ckpt_every and self.state.step % cfg.train.ckpt_every == 0
-            if stop or at_ckpt or self.state.step == end:
-                self.save()
-            if stop:
-                return True
-        return False
-
-    def _memory_metrics(self) -> dict[str, float]:
-        if self.device.type != "cuda":
-            return {}
-        return {"gpu_mem_peak_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
-
-    def final_weights(self) -> dict[str, torch.Tensor]:
-        """The trainable model's full fp32 weights, as an export holds them (rank 0 under DeepSpeed)."""
-        if isinstance(self.engine, LocalEngine):
-            return self.model.state_dict()
-        # The final checkpoint was just written: consolidating it is the same path `pretrain.export` takes.
-        latest = read_latest(self.run_dir)
-        state, _ = load_checkpoint(latest)
-        return checkpoint_weights(latest, state)
-
     def _finalize(self, result: TrainResult) -> None:
         # Rank 0 evaluates and exports; the others are done once the final checkpoint is written.
         if not self.ctx.is_main:
             return
-        weights = self.final_weights()
-        trained = self.model
-        if isinstance(self.engine, DeepSpeedEngine):
-            # Evaluate exactly what is exported (fp32 masters), not the engine's possibly-bf16 module.
-            trained = FuturePredictor(self.spec).to(self.device)
-            trained.load_state_dict(weights)
-        result.heldout = self.evaluate(trained)
+        # Evaluate exactly what is exported: the final checkpoint's fp32 weights.
+        weights = self.checkpointer.saved_weights()
+        result.heldout = self.evaluate(self._predictor(weights))
         untrained = FuturePredictor(self.spec).to(self.device)
         result.heldout_untrained = self.evaluate(untrained)
-        for r in result.heldout:
-            self.logger.log_metrics(
-                {f"heldout_l1_offset{r.offset}": r.model_l1, f"copy_last_l1_offset{r.offset}": r.copy_last_l1},
-                step=self.state.step,
-            )
-        export_cfg = export_config(self.meta(), config_to_dict(self.cfg), self.state.step)
+        self._log_heldout(result.heldout)
+        export_cfg = export_config(self.meta, config_to_dict(self.cfg), self.state.step)
         export_cfg["heldout"] = [dataclasses.asdict(r) for r in result.heldout]
         if result.identity is not None:
             export_cfg["identity_control"] = {
@@ -596,6 +495,61 @@ class Trainer:
             return []
         by_offset = {o: eval_batches(cfg, self.encoder, self.device, o) for o in cfg.objective.target_offsets}
         return evaluate_batches(model, self.encoder, by_offset, cfg.objective.visible_fraction)
+
+    def evaluate_and_log(self) -> list[HeldoutResult]:
+        """train.eval_every: the final evaluation on the current weights, by rank 0, logged at this step.
+
+        The weights are the ones the training forward uses, in fp32 (under DeepSpeed with bf16, the
+        bf16 copy rather than the masters, which only a checkpoint gathers). Training is unaffected:
+        the evaluation leaves the global RNGs as it found them. The other ranks wait at a barrier.
+        """
+        results: list[HeldoutResult] = []
+        if self.ctx.is_main:
+            with self._rng_untouched():
+                results = self.evaluate(self._predictor(self.model.state_dict()))
+            self._log_heldout(results)
+        self.ctx.barrier(f"held-out evaluation at step {self.state.step}")
+        return results
+
+    def _log_heldout(self, results: list[HeldoutResult]) -> None:
+        for r in results:
+            gain = r.gain if r.copy_last_l1 else float("nan")
+            self.logger.log_metrics(
+                {
+                    f"heldout_l1_offset{r.offset}": r.model_l1,
+                    f"copy_last_l1_offset{r.offset}": r.copy_last_l1,
+                    f"gain_vs_copy_last_offset{r.offset}": gain,
+                },
+                step=self.state.step,
+            )
+
+    def _predictor(self, weights: dict[str, torch.Tensor]) -> FuturePredictor:
+        """A fresh fp32 FuturePredictor holding ``weights`` on this rank's device (the global RNG untouched)."""
+        with self._rng_untouched():
+            model = FuturePredictor(self.spec)
+        model.load_state_dict(weights)
+        return model.to(self.device)
+
+    def _rng_untouched(self) -> contextlib.AbstractContextManager:
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+
+
+def _due(step: int, every: int) -> bool:
+    """A cadence of ``every`` steps (0 = never) is due at ``step``."""
+    return every > 0 and step % every == 0
+
+
+@dataclass
+class _Window:
+    """Steps, data wait (s) and start time since the last metric log: throughput over that window."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    wait_s: float = 0.0
+
+    def add(self, wait_s: float) -> None:
+        self.steps += 1
+        self.wait_s += wait_s
 
 
 class _NoBar:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from pretrain.config import ConfigError, load_config
 from pretrain.distributed import launch_env
-from pretrain.parallelize import deepspeed_config
+from pretrain.parallelize import DeepSpeedEngine, LocalEngine, TrainEngine, deepspeed_config
 from pretrain.trainer import Trainer
 from tests.conftest import tiny_overrides
 from tests.data_shards.shard_fixtures import real_clips, write_clip_shards
@@ -114,6 +114,17 @@ def test_deepspeed_config_is_generated_from_the_typed_config(tmp_path: Path) -> 
     assert ds["gradient_clipping"] == 0.0
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is False
     assert deepspeed_config(cfg, plan, torch.device("cuda"))["bf16"]["enabled"] is True
+
+
+def test_both_engines_implement_the_whole_engine_interface() -> None:
+    """The trainer and checkpointer only see TrainEngine: each engine must have every method of it."""
+    methods = {name for name, value in vars(TrainEngine).items() if callable(value) and not name.startswith("_")}
+    assert methods == {"backward", "step", "state_dict", "load_state_dict", "save", "load"}
+    for engine in (LocalEngine, DeepSpeedEngine):
+        for name in (*methods, "__call__"):
+            assert callable(getattr(engine, name, None)), f"{engine.__name__}.{name}"
+        assert isinstance(engine.sharded, bool)
+    assert (LocalEngine.sharded, DeepSpeedEngine.sharded) == (False, True)
 
 
 def test_distributed_config_validation_names_the_key(tmp_path: Path) -> None:

@@ -182,9 +182,10 @@ def test_garbled_checkpoint_is_skipped_and_resume_stays_exact(
         export_run(run_dir, tmp_path / "export")
 
     resumed = Trainer(load_config("tiny-cpu", overrides))
-    with caplog.at_level("INFO", logger="pretrain.checkpoint"), caplog.at_level("INFO", logger="pretrain.trainer"):
+    with caplog.at_level("INFO", logger="pretrain.checkpoint"), caplog.at_level("INFO", logger="pretrain.checkpointer"):
         resumed.train(finalize=False)
-    assert resumed.resumed_from is not None and resumed.resumed_from.name == "step_00000002"
+    assert resumed.checkpointer.resumed_from is not None
+    assert resumed.checkpointer.resumed_from.name == "step_00000002"
     assert any("skipped step_00000003" in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records)
     assert resumed.state.history == straight.state.history
     for key, value in _params(straight).items():
@@ -211,8 +212,8 @@ def test_unreadable_latest_falls_back_to_the_previous_one(
     state = run_dir / "checkpoints" / "step_00000006" / "state.pt"
     state.write_bytes(b"" if damage == "zero-byte" else state.read_bytes()[: state.stat().st_size // 2])
     trainer = Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path)))
-    with caplog.at_level("WARNING", logger="pretrain.trainer"):
-        trainer.maybe_resume()
+    with caplog.at_level("WARNING", logger="pretrain.checkpointer"):
+        trainer.checkpointer.maybe_resume()
     assert trainer.state.step == 3
     lines = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
     assert len(lines) == 1 and "step_00000003" in lines[0] and "skipped step_00000006" in lines[0]
@@ -224,8 +225,8 @@ def test_missing_latest_pointer_adopts_the_newest_complete_checkpoint(
     run_dir = _copy_run(finished_run, tmp_path)
     (run_dir / "checkpoints" / "latest").unlink()
     trainer = Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path)))
-    with caplog.at_level("INFO", logger="pretrain.trainer"):
-        trainer.maybe_resume()
+    with caplog.at_level("INFO", logger="pretrain.checkpointer"):
+        trainer.checkpointer.maybe_resume()
     assert trainer.state.step == 6
     assert any("latest" in r.getMessage() and "adopted" in r.getMessage() for r in caplog.records)
 
@@ -234,16 +235,18 @@ def test_stale_pointer_adopts_the_newer_complete_checkpoint(finished_run: Path, 
     run_dir = _copy_run(finished_run, tmp_path)
     (run_dir / "checkpoints" / "latest").write_text("step_00000003\n")
     trainer = Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path)))
-    trainer.maybe_resume()
+    trainer.checkpointer.maybe_resume()
     assert trainer.state.step == 6
 
 
 def test_resume_modes(finished_run: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
-        Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path / "fresh", "--train.resume=must"))).maybe_resume()
+        Trainer(
+            load_config("tiny-cpu", tiny_overrides(tmp_path / "fresh", "--train.resume=must"))
+        ).checkpointer.maybe_resume()
     _copy_run(finished_run, tmp_path)
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
-        Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path, "--train.resume=never"))).maybe_resume()
+        Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path, "--train.resume=never"))).checkpointer.maybe_resume()
     with pytest.raises(ConfigError, match=r"train\.resume"):
         load_config("tiny-cpu", ["--train.resume=sometimes"])
 
@@ -253,7 +256,7 @@ def test_no_checkpoint_verifies_is_an_error_not_a_fresh_start(finished_run: Path
     for tag in list_checkpoints(run_dir / "checkpoints"):
         (tag / "state.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"no checkpoint in .* verifies"):
-        Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path))).maybe_resume()
+        Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path))).checkpointer.maybe_resume()
 
 
 def test_temporaries_of_a_killed_run_are_removed(
@@ -264,7 +267,7 @@ def test_temporaries_of_a_killed_run_are_removed(
     (root / ".latest.abc123.tmp").write_text("step_00000006")
     (root / ".tmp-step_00000009-xyz").mkdir()
     with caplog.at_level("INFO", logger="pretrain.checkpoint"):
-        Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path))).maybe_resume()
+        Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path))).checkpointer.maybe_resume()
     assert not list(root.glob(".*"))
     assert any("removed 2 temporary" in r.getMessage() for r in caplog.records)
 

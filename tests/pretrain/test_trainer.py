@@ -66,6 +66,55 @@ def test_resume_with_a_different_model_is_refused(tmp_path: Path) -> None:
         other.train()
 
 
+class _RecordingLogger:
+    """A MetricLogger that keeps what it is given."""
+
+    where = "recorded"
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+
+    def log_params(self, params) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_artifact(self, path, artifact_path=None) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+    def steps_of(self, name: str) -> list[int]:
+        return [step for step, metrics in self.metrics if name in metrics]
+
+
+def test_eval_every_logs_heldout_metrics_and_leaves_training_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pretrain.trainer as trainer_module
+
+    plain = Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path / "plain")))
+    plain.train(finalize=False)
+
+    logger = _RecordingLogger()
+    monkeypatch.setattr(trainer_module, "build_logger", lambda *args, **kwargs: logger)
+    trainer = Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path / "eval", "--train.eval_every=2")))
+    result = trainer.train()
+    # Steps 2 and 4 by train.eval_every; step 6 (the last) by the final evaluation.
+    for offset in (1, 2, 4):
+        for name in ("heldout_l1", "copy_last_l1", "gain_vs_copy_last"):
+            assert logger.steps_of(f"{name}_offset{offset}") == [2, 4, 6], name
+    final = {step: m for step, m in logger.metrics if "heldout_l1_offset1" in m}[6]
+    (r1,) = [r for r in result.heldout if r.offset == 1]
+    assert final["heldout_l1_offset1"] == r1.model_l1 and final["gain_vs_copy_last_offset1"] == pytest.approx(r1.gain)
+    # Evaluating along the way changes nothing in training.
+    assert trainer.state.history == plain.state.history
+    for key, value in _params(plain).items():
+        torch.testing.assert_close(_params(trainer)[key], value, rtol=0, atol=0, msg=key)
+
+
 def test_sigterm_checkpoints_and_returns(tmp_path: Path) -> None:
     trainer = Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path, "--train.steps=1000")))
     original = trainer.train_step
@@ -107,7 +156,7 @@ def test_export_round_trip(tmp_path: Path) -> None:
     assert result.export_dir is not None
     model, meta = load_export(result.export_dir)
     assert meta["encoder"]["weights_hash"] == trainer.encoder.weights_hash
-    assert meta["model_spec"]["core_kind"] == "gmmix"
+    assert meta["model_spec"]["core"]["kind"] == "gmmix"
     assert meta["step"] == 6 and "code_version" in meta and meta["data"]["videos"][0]["name"]
     for key, value in trainer.model.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value.cpu(), rtol=0, atol=0)
@@ -130,7 +179,7 @@ def test_mismatched_export_weights(tmp_path: Path) -> None:
     trainer = Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path)))
     export_dir = trainer.train().export_dir
     cfg = json.loads((export_dir / "config.json").read_text())
-    cfg["model_spec"]["predictor_depth"] += 1
+    cfg["model_spec"]["predictor"]["depth"] += 1
     (export_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="does not match"):
         load_export(export_dir)

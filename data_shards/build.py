@@ -21,11 +21,33 @@ Output directory layout (the shard format is a contract with the loader):
   dropped ("clips_dropped_at_holdout"). So held-out clips come from later
   footage of the same videos and never overlap a training clip's frames.
 
+Timing. Every input is put on the output grid by presentation timestamp
+(``data_shards.video.FrameClock``): output frame k of an input is the source
+frame shown at tick k / fps, so variable-frame-rate, dropped-frame and
+29.97-vs-30 inputs all give clips on the grid. Each clip's JSON records
+``source_times_s`` (the source time of each of its frames) and ``max_gap_s``:
+the longest stretch of source time without a new frame that one of its
+ticks falls in (``DecodedFrames.until_s``). That is the source's own frame
+interval for an ordinary input (0.04 s at 25 fps), longer where the source
+drops frames, and the length of the pause for a clip in or next to one.
+A clip whose max_gap_s exceeds MAX_FRAME_GAP_S touches a pause in the
+source (a recording gap, a stalled stream; the frame before it is all a
+player would show) and is dropped like a clip across a scene cut
+("clips_dropped_at_gaps"; it is never encoded).
+
 With ``--skip-scene-cuts``, clips that cross a hard scene cut
 (``data_shards.scenes.detect_scene_cuts`` on the resampled, resized frames)
-are dropped ("clips_dropped_at_cuts"). Both counts are in both manifests;
-a clip that crosses a cut is counted there even if it also straddles the
+are dropped ("clips_dropped_at_cuts"). All three drop counts are in both
+manifests; a clip is counted under the first that applies of gap, cut,
 holdout boundary.
+
+The manifest's ``stats`` count used inputs with a property worth knowing
+but no reason to skip them: ``uniform_colour_inputs`` (every frame of every
+clip is one flat colour: a legal video, likely useless), ``wrong_duration_inputs``
+(the header duration disagrees with the frames, which are used),
+``variable_frame_rate_inputs`` (intervals between source frames vary by more
+than VFR_INTERVAL_RATIO; resampled onto the grid); and ``max_clip_gap_s``,
+the largest max_gap_s of a clip in the set.
 
 Resumability and determinism. Each input is turned, in a worker process, into
 one "part": ``.parts/<source_sha256>-<args key>.tar`` holding the clip mp4s
@@ -49,7 +71,8 @@ it must be new, empty, or an earlier or unfinished build (``is_build_dir``: its
 ``manifest.json`` or its ``.parts/`` cache); ``.``, the home directory and the
 like are refused whatever they hold. A build with nothing to build (no input
 path exists, or the inputs name no video file) raises NoInputsError and writes
-nothing.
+nothing. Directories are searched following links, each directory once: a link
+loop (or a second link to a directory already searched) is skipped with a log line.
 
 Skipped inputs never stop a build; each is counted under one reason:
 DECODE_ERROR_REASONS from data_shards.video, plus
@@ -59,9 +82,6 @@ DECODE_ERROR_REASONS from data_shards.video, plus
 - ``rotated``: a display rotation that is not a multiple of 90 degrees.
   Multiples of 90 are applied (frames rotated as a player would show them),
   so phone videos are kept; a mirrored display matrix is not detected;
-- ``variable_frame_rate``: packet timestamps whose largest interval exceeds
-  the smallest by more than VFR_INTERVAL_RATIO; the clips' fixed fps would
-  misstate their timing;
 - ``duplicate``: same bytes as an input earlier in the order (its clips would
   repeat that input's sample keys).
 
@@ -74,6 +94,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import fnmatch
 import glob
 import hashlib
 import io
@@ -99,7 +120,15 @@ from tqdm import tqdm
 
 from data_shards.io import atomic_path, check_output_dir, write_text_atomic
 from data_shards.scenes import detect_scene_cuts
-from data_shards.video import DECODE_ERROR_REASONS, VideoDecodeError, decode_video, file_sha256, probe_video
+from data_shards.video import (
+    DECODE_ERROR_REASONS,
+    DecodedFrames,
+    VideoDecodeError,
+    VideoInfo,
+    VideoReader,
+    file_sha256,
+    probe_video,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +142,6 @@ HELDOUT_DIR = "heldout"
 BUILD_SKIP_REASONS: frozenset[str] = DECODE_ERROR_REASONS | {
     "odd_dimensions",
     "rotated",
-    "variable_frame_rate",
     "duplicate",
 }
 """Every reason an input can be skipped for, as counted in the manifest."""
@@ -124,11 +152,21 @@ VIDEO_EXTENSIONS: frozenset[str] = frozenset(
 """Suffixes picked up when a directory is given as input (explicitly named files are always taken)."""
 
 VFR_INTERVAL_RATIO = 1.5
-"""An input is variable-frame-rate when max / min packet interval exceeds this."""
+"""An input counts as variable-frame-rate (in the manifest's stats) when max / min frame interval exceeds this."""
+
+MAX_FRAME_GAP_S = 2.0
+"""A clip with a tick in a stretch of more than this many seconds without a new source frame is dropped."""
+
+INPUT_NOTES = ("uniform_colour", "wrong_duration", "variable_frame_rate")
+"""Properties of used inputs counted in the manifest's stats as "<note>_inputs" (see the module docstring)."""
 
 # Bump when the part layout or the clip bytes change for the same arguments.
 # 2: result.json records "output_frames" and "cuts".
-_PART_FORMAT = 2
+# 3: frames chosen by timestamp on the grid; clips record source times and gaps; input notes.
+_PART_FORMAT = 3
+# A frame is one flat colour when no channel varies by more than this many
+# levels (codec noise on a flat frame stays below it).
+_UNIFORM_SPREAD = 6
 # Cut detection runs per decoded chunk; the scene detector's spike test compares
 # a frame pair with 2 pairs on each side, so a chunk only decides cuts at least
 # this far from its end (the rest are decided with the next chunk)...
@@ -137,8 +175,8 @@ _CUT_CONTEXT_RADIUS = 3
 # neighbours (>= 2 * radius + 1) and to keep the adaptive threshold's median
 # and MAD from resting on a short chunk alone.
 _CUT_CONTEXT_FRAMES = 48
-# Output frames decoded per decode_video call: bounds a worker's memory for
-# long inputs (256 frames at 256x455 RGB is ~90 MB) at the cost of one seek per chunk.
+# Output frames decoded per VideoReader.read: bounds a worker's memory for
+# long inputs (256 frames at 256x455 RGB is ~90 MB).
 _DECODE_CHUNK_FRAMES = 256
 # H.264 encoders to try, best first. Only libx264 is known to be deterministic here.
 _H264_ENCODERS = ("libx264", "libopenh264", "h264_videotoolbox", "h264_nvenc", "h264_qsv", "h264_amf")
@@ -184,7 +222,8 @@ class BuildArgs:
     clip_frames: int = 16
     """Frames per clip (at the output rate)."""
     fps: float = 8.0
-    """Output frame rate; 0 keeps each input's native rate. Never above the native rate (no upsampling)."""
+    """Output frame rate: every clip is on this grid, whatever its input's rate (a source frame is repeated
+    where the input is sparser, dropped where denser). 0 keeps each input's nominal rate."""
     short_side: int = 256
     """Resize so the shorter side has this many pixels (even), aspect kept; 0 keeps the stored size."""
     stride: int | None = None
@@ -315,7 +354,8 @@ def expand_inputs(specs: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
     A spec is a file (taken whatever its suffix; a path that does not exist
     is kept, and reported as "missing"), a directory (searched recursively
-    for VIDEO_EXTENSIONS), a glob (``**`` allowed), or a list file:
+    for VIDEO_EXTENSIONS, following links, each directory once), a glob
+    (``**`` allowed, searched the same way), or a list file:
     ``@list.txt`` or any existing ``.txt`` file, one spec per line (blank
     lines and ``#`` comments ignored; relative lines are relative to the
     list file's directory; lists do not nest).
@@ -344,17 +384,90 @@ def _expand_list_file(list_path: Path) -> list[Path]:
 
 
 def _expand_spec(spec: str) -> list[Path]:
-    if glob.has_magic(spec):
-        matches = [Path(m) for m in glob.glob(spec, recursive=True)]
+    if "**" in Path(spec).parts:
+        matches = _recursive_glob(spec)
+    elif glob.has_magic(spec):
+        matches = [Path(m) for m in glob.glob(spec)]
     else:
         matches = [Path(spec)]
     paths: list[Path] = []
     for match in matches:
-        if match.is_dir():
-            paths.extend(p for p in match.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
-        else:
+        if not match.is_dir():
             paths.append(match)
+            continue
+        for path in _walk(match):
+            if path.suffix.lower() not in VIDEO_EXTENSIONS:
+                continue
+            if path.is_file():
+                paths.append(path)
+            elif path.is_symlink() and not path.exists():
+                logger.info("%s is a link that leads nowhere (broken, or a loop); skipped", path)
     return [Path(os.path.abspath(p)) for p in paths]
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Every file and directory below root, following links; a directory reached twice is searched once.
+
+    A second arrival (a link loop, or two links to one directory) is skipped
+    with a log line: glob's ``**`` and os.walk(followlinks=True) would follow a
+    loop until the path is too long, and two loops make that exponential.
+    """
+    seen: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            status = directory.stat()
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name, reverse=True)
+        except OSError as e:
+            logger.warning("cannot search %s (%s); skipped", directory, e)
+            continue
+        if (status.st_dev, status.st_ino) in seen:
+            logger.info("%s is a directory already searched (a link loop or a second link to it); skipped", directory)
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        for entry in entries:
+            path = Path(entry.path)
+            if _is_dir(entry):
+                stack.append(path)
+            yield path
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    """entry.is_dir() following links, False for a link that leads nowhere (broken: False already; a loop: raises)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _recursive_glob(spec: str) -> list[Path]:
+    """Like glob.glob(spec, recursive=True), but searching with _walk (safe on link loops).
+
+    As in glob, a name starting with "." is matched only by a pattern part starting with ".".
+    """
+    parts = Path(spec).parts
+    first_magic = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = Path(*parts[:first_magic]) if first_magic else Path(".")
+    pattern = parts[first_magic:]
+    return [path for path in _walk(root) if _glob_match(pattern, path.relative_to(root).parts)]
+
+
+def _glob_match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Whether path parts match glob pattern parts, where "**" stands for any number of directories."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        for skip in range(len(parts) + 1):
+            if _glob_match(rest, parts[skip:]):
+                return True
+            if skip < len(parts) and parts[skip].startswith("."):
+                return False
+        return False
+    if not parts or (parts[0].startswith(".") and not head.startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(parts[0], head) and _glob_match(rest, parts[1:])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -380,15 +493,21 @@ class _InputResult:
     """Frames of the input at the output rate (the holdout boundary is a fraction of them)."""
     cuts: tuple[int, ...] = ()
     """Output-frame indices t with a scene cut between t-1 and t (only detected with skip_scene_cuts)."""
+    notes: tuple[str, ...] = ()
+    """Properties of a used input counted in the manifest's stats: INPUT_NOTES."""
 
 
 def _process_input(job: _Job) -> _InputResult:
     """Worker entry point: the cached part of one input, made if needed. Never raises."""
     path = Path(job.path)
     if not path.is_file():
-        return _uncached_result(
-            job.path, None, "missing", "no such file" if not path.exists() else "not a regular file"
-        )
+        if path.exists():
+            detail = "not a regular file"
+        elif path.is_symlink():
+            detail = "a link that leads nowhere (broken, or a loop)"
+        else:
+            detail = "no such file"
+        return _uncached_result(job.path, None, "missing", detail)
     sha256: str | None = None
     try:
         sha256 = file_sha256(path)
@@ -430,6 +549,7 @@ def _result_from_part(path: str, part_path: Path, *, reused: bool) -> _InputResu
         reused=reused,
         output_frames=record.get("output_frames", 0),
         cuts=tuple(record.get("cuts", ())),
+        notes=tuple(record.get("notes", ())),
     )
 
 
@@ -448,8 +568,15 @@ def _make_part(path: Path, sha256: str, args: BuildArgs, encoder: str, part_path
         try:
             with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as part:
                 frame_log = _FrameLog(detect_cuts=args.skip_scene_cuts)
-                record["source_duration_s"] = _encode_clips_into(path, args, encoder, part, record["clips"], frame_log)
-                record.update(reason=None, detail="", output_frames=frame_log.frames, cuts=frame_log.finish())
+                info = _encode_clips_into(path, args, encoder, part, record["clips"], frame_log)
+                record.update(
+                    reason=None,
+                    detail="",
+                    output_frames=frame_log.frames,
+                    cuts=frame_log.finish(),
+                    source_duration_s=info.decoded_duration_s or info.duration_s,
+                    notes=_input_notes(info, record["clips"]),
+                )
                 _add_member(part, "result.json", json.dumps(record, sort_keys=True).encode())
         except (VideoDecodeError, InputRejectedError) as e:
             logger.info("skipping %s: %s: %s", path, e.reason, e.detail)
@@ -473,58 +600,69 @@ def _encode_clips_into(
     part: tarfile.TarFile,
     clips: list[dict[str, Any]],
     frame_log: _FrameLog,
-) -> float:
-    """Decode, cut and encode the clips of ``path`` into ``part``; returns the input's duration in seconds."""
+) -> VideoInfo:
+    """Decode, cut and encode the clips of ``path`` into ``part``; returns VideoReader.video_info at the end."""
     info = probe_video(path)
-    _check_constant_frame_rate(path)
     if args.short_side == 0 and (info.width % 2 or info.height % 2):
         raise InputRejectedError("odd_dimensions", f"{info.width}x{info.height} and no resize (short_side 0)")
-    if info.fps <= 0:
-        raise InputRejectedError("variable_frame_rate", "the stream declares no frame rate")
-    native = Fraction(info.fps).limit_denominator(100_000)
-    # At or above the native rate decode_video keeps every native frame, so the output rate is the native one.
-    rate = native if args.fps == 0 or args.fps >= info.fps else Fraction(args.fps).limit_denominator(100_000)
-    for clip_index, clip_THWC, start_s in _iter_clips(path, args, rate, frame_log):
-        data = encode_clip_mp4(clip_THWC, fps=rate, crf=args.crf, encoder=encoder)
-        _add_member(part, f"{clip_index:06d}.mp4", data)
-        clips.append(
-            {
+    rate = _output_rate(path, info, args)
+    with VideoReader(path, fps=float(rate), short_side=args.short_side or None, threads=1) as reader:
+        for clip_index, clip_THWC, source_times_s, until_s in _iter_clips(reader, args, rate, frame_log):
+            start = clip_index * args.clip_stride
+            ticks_s = [float(Fraction(start + i) / rate) for i in range(len(source_times_s))]
+            # The stretch of source time without a new frame that each tick falls in (see DecodedFrames).
+            max_gap_s = max(
+                until - min(t, tick) for tick, t, until in zip(ticks_s, source_times_s, until_s, strict=True)
+            )
+            record = {
                 "clip_index": clip_index,
-                "start_s": round(start_s, 6),
+                "start_s": round(ticks_s[0], 6),
                 "fps": float(rate),
                 "frames": int(clip_THWC.shape[0]),
                 "width": int(clip_THWC.shape[2]),
                 "height": int(clip_THWC.shape[1]),
-                "bytes": len(data),
+                "source_times_s": [round(t, 6) for t in source_times_s],
+                "max_gap_s": round(max_gap_s, 6),
+                "uniform_colour": _is_uniform_colour(clip_THWC),
+                "bytes": 0,
             }
-        )
+            # A clip across a gap is dropped at the split whatever else holds: never encode it.
+            if record["max_gap_s"] <= MAX_FRAME_GAP_S:
+                data = encode_clip_mp4(clip_THWC, fps=rate, crf=args.crf, encoder=encoder)
+                _add_member(part, f"{clip_index:06d}.mp4", data)
+                record["bytes"] = len(data)
+            clips.append(record)
+        final = reader.video_info()
     if not clips:
         raise AssertionError("_iter_clips yields at least one clip or raises too_short")
-    return info.duration_s
+    return final
 
 
-def _check_constant_frame_rate(path: Path) -> None:
-    """Raise InputRejectedError("variable_frame_rate") if packet intervals vary by more than VFR_INTERVAL_RATIO.
+def _output_rate(path: Path, info: VideoInfo, args: BuildArgs) -> Fraction:
+    """The clip frame rate for an input with header ``info``: args.fps, or with 0 the input's nominal rate."""
+    if args.fps > 0:
+        return Fraction(args.fps).limit_denominator(100_000)
+    if info.fps <= 0:
+        raise VideoDecodeError(path, "bad_timestamps", "the stream declares no frame rate and fps 0 asks for it")
+    return Fraction(info.fps).limit_denominator(100_000)
 
-    Reads packet timestamps only (no decoding); sorting undoes B-frame reordering.
-    """
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            times = sorted(p.pts for p in container.demux(stream) if p.pts is not None)
-    except av.FFmpegError as e:
-        raise VideoDecodeError(path, "decode_error", f"reading packet timestamps failed ({e})") from e
-    intervals = np.diff(np.asarray(times, dtype=np.int64))
-    intervals = intervals[intervals > 0]
-    if len(intervals) < 2:
-        return
-    ratio = float(intervals.max() / intervals.min())
-    if ratio > VFR_INTERVAL_RATIO:
-        tb = stream.time_base or Fraction(1)
-        raise InputRejectedError(
-            "variable_frame_rate",
-            f"frame intervals range from {float(intervals.min() * tb):.4f} s to {float(intervals.max() * tb):.4f} s",
-        )
+
+def _is_uniform_colour(frames_THWC: np.ndarray) -> bool:
+    """Whether every frame is one flat colour (no channel spread above _UNIFORM_SPREAD)."""
+    spread_TC = frames_THWC.max(axis=(1, 2)).astype(np.int16) - frames_THWC.min(axis=(1, 2))
+    return bool(spread_TC.max() <= _UNIFORM_SPREAD)
+
+
+def _input_notes(info: VideoInfo, clips: list[dict[str, Any]]) -> list[str]:
+    notes = []
+    if clips and all(clip["uniform_colour"] for clip in clips):
+        notes.append("uniform_colour")
+    if info.wrong_duration:
+        notes.append("wrong_duration")
+    intervals = info.frame_interval_range_s
+    if intervals is not None and intervals[1] > VFR_INTERVAL_RATIO * intervals[0]:
+        notes.append("variable_frame_rate")
+    return notes
 
 
 class _FrameLog:
@@ -566,55 +704,42 @@ class _FrameLog:
 
 
 def _iter_clips(
-    path: Path, args: BuildArgs, rate: Fraction, frame_log: _FrameLog | None = None
-) -> Iterator[tuple[int, np.ndarray, float]]:
-    """(clip_index, clip_THWC, start_s) for each full clip, decoding a bounded chunk at a time."""
+    reader: VideoReader, args: BuildArgs, rate: Fraction, frame_log: _FrameLog | None = None
+) -> Iterator[tuple[int, np.ndarray, tuple[float, ...], tuple[float, ...]]]:
+    """(clip_index, clip_THWC, source times_s, until_s of its frames) for each full clip, a bounded chunk at a time."""
     frames: list[np.ndarray] = []
     times_s: list[float] = []
+    until_s: list[float] = []
     # Output-frame index of frames[0].
     first = 0
     clip_index = 0
-    for chunk_THWC, chunk_times_s in _decoded_chunks(path, args, rate):
+    for chunk in _decoded_chunks(reader, args):
         if frame_log is not None:
-            frame_log.push(chunk_THWC)
-        frames.extend(chunk_THWC)
-        times_s.extend(chunk_times_s)
+            frame_log.push(chunk.frames_THWC)
+        frames.extend(chunk.frames_THWC)
+        times_s.extend(chunk.times_s)
+        until_s.extend(chunk.until_s)
         while (start := clip_index * args.clip_stride - first) + args.clip_frames <= len(frames):
-            yield clip_index, np.stack(frames[start : start + args.clip_frames]), times_s[start]
+            end = start + args.clip_frames
+            yield clip_index, np.stack(frames[start:end]), tuple(times_s[start:end]), tuple(until_s[start:end])
             clip_index += 1
             drop = min(clip_index * args.clip_stride - first, len(frames))
-            del frames[:drop], times_s[:drop]
+            del frames[:drop], times_s[:drop], until_s[:drop]
             first += drop
     if clip_index == 0:
         total = first + len(frames)
         raise VideoDecodeError(
-            path, "too_short", f"{total} frames at {float(rate):.3f} fps, one clip needs {args.clip_frames}"
+            reader.path, "too_short", f"{total} frames at {float(rate):.3f} fps, one clip needs {args.clip_frames}"
         )
 
 
-def _decoded_chunks(path: Path, args: BuildArgs, rate: Fraction) -> Iterator[tuple[np.ndarray, tuple[float, ...]]]:
-    """Consecutive runs of output frames (frames_THWC, times), rotated for display, until the stream ends."""
+def _decoded_chunks(reader: VideoReader, args: BuildArgs) -> Iterator[DecodedFrames]:
+    """Consecutive runs of output frames, rotated for display, until the stream ends."""
     chunk = max(_DECODE_CHUNK_FRAMES, args.clip_frames)
-    position = 0
-    while True:
-        try:
-            frames_THWC, info = decode_video(
-                path,
-                fps=float(rate) if args.fps > 0 else None,
-                short_side=args.short_side or None,
-                start_s=float(position / rate),
-                max_frames=chunk,
-                threads=1,
-            )
-        except VideoDecodeError as e:
-            # Past the last frame: the previous chunk ended exactly at the end of the stream.
-            if e.reason == "too_short" and position > 0:
-                return
-            raise
-        yield _apply_rotation(path, frames_THWC, info.rotation or 0), info.frame_times_s or ()
-        if len(frames_THWC) < chunk:
-            return
-        position += len(frames_THWC)
+    while not reader.at_end:
+        decoded = reader.read(chunk)
+        if len(decoded.frames_THWC):
+            yield decoded._replace(frames_THWC=_apply_rotation(reader.path, decoded.frames_THWC, reader.rotation or 0))
 
 
 def _apply_rotation(path: Path, frames_THWC: np.ndarray, rotation: int) -> np.ndarray:
@@ -677,6 +802,7 @@ class _Sample:
     member: str
     mp4_size: int
     duration_s: float
+    max_gap_s: float
 
     @property
     def tar_bytes(self) -> int:
@@ -715,18 +841,28 @@ class _Split:
     heldout: list[_Sample]
     dropped_at_holdout: int
     dropped_at_cuts: int
+    dropped_at_gaps: int
 
     def counts(self) -> dict[str, int]:
-        return {"clips_dropped_at_holdout": self.dropped_at_holdout, "clips_dropped_at_cuts": self.dropped_at_cuts}
+        return {
+            "clips_dropped_at_holdout": self.dropped_at_holdout,
+            "clips_dropped_at_cuts": self.dropped_at_cuts,
+            "clips_dropped_at_gaps": self.dropped_at_gaps,
+        }
 
 
-def clip_destination(start: int, frames: int, output_frames: int, cuts: Sequence[int], args: BuildArgs) -> str:
-    """Where a clip of output frames [start, start + frames) goes: "train", "heldout", "cut" or "holdout" (dropped).
+def clip_destination(
+    start: int, frames: int, output_frames: int, cuts: Sequence[int], args: BuildArgs, max_gap_s: float = 0.0
+) -> str:
+    """Where the clip of output frames [start, start + frames) goes: "train", "heldout", "gap", "cut", "holdout".
 
+    The last three are drops. A clip whose max_gap_s exceeds MAX_FRAME_GAP_S spans a gap in the source.
     A cut c (between frames c-1 and c) breaks the clip when start < c < start + frames.
     The held-out region is the last round(holdout_fraction * output_frames) frames.
     """
     end = start + frames
+    if max_gap_s > MAX_FRAME_GAP_S:
+        return "gap"
     if any(start < c < end for c in cuts):
         return "cut"
     if args.holdout_fraction <= 0:
@@ -742,43 +878,46 @@ def _split_samples(results: list[_InputResult], args: BuildArgs) -> _Split:
     heldout: list[_Sample] = []
     dropped: Counter[str] = Counter()
     for result in results:
-        for clip, sample in _samples_of(result, args.crf):
+        if result.reason is not None:
+            continue
+        for clip in result.clips:
             start = clip["clip_index"] * args.clip_stride
-            where = clip_destination(start, clip["frames"], result.output_frames, result.cuts, args)
+            where = clip_destination(start, clip["frames"], result.output_frames, result.cuts, args, clip["max_gap_s"])
             if where == "train":
-                train.append(sample)
+                train.append(_sample_of(result, clip, args.crf))
             elif where == "heldout":
-                heldout.append(sample)
+                heldout.append(_sample_of(result, clip, args.crf))
             else:
                 dropped[where] += 1
-    return _Split(train, heldout, dropped["holdout"], dropped["cut"])
+    return _Split(train, heldout, dropped["holdout"], dropped["cut"], dropped["gap"])
 
 
-def _samples_of(result: _InputResult, crf: int) -> Iterator[tuple[dict[str, Any], _Sample]]:
-    """(part clip record, sample) for every clip of a used input, in time order."""
-    if result.reason is not None or result.sha256 is None or result.part_name is None:
-        return
-    for clip in result.clips:
-        meta = {
-            "source": result.path,
-            "source_sha256": result.sha256,
-            "clip_index": clip["clip_index"],
-            "start_s": clip["start_s"],
-            "fps": clip["fps"],
-            "frames": clip["frames"],
-            "width": clip["width"],
-            "height": clip["height"],
-            "crf": crf,
-        }
-        sample = _Sample(
-            key=f"{result.sha256[:16]}-{clip['clip_index']:06d}",
-            json_bytes=json.dumps(meta).encode("utf-8"),
-            part_name=result.part_name,
-            member=f"{clip['clip_index']:06d}.mp4",
-            mp4_size=clip["bytes"],
-            duration_s=clip["frames"] / clip["fps"],
-        )
-        yield clip, sample
+def _sample_of(result: _InputResult, clip: dict[str, Any], crf: int) -> _Sample:
+    """The shard sample of one clip of a used input."""
+    if result.sha256 is None or result.part_name is None:
+        raise AssertionError(f"{result.path} gave clips but has no part")
+    meta = {
+        "source": result.path,
+        "source_sha256": result.sha256,
+        "clip_index": clip["clip_index"],
+        "start_s": clip["start_s"],
+        "fps": clip["fps"],
+        "frames": clip["frames"],
+        "width": clip["width"],
+        "height": clip["height"],
+        "crf": crf,
+        "source_times_s": clip["source_times_s"],
+        "max_gap_s": clip["max_gap_s"],
+    }
+    return _Sample(
+        key=f"{result.sha256[:16]}-{clip['clip_index']:06d}",
+        json_bytes=json.dumps(meta).encode("utf-8"),
+        part_name=result.part_name,
+        member=f"{clip['clip_index']:06d}.mp4",
+        mp4_size=clip["bytes"],
+        duration_s=clip["frames"] / clip["fps"],
+        max_gap_s=clip["max_gap_s"],
+    )
 
 
 def _plan_shards(samples: list[_Sample], args: BuildArgs) -> list[list[_Sample]]:
@@ -890,6 +1029,9 @@ def _manifest(
 ) -> dict[str, Any]:
     skipped = [r for r in results if r.reason is not None]
     clip_seconds = sum(sample.duration_s for shard in shards for sample in shard)
+    notes = Counter(note for r in results if r.reason is None for note in r.notes)
+    stats: dict[str, float] = {f"{note}_inputs": notes[note] for note in INPUT_NOTES}
+    stats["max_clip_gap_s"] = max((sample.max_gap_s for shard in shards for sample in shard), default=0.0)
     return {
         "version": MANIFEST_VERSION,
         "args": args.manifest_args(),
@@ -900,6 +1042,7 @@ def _manifest(
         "skipped": dict(sorted(Counter(r.reason for r in skipped).items())),
         "skipped_files": [{"path": r.path, "reason": r.reason, "detail": r.detail} for r in skipped],
         **split.counts(),
+        "stats": stats,
         "shards": shard_records,
     }
 

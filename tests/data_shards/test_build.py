@@ -47,14 +47,21 @@ BAD_REASONS = {
     "tone.wav": "no_video_stream",
     "short.mp4": "too_short",
     "tilted.mp4": "rotated",
-    "vfr.mkv": "variable_frame_rate",
     "unknown.avi": "unsupported_codec",
     "carphone_copy.mp4": "duplicate",
     "missing.mp4": "missing",
 }
 # Good inputs -> clips at 8 fps, 8 frames a clip (carphone 4.0 s, bikes 10 s, procedural 4 s,
-# odd-sized 2.5 s, rotated 3 s).
-GOOD_CLIPS = {"carphone": 4, "bikes": 10, "proc-0.mp4": 4, "proc-1.mp4": 4, "odd.mp4": 2, "turned.mp4": 3}
+# odd-sized 2.5 s, rotated 3 s, variable frame rate 2.2 s).
+GOOD_CLIPS = {
+    "carphone": 4,
+    "bikes": 10,
+    "proc-0.mp4": 4,
+    "proc-1.mp4": 4,
+    "odd.mp4": 2,
+    "turned.mp4": 3,
+    "vfr.mkv": 2,
+}
 
 
 def _write_frames(
@@ -106,8 +113,6 @@ def make_bad_inputs(folder: Path) -> list[Path]:
     _write_tone(folder / "tone.wav")
     generate_video(folder / "short.mp4", seed=5, frames=3, size=(64, 64))
     _write_rotated(folder / "tilted.mp4", 45, frames=16)
-    irregular_pts = [0, 1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
-    _write_frames(folder / "vfr.mkv", np.zeros((20, 32, 48, 3), np.uint8), codec="libx264", pts=irregular_pts)
     avi = folder / "unknown.avi"
     _write_frames(avi, np.zeros((12, 32, 48, 3), np.uint8))
     avi.write_bytes(avi.read_bytes().replace(b"FMP4", b"QQQQ"))
@@ -116,14 +121,25 @@ def make_bad_inputs(folder: Path) -> list[Path]:
 
 
 def make_good_inputs(folder: Path) -> list[Path]:
-    """Two procedural videos, an odd-sized one (175x143, resized to even) and a 90-degree rotated one."""
+    """Two procedural videos, an odd-sized one (175x143, resized to even; each frame one grey level),
+    a 90-degree rotated one, and one with a dropped stretch (frame intervals of 0.1 and 0.3 s)."""
     folder.mkdir(parents=True, exist_ok=True)
     generate_video(folder / "proc-0.mp4", seed=0, frames=32, size=(64, 96))
     generate_video(folder / "proc-1.mp4", seed=1, frames=32, size=(64, 64))
     ramp_THWC = np.broadcast_to(np.arange(25, dtype=np.uint8)[:, None, None, None] * 8, (25, 143, 175, 3)).copy()
     _write_frames(folder / "odd.mp4", ramp_THWC)
     _write_rotated(folder / "turned.mp4", 90, frames=24)
+    irregular_pts = [0, 1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
+    _write_frames(folder / "vfr.mkv", generate_video_frames(20), codec="libx264", pts=irregular_pts)
     return sorted(folder.iterdir())
+
+
+def generate_video_frames(frames: int) -> np.ndarray:
+    """frames_THWC of a bright square moving over a dark 48x32 background: no two frames alike."""
+    frames_THWC = np.full((frames, 32, 48, 3), 30, np.uint8)
+    for t in range(frames):
+        frames_THWC[t, 8:20, 2 * t % 36 : 2 * t % 36 + 12] = 220
+    return frames_THWC
 
 
 def _list_file(path: Path, entries: list[Path]) -> Path:
@@ -184,6 +200,13 @@ def test_manifest_counts_and_skip_reasons(built: Path, inputs: dict[str, object]
         "skip_scene_cuts": False,
     }
     assert manifest["clips_dropped_at_holdout"] == manifest["clips_dropped_at_cuts"] == 0
+    assert manifest["clips_dropped_at_gaps"] == 0
+    # odd.mp4 is a ramp of flat grey frames; vfr.mkv's frames are 0.1 and 0.3 s apart.
+    assert manifest["stats"]["uniform_colour_inputs"] == 1
+    assert manifest["stats"]["variable_frame_rate_inputs"] == 1
+    assert manifest["stats"]["wrong_duration_inputs"] == 0
+    # The longest stretch without a new frame is vfr.mkv's dropped stretch.
+    assert manifest["stats"]["max_clip_gap_s"] == pytest.approx(0.3, abs=1e-3)
     assert not (built / "heldout").exists()
     assert manifest["inputs"] == len(GOOD_CLIPS) + len(BAD_REASONS)
     assert manifest["ok_inputs"] == len(GOOD_CLIPS)
@@ -227,9 +250,18 @@ def test_samples_decode_with_metadata(built: Path) -> None:
             "width",
             "height",
             "crf",
+            "source_times_s",
+            "max_gap_s",
         }
         assert sample["__key__"] == f"{meta['source_sha256'][:16]}-{meta['clip_index']:06d}"
-        assert meta["start_s"] == pytest.approx(meta["clip_index"] * 8 / 8, abs=0.07)
+        # Clips sit on the 8 fps grid; each frame is the source frame shown at its tick.
+        assert meta["start_s"] == pytest.approx(meta["clip_index"] * 8 / 8, abs=1e-6)
+        ticks_T = meta["start_s"] + np.arange(8) / 8
+        source_T = np.asarray(meta["source_times_s"])
+        assert source_T.shape == (8,) and (np.diff(source_T) >= 0).all()
+        assert (source_T <= ticks_T + 1e-3).all()
+        # The gap a tick falls in is at least how long ago its frame was shown.
+        assert (ticks_T - source_T).max() <= meta["max_gap_s"] <= 0.3 + 1e-6
         frames_THWC, rate = _decode_mp4(sample["mp4"])
         assert frames_THWC.shape == (8, meta["height"], meta["width"], 3)
         assert min(meta["height"], meta["width"]) == 64 and meta["width"] % 2 == 0 and meta["height"] % 2 == 0
@@ -388,7 +420,7 @@ def test_shard_caps(inputs: dict[str, object], built: Path, tmp_path: Path) -> N
     by_count = tmp_path / "by_count"
     args = BuildArgs(clip_frames=8, fps=8, short_side=64, max_samples_per_shard=3)
     manifest = build_shards(inputs["specs"], by_count, args, workers=0, progress=False).manifest
-    assert [s["samples"] for s in manifest["shards"]] == [3] * 9
+    assert [s["samples"] for s in manifest["shards"]] == [3] * 9 + [2]
     assert [s["__key__"] for s in _samples(by_count)] == reference_keys
 
     # About three typical samples per shard; every shard file stays under the cap.

@@ -151,22 +151,35 @@ def test_fps_halves_bikes(native: dict[str, np.ndarray]) -> None:
     np.testing.assert_array_equal(frames_THWC, native["bikes"][::2])
 
 
-@pytest.mark.parametrize("fps", [10.0, 7.0, 29.0])
-def test_fps_picks_nearest_frame(fps: float) -> None:
-    """carphone is 29.97 fps: each target time k / fps inside the clip gets the native frame nearest to it."""
-    _, info = decode_video(sample_video_path("carphone"), fps=fps)
-    times_T = np.asarray(info.frame_times_s)
+def _shown_at(native_times_N: np.ndarray, ticks_T: np.ndarray) -> np.ndarray:
+    """Index of the latest native frame at or before each tick (to within 0.75 ms of timestamp rounding)."""
+    return np.searchsorted(native_times_N, ticks_T + 0.75e-3, side="right") - 1
+
+
+@pytest.mark.parametrize("fps", [10.0, 7.0, 29.0, 30.0, 60.0])
+def test_fps_picks_the_frame_shown_at_each_tick(fps: float, native: dict[str, np.ndarray]) -> None:
+    """carphone is 29.97 fps (4.004 s): tick k / fps gets the latest native frame at or before it,
+    repeated when the grid is denser than the source (30 and 60 fps), dropped when sparser."""
+    frames_THWC, info = decode_video(sample_video_path("carphone"), fps=fps)
     native_times_N = np.arange(120) * 1001 / 30000
-    targets_T = np.arange(np.ceil(info.duration_s * fps)) / fps
-    nearest_T = np.abs(native_times_N[None, :] - targets_T[:, None]).argmin(axis=1)
-    # Near the native rate the last two targets can share the last frame; it is kept once.
-    np.testing.assert_allclose(times_T, native_times_N[np.unique(nearest_T)], atol=1e-6)
-    assert (np.diff(times_T) > 0).all()
+    ticks_T = np.arange(len(frames_THWC)) / fps
+    # Every tick before the end of the last frame's display, and no more.
+    assert ticks_T[-1] < 4.004 <= ticks_T[-1] + 1 / fps + 1e-3
+    picks_T = _shown_at(native_times_N, ticks_T)
+    np.testing.assert_allclose(info.frame_times_s, native_times_N[picks_T], atol=1e-6)
+    np.testing.assert_array_equal(frames_THWC, native["carphone"][picks_T])
+    repeats = len(picks_T) - len(np.unique(picks_T))
+    if fps == 30.0:
+        # 121 ticks over 120 frames: one repeat, where the 1 ms/s drift passes the rounding margin.
+        assert repeats == 1 and picks_T[23] == picks_T[22]
+    assert (repeats > 0) == (fps > 30000 / 1001)
 
 
-def test_fps_above_native_keeps_native_frames(native: dict[str, np.ndarray]) -> None:
-    frames_THWC, _ = decode_video(sample_video_path("carphone"), fps=60.0)
+def test_fps_at_native_rate_keeps_every_frame(native: dict[str, np.ndarray]) -> None:
+    frames_THWC, info = decode_video(sample_video_path("carphone"), fps=30000 / 1001)
     np.testing.assert_array_equal(frames_THWC, native["carphone"])
+    np.testing.assert_allclose(info.frame_times_s, np.arange(120) * 1001 / 30000, atol=1e-6)
+    assert info.decoded_duration_s == pytest.approx(4.004) and info.wrong_duration is False
 
 
 @pytest.mark.parametrize(("name", "expected_hw"), [("bigbuckbunny", (224, 398)), ("carphone", (224, 274))])
@@ -252,18 +265,44 @@ def test_truncated_fast_start_mp4(tmp_path: Path) -> None:
     _expect_reason(_truncate(full, tmp_path / "cut.mp4", 0.4), "truncated")
 
 
-def test_truncated_mkv_detected_by_duration(tmp_path: Path) -> None:
-    """Matroska has no index to check: PyAV decodes what is there and stops silently,
-    so the shortfall against the header duration is what reveals the cut."""
+def test_truncated_mkv_and_avi_detected_by_declared_size(tmp_path: Path) -> None:
+    """A finished Matroska file declares its segment's size and an AVI its RIFF chunk's: a cut shows before decoding."""
     full = tmp_path / "full.mkv"
     _remux(sample_video_path("carphone"), full)
     assert decode_video(full)[0].shape[0] == 120
     error = _expect_reason(_truncate(full, tmp_path / "cut.mkv", 0.4), "truncated")
+    assert "Matroska segment" in str(error)
+    avi = tmp_path / "full.avi"
+    _write_video(avi, np.zeros((12, 32, 48, 3), np.uint8))
+    assert decode_video(avi)[0].shape[0] == 12
+    error = _expect_reason(_truncate(avi, tmp_path / "cut.avi", 0.6), "truncated")
+    assert "RIFF chunk" in str(error)
+
+
+def _streamed(mkv: Path) -> Path:
+    """The same Matroska file with its segment size set to "unknown", as a streaming writer leaves it."""
+    data = bytearray(mkv.read_bytes())
+    at = data.index(b"\x18\x53\x80\x67") + 4
+    assert data[at] == 0x01, "expected an 8-byte size"
+    data[at : at + 8] = b"\x01" + b"\xff" * 7
+    path = mkv.with_name(f"streamed-{mkv.name}")
+    path.write_bytes(data)
+    return path
+
+
+def test_truncated_streamed_mkv_detected_by_duration(tmp_path: Path) -> None:
+    """With no size to check, PyAV decodes what is there and stops silently,
+    so the shortfall against the header duration is what reveals the cut."""
+    full = tmp_path / "full.mkv"
+    _remux(sample_video_path("carphone"), full)
+    assert decode_video(_streamed(full))[0].shape[0] == 120
+    cut = _streamed(_truncate(full, tmp_path / "cut.mkv", 0.4))
+    error = _expect_reason(cut, "truncated")
     assert "header says 4.004 s" in str(error)
     # A truncated file read only up to max_frames never reaches the cut, so it is not flagged.
-    assert decode_video(tmp_path / "cut.mkv", max_frames=10)[0].shape[0] == 10
+    assert decode_video(cut, max_frames=10)[0].shape[0] == 10
     # Cut inside the first frame: nothing decodes at all.
-    _expect_reason(_truncate(full, tmp_path / "stub.mkv", 0.01), "truncated")
+    _expect_reason(_streamed(_truncate(full, tmp_path / "stub.mkv", 0.01)), "truncated")
 
 
 def test_unknown_codec_tag(tmp_path: Path) -> None:
@@ -307,6 +346,7 @@ def test_error_reasons_are_closed_set(tmp_path: Path) -> None:
         "unsupported_codec",
         "too_short",
         "decode_error",
+        "bad_timestamps",
     } == DECODE_ERROR_REASONS
     with pytest.raises(ValueError, match="reason"):
         VideoDecodeError(tmp_path, "bad", "x")  # type: ignore[arg-type]

@@ -218,7 +218,7 @@ def landed_phase(log_path: Path, steps: int, new_temps: set[str], newest: int | 
     lines = [msg for _, msg in log_events(log_path, 0.0)]
     model_at = next((i for i, msg in enumerate(lines) if _MODEL_LINE in msg), None)
     if model_at is None:
-        if lines and "pretrain.data: encoding" in lines[-1]:
+        if lines and any(f"pretrain.data: {what}" in lines[-1] for what in ("building", "encoding")):
             return "feature encoding"
         return "start-up"
     resumed = [int(m.group(1)) for msg in lines if (m := _RESUMED_LINE.search(msg))]

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from data_shards import GroundTruth, decode_video, file_sha256, generate_dataset
-from data_shards.io import output_dir, write_text_atomic
+from data_shards.io import output_dir, write_bytes_atomic, write_text_atomic
 from eval.features import encode_frames
-from pretrain.data import save_safetensors_atomic
 from pretrain.encoder import FrozenEncoder
 from pretrain.weights import default_cache_root
 
@@ -174,7 +174,7 @@ def cached_tokens(videos: list[Path], data_hash: str, encoder: FrozenEncoder, ca
         tokens.append(encode_frames(encoder, frames_1TCHW)[0].to(torch.float16))
     tokens_VTND = torch.stack(tokens).contiguous()
     meta = {"dataset_hash": data_hash, "encoder": encoder.name, "encoder_hash": encoder.weights_hash}
-    save_safetensors_atomic({"tokens": tokens_VTND}, meta, path)
+    write_bytes_atomic(path, safetensors_bytes({"tokens": tokens_VTND}, metadata=meta))
     return tokens_VTND
 
 

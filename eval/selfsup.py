@@ -16,8 +16,11 @@ Windows (S source frames ``frame_stride`` apart, then a target ``offset``
 strided frames after the last source) start at every frame and span the
 largest offset, so the same windows are scored at every offset; with the
 geometry's ``skip_scene_cuts`` windows that cross a detected cut are left
-out. That is how the trainer scores its held-out windows, so a folder
-holding exactly a run's held-out frames reproduces its held-out numbers.
+out. That is how the trainer scores the windows of its held-out clips, so a
+folder holding a run's held-out clips is scored on the trainer's windows
+(the visible patches differ: the trainer's come from the encode pass's
+stored sets; with objective.visible_fraction 0 the numbers agree up to the
+bf16 rounding of stored tokens).
 
 Exports written before the geometry was recorded fall back on: the config
 (data.source='videos': it is the whole geometry), else the training shards'
@@ -55,11 +58,11 @@ from eval.data import dataset_hash
 from eval.features import Export, encode_frames, export_summary, read_export
 from eval.report import log_to_mlflow, publish_report, skipped_lines
 from pretrain.config import config_to_dict
-from pretrain.data import ClipBatch, ClipGeometry, config_geometry
+from pretrain.data import ClipBatch, ClipGeometry, config_geometry, recorded_shard_geometry
 from pretrain.encoder import FrozenEncoder
+from pretrain.features import FeatureSettings
 from pretrain.model.predictor import FuturePredictor
 from pretrain.objective import HeldoutResult, evaluate_batches
-from pretrain.shard_data import recorded_shard_geometry
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +119,7 @@ def crop_to_geometry(frames_THWC: Tensor, geometry: ClipGeometry) -> Tensor:
     rounded to even pixels for 'center_even'); the resize is antialiased
     bilinear, as the feature encode pass does it (the clip loader's FFmpeg
     bilinear agrees to about one grey level). With the short side already at
-    image size (in-memory videos) the crop is taken as is, like
-    ``pretrain.data.center_crop_square``.
+    image size the crop is taken as is.
     """
     _, H, W, _ = frames_THWC.shape
     box = center_crop_box(H, W)
@@ -182,27 +184,29 @@ def future_batches(
 ) -> Iterator[ClipBatch]:
     """ClipBatches of one target offset over every window of ``videos``, in video then start order.
 
-    The order and batch size match ``pretrain.objective.evaluate_heldout``, so
-    the seeded visible-patch masks fall on the same windows as the trainer's.
-    Windows start at every frame, so a batch's tokens are gathered only when
-    it is scored: all windows at once would hold ~S copies of every frame.
+    A batch carries the tokens of each window's strided frames (sources, then
+    up to the largest offset) and their pixels, from which the trainer's stage
+    (``pretrain.features.frozen_features``) encodes the visible target
+    patches. Windows start at every frame, so a batch's tokens are gathered
+    only when it is scored: all windows at once would hold ~T copies of every
+    frame.
     """
-    stride, S = geometry.frame_stride, geometry.source_frames
+    stride = geometry.frame_stride
+    T = geometry.source_frames + max(geometry.target_offsets)
     windows = [(video, start) for video in videos for start in video.starts]
     for i in range(0, len(windows), batch_size):
         chunk = windows[i : i + batch_size]
-        src_BS = [[start + j * stride for j in range(S)] for _, start in chunk]
-        tgt_B = [start + (S - 1 + offset) * stride for _, start in chunk]
+        frames_BT = [[start + j * stride for j in range(T)] for _, start in chunk]
         videos_B = [video for video, _ in chunk]
-        blocks_BSLND = None
+        pairs = list(zip(videos_B, frames_BT, strict=True))
+        blocks_BTLND = None
         if videos_B[0].blocks_TLND is not None:
-            blocks_BSLND = torch.stack([v.blocks_TLND[src] for v, src in zip(videos_B, src_BS, strict=True)])
+            blocks_BTLND = torch.stack([v.blocks_TLND[idx] for v, idx in pairs])
         yield ClipBatch(
-            torch.stack([v.tokens_TND[src] for v, src in zip(videos_B, src_BS, strict=True)]),
-            torch.stack([v.tokens_TND[t : t + 1] for v, t in zip(videos_B, tgt_B, strict=True)]),
-            torch.stack([v.frames_TCHW[t : t + 1] for v, t in zip(videos_B, tgt_B, strict=True)]),
             torch.full((len(chunk), 1), offset, dtype=torch.long),
-            source_layers_BSLND=blocks_BSLND,
+            frames_BTCHW=torch.stack([v.frames_TCHW[idx] for v, idx in pairs]),
+            tokens_BTND=torch.stack([v.tokens_TND[idx] for v, idx in pairs]),
+            layers_BTLND=blocks_BTLND,
         )
 
 
@@ -280,7 +284,8 @@ def score_future(
     """Masked-position L1 of ``model`` and of copy-last per offset over every window of ``data``."""
     offsets = sorted(data.geometry.target_offsets)
     by_offset = {o: future_batches(data.videos, data.geometry, o, batch_size) for o in offsets}
-    return evaluate_batches(model, encoder, by_offset, visible_fraction, seed=seed)
+    settings = FeatureSettings(source_frames=data.geometry.source_frames, visible_fraction=visible_fraction)
+    return evaluate_batches(model, encoder, by_offset, settings, seed=seed)
 
 
 def future_prediction_eval(

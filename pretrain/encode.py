@@ -8,7 +8,7 @@ feature_layers (blocks stored besides the final one), chunk_frames,
 attn_backend and compile; objective.visible_fraction (visible sets stored per
 frame; 0 = none); run.seed (for encoder.source='random') and run.device.
 Training from the output under the same config passes its start-up check
-(``pretrain.shard_data.check_feature_shards``); a config whose encoder
+(``pretrain.data.check_feature_shards``); a config whose encoder
 settings differ is refused there, naming the key.
 
 Prints the feature directory (OUT/<weights hash[:16]>/). Exit codes: 0 done;

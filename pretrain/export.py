@@ -45,7 +45,7 @@ from pretrain.checkpoint import (
     load_checkpoint,
     verify_checkpoint,
 )
-from pretrain.config import Config, config_from_dict, config_to_dict
+from pretrain.config import Config, config_to_dict, recorded_config
 from pretrain.data import ClipGeometry, config_geometry
 from pretrain.model.predictor import FuturePredictor
 from pretrain.model.spec import ConfigError, CoreConfig, ModelSpec, PredictorConfig
@@ -182,7 +182,7 @@ class ExportConfig:
                 step=int(record["step"]),
                 model_spec=spec_from_record(record["model_spec"]),
                 encoder=EncoderRecord(**record["encoder"]),
-                training=config_from_dict(record["config"]),
+                training=recorded_config(record["config"]),
                 data=dict(record.get("data") or {}),
                 clip_geometry=None if geometry is None else ClipGeometry.from_dict(geometry),
                 code_version=str(record["code_version"]),
@@ -253,13 +253,14 @@ def export_config(meta: dict[str, Any], config: dict[str, Any], step: int) -> di
     "clip_geometry" (``pretrain.data.ClipGeometry``) is the one record of how
     frames were decoded, cropped and windowed, so that eval measures an offset
     as the same time gap: lifted out of a shard summary (the builder's rate and
-    short side come from the shards' manifest), derived from the config for
-    in-memory videos. Left out for a shard run whose summary predates it
+    short side come from the shards' manifest; data.source='videos' builds
+    shards too), derived from the config for a data.source='videos' run whose
+    summary predates it. Left out for a shard run whose summary predates it
     (checkpoints of older code): eval then falls back (see ``eval.selfsup``).
     """
     summary = dict(meta.get("data_summary", {}))
     geometry = summary.pop("clip_geometry", None)
-    training = config_from_dict(config)
+    training = recorded_config(config)
     if geometry is None and training.data.source == "videos":
         geometry = config_geometry(config).to_dict()
     return ExportConfig(

@@ -5,6 +5,10 @@ optimizer or a distributed wrapper sees). The trainable model is wrapped by
 ``pretrain.parallelize.build_engine``: the plain torch engine for a lone
 process, a DeepSpeed engine under a launcher (``pretrain.distributed``); the
 trainer only uses the ``TrainEngine`` interface, never asks which.
+A batch travels one path whatever data.source says (``pretrain.data`` builds shards from
+data.videos first): batch source (``ShardBatchSource.next_batch``: frames or stored tokens, as
+read) -> frozen-feature stage (``pretrain.features.frozen_features``, the one place the ViT runs,
+under no_grad) -> model and loss (``pretrain.objective.objective_loss``) -> engine backward/step.
 Everything resumable is a stateful object with ``state_dict``/``load_state_dict``:
 engine (model, optimizer), scheduler, batch source, mask RNG and ``TrainState``
 (step, counters, loss history, global RNGs), the last four per rank; the
@@ -34,18 +38,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_shards.features import resolve_feature_dir
 from pretrain import distributed
 from pretrain.checkpointer import Checkpointer, GeneratorState
 from pretrain.config import Config, ConfigError, config_to_dict
-from pretrain.data import BatchSource, EncodedVideo, WindowSampler, data_summary, encode_video, split_windows
+from pretrain.data import (
+    BatchSource,
+    ShardBatchSource,
+    check_feature_shards,
+    eval_batches,
+    shard_plan,
+    shard_summary,
+    token_grid,
+)
 from pretrain.distributed import DistContext
 from pretrain.encoder import FrozenEncoder, check_feature_layers, load_encoder
 from pretrain.export import export_config, spec_dict, write_export
+from pretrain.features import FeatureSettings, frozen_features
 from pretrain.model.predictor import FuturePredictor, count_parameters, spec_from_config
-from pretrain.objective import HeldoutResult, evaluate_batches, evaluate_heldout, objective_loss
+from pretrain.objective import HeldoutResult, evaluate_batches, objective_loss
 from pretrain.parallelize import TrainEngine, build_engine
-from pretrain.shard_data import ShardBatchSource, check_feature_shards, eval_batches, shard_summary
 from pretrain.tracking import MetricLogger, build_logger
 
 log = logging.getLogger(__name__)
@@ -126,8 +137,8 @@ class StopFlag:
     """Set by SIGTERM. The loop checkpoints at the next step boundary; start-up stops before the first
     step; the final evaluation and export, already under way, are finished. Every case exits normally.
 
-    ``pretrain.train`` installs it before start-up (encoder loading and video encoding can take
-    minutes); a Trainer used from Python installs its own for ``train()``.
+    ``pretrain.train`` installs it before start-up (encoder loading and building the shards of
+    data.videos can take minutes); a Trainer used from Python installs its own for ``train()``.
     """
 
     def __init__(self) -> None:
@@ -188,29 +199,17 @@ class Trainer:
             check_feature_layers(cfg.encoder.feature_layers, self.encoder.arch.depth)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        self.videos: list[EncodedVideo] = []
-        self.heldout_by_offset: dict[int, list] = {}
-        if cfg.data.source == "videos":
-            cache_dir = Path(cfg.data.feature_cache or Path(cfg.run.out_dir) / "feature_cache")
-            self.videos = [
-                encode_video(v, self.encoder, cfg.data, cache_dir, cfg.encoder.feature_layers) for v in cfg.data.videos
-            ]
-            train_windows, heldout = split_windows(self.videos, cfg)
-            self.heldout_by_offset = {
-                o: split_windows(self.videos, cfg, offset=o)[1] for o in cfg.objective.target_offsets
-            }
-            self.summary = data_summary(self.videos, train_windows, heldout)
-            self.sampler: BatchSource = WindowSampler(self.videos, train_windows, cfg, seed=rank_seed)
-            grid_hw = (self.encoder.grid, self.encoder.grid)
-        else:
-            # Needs the shards' manifest, so it is checked here rather than in Config.
-            check_feature_shards(cfg, self.encoder.weights_hash)
-            shard_source = ShardBatchSource(cfg, self.encoder, self.device, self.rank, self.ctx.world_size)
-            self.summary = shard_summary(cfg, shard_source.loader)
-            self.sampler = shard_source
-            grid_hw = self._shard_grid()
+        # data.source='videos' is a front end: it builds shards (once, cached) and the run trains from them.
+        self.shards = shard_plan(cfg, self.encoder, self.ctx)
+        data_cfg = self.shards.cfg
+        # Needs the shards' manifest, so it is checked here rather than in Config.
+        check_feature_shards(data_cfg, self.encoder.weights_hash)
+        source = ShardBatchSource(data_cfg, self.rank, self.ctx.world_size, self.encoder.weights_hash)
+        self.sampler: BatchSource = source
+        self.summary = {**shard_summary(data_cfg, source.loader, cfg.data.source), **self.shards.summary}
+        self.features = FeatureSettings.from_config(cfg)
 
-        self.spec = spec_from_config(cfg, self.encoder.embed_dim, *grid_hw)
+        self.spec = spec_from_config(cfg, self.encoder.embed_dim, *token_grid(data_cfg, self.encoder))
         self.batch_plan = cfg.batch_plan(world_size=self.ctx.world_size)
         self.engine: TrainEngine = build_engine(
             FuturePredictor(self.spec), cfg, self.batch_plan, self.ctx, self.run_dir
@@ -251,16 +250,6 @@ class Trainer:
             self.batch_plan.world_size,
             self.batch_plan.global_batch_size,
         )
-
-    def _shard_grid(self) -> tuple[int, int]:
-        """Token grid the model sees: the encoder's, the feature shards', or the feature crop."""
-        if self.cfg.data.source != "features":
-            return (self.encoder.grid, self.encoder.grid)
-        _, manifest = resolve_feature_dir(self.cfg.data.shards, self.encoder.weights_hash)
-        grid_h, grid_w = manifest["grid"]
-        if self.cfg.data.crop_grid:
-            return (self.cfg.data.crop_grid, self.cfg.data.crop_grid)
-        return (grid_h, grid_w)
 
     @property
     def run_dir(self) -> Path:
@@ -321,7 +310,7 @@ class Trainer:
             metrics = self.train_step()
             self.state.step += 1
             self.state.history.append((self.state.step, metrics["loss"]))
-            window.add(metrics["data_wait_s"])
+            window.add(metrics["data_wait_s"], metrics["encode_s"])
             bar.update(1)
             if self.state.step % train.log_every == 0 or self.state.step == end:
                 self._log_step(metrics, window, bar)
@@ -340,36 +329,43 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches, with clipping and the non-finite guard.
 
-        Returns rank-aggregated metrics: mean loss, mean data wait (s), and
-        ``stop`` (1.0 when any rank was asked to stop; every rank sees the same).
+        A micro-batch is the batch source's next batch (``data_wait_s``: waiting for data, nothing
+        else), the frozen-feature stage (``encode_s``: the ViT, on clip batches), then the loss and
+        its backward. Returns rank-aggregated metrics: mean loss, mean data wait and encode time (s),
+        and ``stop`` (1.0 when any rank was asked to stop; every rank sees the same).
         """
-        cfg = self.cfg
         plan = self.batch_plan
         self.model.train()
         total_loss = torch.zeros((), device=self.device)
         wait = 0.0
+        encode_clock = _StageClock(self.device)
         for _ in range(plan.grad_accum):
             t0 = time.perf_counter()
             batch = self.sampler.next_batch(plan.micro_batch_size).to(self.device)
             wait += time.perf_counter() - t0
+            with torch.no_grad(), encode_clock:
+                features = frozen_features(self.encoder, batch, self.features, self.mask_generator)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                out = objective_loss(
-                    self.engine, self.encoder, batch, cfg.objective.visible_fraction, self.mask_generator
-                )
+                out = objective_loss(self.engine, features)
             self.engine.backward(out.loss)
             total_loss += out.loss.detach() / plan.grad_accum
-        local_V = torch.tensor([total_loss.item(), wait, float(self._stop.requested)], dtype=torch.float64)
+        # Reading the loss synchronizes the device, so the encode clock can be read after it.
+        loss_local = total_loss.item()
+        local_V = torch.tensor(
+            [loss_local, wait, encode_clock.seconds(), float(self._stop.requested)], dtype=torch.float64
+        )
         summed_V = self.ctx.all_reduce_sum(local_V, "step metrics")
-        loss, mean_wait = (summed_V[:2] / self.ctx.world_size).tolist()
-        stop = float(summed_V[2].item() > 0)
+        loss, mean_wait, mean_encode = (summed_V[:3] / self.ctx.world_size).tolist()
+        timing = {"data_wait_s": mean_wait, "encode_s": mean_encode, "stop": float(summed_V[3].item() > 0)}
         outcome = self.engine.step(skip=not math.isfinite(loss))
         if not outcome.applied:
-            return {**self._skip_nonfinite(loss), "stop": stop}
+            self._skip_nonfinite(loss)
+            return {"loss": loss, "grad_norm": float("nan"), **timing}
         self.state.consecutive_nonfinite = 0
         self.scheduler.step()
-        return {"loss": loss, "grad_norm": outcome.grad_norm, "data_wait_s": mean_wait, "stop": stop}
+        return {"loss": loss, "grad_norm": outcome.grad_norm, **timing}
 
-    def _skip_nonfinite(self, loss: float) -> dict[str, float]:
+    def _skip_nonfinite(self, loss: float) -> None:
         self.state.skipped_steps += 1
         self.state.consecutive_nonfinite += 1
         log.warning("non-finite loss/gradient at step %d (loss=%s): step skipped", self.state.step, loss)
@@ -383,7 +379,6 @@ class Trainer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
-        return {"loss": loss, "grad_norm": float("nan"), "data_wait_s": 0.0}
 
     def _log_step(self, metrics: dict[str, float], window: _Window, bar) -> None:
         elapsed = time.perf_counter() - window.t0
@@ -395,6 +390,8 @@ class Trainer:
                 "grad_norm": metrics["grad_norm"],
                 "clips_per_s": clips / elapsed,
                 "data_wait_share": window.wait_s / elapsed,
+                "encode_s": window.encode_s / window.steps,
+                "encode_share": window.encode_s / elapsed,
                 "skipped_steps": self.state.skipped_steps,
                 "skipped_samples": self.sampler.skipped_samples,
                 **self._memory_metrics(),
@@ -486,15 +483,14 @@ class Trainer:
             self.logger.log_artifact(plot)
 
     def evaluate(self, model: FuturePredictor) -> list[HeldoutResult]:
-        """Held-out prediction error: the last part of each video, or data.eval_shards."""
-        cfg = self.cfg
-        if cfg.data.source == "videos":
-            return evaluate_heldout(model, self.encoder, self.videos, self.heldout_by_offset, cfg)
-        if not cfg.data.eval_shards:
-            log.info("no data.eval_shards: skipping the held-out evaluation")
+        """Held-out prediction error on data.eval_shards (data.source='videos': the videos' held-out clips)."""
+        data_cfg = self.shards.cfg
+        if not data_cfg.data.eval_shards:
+            log.info("no held-out shards (data.eval_shards): skipping the held-out evaluation")
             return []
-        by_offset = {o: eval_batches(cfg, self.encoder, self.device, o) for o in cfg.objective.target_offsets}
-        return evaluate_batches(model, self.encoder, by_offset, cfg.objective.visible_fraction)
+        hash_ = self.encoder.weights_hash
+        by_offset = {o: eval_batches(data_cfg, hash_, o) for o in data_cfg.objective.target_offsets}
+        return evaluate_batches(model, self.encoder, by_offset, self.features)
 
     def evaluate_and_log(self) -> list[HeldoutResult]:
         """train.eval_every: the final evaluation on the current weights, by rank 0, logged at this step.
@@ -541,15 +537,51 @@ def _due(step: int, every: int) -> bool:
 
 @dataclass
 class _Window:
-    """Steps, data wait (s) and start time since the last metric log: throughput over that window."""
+    """Steps, data wait and encode time (s) and start time since the last metric log: throughput over that window."""
 
     t0: float = field(default_factory=time.perf_counter)
     steps: int = 0
     wait_s: float = 0.0
+    encode_s: float = 0.0
 
-    def add(self, wait_s: float) -> None:
+    def add(self, wait_s: float, encode_s: float) -> None:
         self.steps += 1
         self.wait_s += wait_s
+        self.encode_s += encode_s
+
+
+class _StageClock:
+    """Seconds spent inside ``with clock:`` over a step.
+
+    On CUDA the regions are timed by events and read after the step has synchronized the device, so the
+    loop never waits for the clock; elsewhere by the host clock.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._host_s = 0.0
+        self._t0 = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def __enter__(self) -> _StageClock:
+        if self._cuda:
+            self._events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self._events[-1][0].record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._cuda:
+            self._events[-1][1].record()
+        else:
+            self._host_s += time.perf_counter() - self._t0
+
+    def seconds(self) -> float:
+        """Total seconds; on CUDA, call it once the device has run past the last region."""
+        if self._cuda:
+            return sum(start.elapsed_time(end) for start, end in self._events) / 1000.0
+        return self._host_s
 
 
 class _NoBar:

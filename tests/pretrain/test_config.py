@@ -165,3 +165,14 @@ def test_presets_keep_their_batches() -> None:
     for name, (micro, accum) in expected.items():
         plan = load_config(name).batch_plan(world_size=1)
         assert (plan.micro_batch_size, plan.grad_accum, plan.global_batch_size) == (micro, accum, micro * accum)
+
+
+def test_a_retired_key_is_refused_from_a_user_but_dropped_from_a_recorded_config() -> None:
+    from pretrain.config import RETIRED_KEYS, config_to_dict, recorded_config
+
+    assert "data.max_frames" in RETIRED_KEYS
+    with pytest.raises(ConfigError, match=r"data\.max_frames' was removed"):
+        load_config("tiny-cpu", ["--data.max_frames=24"])
+    recorded = config_to_dict(load_config("tiny-cpu"))
+    recorded["data"]["max_frames"] = 24
+    assert config_to_dict(recorded_config(recorded)) == config_to_dict(load_config("tiny-cpu"))

@@ -160,7 +160,11 @@ def test_gradients_are_averaged_across_ranks(tmp_path: Path) -> None:
     run_fixed(one, steps=3)
     reference = {k: v.detach() for k, v in one.model.state_dict().items()}
     assert any(not torch.equal(initial[k], reference[k]) for k in initial)
-    _assert_equal(rank0, reference, rtol=1e-4, atol=1e-6)
+    # Summing the halves' gradients across ranks and averaging a batch of two in one process round
+    # differently; AdamW turns that noise into updates of up to ~lr * noise / eps where a gradient is
+    # (near) zero, e.g. the keys' bias, whose gradient is zero under the softmax (measured: 1.5e-6 there,
+    # 7e-5 on one head bias). Training on the wrong data moves parameters by ~lr = 1e-2.
+    _assert_equal(rank0, reference, rtol=1e-4, atol=5e-4)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import pytest
 
 from data_shards.features import EncoderMismatchError
 from pretrain.config import Config, ConfigError, load_config
+from pretrain.data import check_feature_shards
 from pretrain.encode import main as encode_main
 from pretrain.encoder import (
     compare_encoder_settings,
@@ -21,7 +22,6 @@ from pretrain.encoder import (
     load_encoder,
     recorded_encoder_settings,
 )
-from pretrain.shard_data import check_feature_shards
 from pretrain.trainer import Trainer
 from tests.conftest import tiny_overrides
 from tests.data_shards.shard_fixtures import real_clips, write_clip_shards

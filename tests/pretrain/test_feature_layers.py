@@ -19,9 +19,9 @@ from pretrain.config import Config, ConfigError, load_config
 from pretrain.data import ClipBatch
 from pretrain.encoder import FrozenEncoder, load_encoder
 from pretrain.export import load_export
+from pretrain.features import Features, FeatureSettings, frozen_features
 from pretrain.model.predictor import FuturePredictor, spec_from_config
-from pretrain.objective import objective_loss, sample_visible_idx
-from pretrain.shard_data import clip_batch_from_frames
+from pretrain.objective import objective_loss
 from pretrain.trainer import Trainer
 from tests.conftest import tiny_overrides
 
@@ -37,15 +37,15 @@ def _encoder(cfg: Config) -> FrozenEncoder:
     return load_encoder("random", arch="vit_test", image_size=56, chunk_frames=5)
 
 
-def _batch(encoder: FrozenEncoder, cfg: Config) -> ClipBatch:
+def _features(encoder: FrozenEncoder, cfg: Config) -> Features:
+    """The stage's output for two clips of raw frames, targets at offsets 1 and 2, 4 of 16 patches visible."""
     g = torch.Generator().manual_seed(3)
     S = cfg.objective.source_frames
-    frames_BTCHW = torch.randint(0, 256, (2, S + 1, 3, 56, 56), dtype=torch.uint8, generator=g)
-    final_BSND, layers_BSLND = encoder.encode_with_layers(frames_BTCHW[:, :S], LAYERS)
-    targets_BKND = encoder.encode(frames_BTCHW[:, S:])
-    return ClipBatch(
-        final_BSND, targets_BKND, frames_BTCHW[:, S:], torch.tensor([[1], [2]]), source_layers_BSLND=layers_BSLND
-    )
+    frames_BTCHW = torch.randint(0, 256, (2, S + 2, 3, 56, 56), dtype=torch.uint8, generator=g)
+    batch = ClipBatch(torch.tensor([[1], [2]]), frames_BTCHW=frames_BTCHW)
+    settings = FeatureSettings.from_config(cfg)
+    settings = FeatureSettings(settings.source_frames, 0.25, settings.feature_layers)
+    return frozen_features(encoder, batch, settings, torch.Generator().manual_seed(0))
 
 
 def test_encode_with_layers_is_one_pass_of_encode_layers(tmp_path: Path) -> None:
@@ -63,19 +63,12 @@ def test_untrained_adapters_feed_the_core_the_plain_block_mean(tmp_path: Path) -
     cfg = _cfg(tmp_path)
     encoder = _encoder(cfg)
     model = FuturePredictor(spec_from_config(cfg, encoder.embed_dim, encoder.grid, encoder.grid))
-    batch = _batch(encoder, cfg)
-    mixed_BSND = model.source_features(batch.source_BSND, batch.source_layers_BSLND)
-    torch.testing.assert_close(mixed_BSND, batch.source_layers_BSLND.mean(dim=2))
+    f = _features(encoder, cfg)
+    mixed_BSND = model.source_features(f.source_BSND, f.source_layers_BSLND)
+    torch.testing.assert_close(mixed_BSND, f.source_layers_BSLND.mean(dim=2))
     # The residual base (copy-last) stays the final block: an untrained model is still copy-last.
-    visible = sample_visible_idx(2, 1, encoder.num_tokens, 0.25, torch.Generator().manual_seed(0))
-    pred = model(
-        batch.source_BSND,
-        batch.offsets_BK,
-        visible,
-        encoder.encode_subset(batch.target_frames_BKCHW, visible),
-        batch.source_layers_BSLND,
-    )
-    last = torch.nn.functional.layer_norm(batch.source_BSND[:, -1], (encoder.embed_dim,))
+    pred = model(f.source_BSND, f.offsets_BK, f.visible_idx_BKV, f.visible_BKVD, f.source_layers_BSLND)
+    last = torch.nn.functional.layer_norm(f.source_BSND[:, -1], (encoder.embed_dim,))
     torch.testing.assert_close(pred[:, 0], last)
 
 
@@ -84,29 +77,29 @@ def test_adapters_get_gradients_and_blocks_are_required(tmp_path: Path) -> None:
     encoder = _encoder(cfg)
     model = FuturePredictor(spec_from_config(cfg, encoder.embed_dim, encoder.grid, encoder.grid))
     torch.nn.init.normal_(model.head.weight, std=0.02)
-    batch = _batch(encoder, cfg)
-    objective_loss(model, encoder, batch, 0.25, torch.Generator().manual_seed(0)).loss.backward()
+    features = _features(encoder, cfg)
+    objective_loss(model, features).loss.backward()
     adapter_grads = {n: p.grad for n, p in model.named_parameters() if n.startswith("layer_adapters.")}
     assert len(adapter_grads) == 2 * len(LAYERS)
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in adapter_grads.values())
     assert all(p.grad is None for p in encoder.parameters())
     with pytest.raises(ValueError, match=r"feature_layers=\[0, 1\] needs source blocks"):
-        model.memory(batch.source_BSND)
+        model.memory(features.source_BSND)
 
 
 def test_clip_shard_batches_carry_the_source_blocks(tmp_path: Path) -> None:
+    """The stage encodes the chosen blocks of raw source frames, and only when feature_layers asks for them."""
     cfg = _cfg(tmp_path)
     encoder = _encoder(cfg)
     S = cfg.objective.source_frames
     frames_BTCHW = torch.randint(0, 256, (2, cfg.objective.clip_frames, 3, 56, 56), dtype=torch.uint8)
-    batch = clip_batch_from_frames(cfg, encoder, frames_BTCHW, torch.tensor([[1], [4]]), torch.device("cpu"))
-    assert batch.source_layers_BSLND is not None
-    assert batch.source_layers_BSLND.shape == (2, S, len(LAYERS), encoder.num_tokens, encoder.embed_dim)
-    torch.testing.assert_close(batch.source_layers_BSLND[:, :, -1], batch.source_BSND)
-    off = load_config("tiny-cpu", tiny_overrides(tmp_path))
-    assert (
-        clip_batch_from_frames(off, encoder, frames_BTCHW, torch.tensor([[1], [4]]), "cpu").source_layers_BSLND is None
-    )
+    batch = ClipBatch(torch.tensor([[1], [4]]), frames_BTCHW=frames_BTCHW)
+    features = frozen_features(encoder, batch, FeatureSettings.from_config(cfg), torch.Generator())
+    assert features.source_layers_BSLND is not None
+    assert features.source_layers_BSLND.shape == (2, S, len(LAYERS), encoder.num_tokens, encoder.embed_dim)
+    torch.testing.assert_close(features.source_layers_BSLND[:, :, -1], features.source_BSND)
+    off = FeatureSettings.from_config(load_config("tiny-cpu", tiny_overrides(tmp_path)))
+    assert frozen_features(encoder, batch, off, torch.Generator()).source_layers_BSLND is None
 
 
 def test_train_export_and_eval_features_with_feature_layers(tmp_path: Path) -> None:

@@ -1,21 +1,17 @@
-"""The objective: no leak of masked pixels, and the loss falls when overfitting one batch."""
+"""The objective and the frozen-feature stage: no leak of masked pixels, stored tokens give the loss of
+encoded ones, and the loss falls when overfitting one batch."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pretrain.config import Config
 from pretrain.data import ClipBatch
 from pretrain.encoder import load_encoder
+from pretrain.features import FeatureSettings, frozen_features, num_visible, sample_visible_idx
 from pretrain.model.predictor import FuturePredictor, spec_from_config
-from pretrain.objective import (
-    evaluate_batches,
-    masked_positions,
-    num_visible,
-    objective_loss,
-    sample_visible_idx,
-    visible_tokens,
-)
+from pretrain.objective import evaluate_batches, masked_positions, objective_loss
 
 
 def _encoder(cfg: Config):
@@ -63,24 +59,47 @@ def test_masked_positions_exclude_visible() -> None:
     assert mask.tolist() == [[[0.0, 1.0, 1.0, 0.0, 1.0]]]
 
 
-def _fixed_batch(encoder, cfg: Config) -> ClipBatch:
+SETTINGS = FeatureSettings(source_frames=4, visible_fraction=0.25)
+"""The tiny config's source frames, with a visible fraction that shows 4 of 16 patches."""
+
+
+def _fixed_batch(cfg: Config) -> ClipBatch:
+    """Two clips of raw frames (S sources and 2 later frames) with targets at offsets 1 and 2."""
     g = torch.Generator().manual_seed(1)
-    S, K = cfg.objective.source_frames, 1
-    frames = torch.randint(0, 256, (2, S + K, 3, 56, 56), dtype=torch.uint8, generator=g)
-    tokens = encoder.encode(frames)
-    return ClipBatch(tokens[:, :S], tokens[:, S:], frames[:, S:], torch.tensor([[1], [2]]))
+    S = cfg.objective.source_frames
+    frames = torch.randint(0, 256, (2, S + 2, 3, 56, 56), dtype=torch.uint8, generator=g)
+    return ClipBatch(torch.tensor([[1], [2]]), ["a", "b"], frames_BTCHW=frames)
+
+
+def _features(encoder, cfg: Config, seed: int):
+    return frozen_features(encoder, _fixed_batch(cfg), SETTINGS, torch.Generator().manual_seed(seed))
+
+
+def test_the_stage_encodes_sources_targets_and_visible_patches_of_raw_frames(tiny_cfg: Config) -> None:
+    encoder = _encoder(tiny_cfg)
+    batch = _fixed_batch(tiny_cfg)
+    features = frozen_features(encoder, batch, SETTINGS, torch.Generator().manual_seed(3))
+    frames = batch.frames_BTCHW
+    torch.testing.assert_close(features.source_BSND, encoder.encode(frames[:, :4]), rtol=0, atol=0)
+    # Targets at S - 1 + offset: frame 4 of clip 0, frame 5 of clip 1.
+    targets = torch.stack([frames[0, 4:5], frames[1, 5:6]])
+    torch.testing.assert_close(features.target_BKND, encoder.encode(targets), rtol=0, atol=0)
+    visible = sample_visible_idx(2, 1, encoder.num_tokens, 0.25, torch.Generator().manual_seed(3))
+    assert torch.equal(features.visible_idx_BKV, visible)
+    torch.testing.assert_close(features.visible_BKVD, encoder.encode_subset(targets, visible), rtol=0, atol=0)
+    assert features.source_layers_BSLND is None
 
 
 def test_loss_falls_when_overfitting_one_batch(tiny_cfg: Config) -> None:
     torch.manual_seed(0)
     encoder = _encoder(tiny_cfg)
     model = FuturePredictor(spec_from_config(tiny_cfg, encoder.embed_dim, encoder.grid, encoder.grid))
-    batch = _fixed_batch(encoder, tiny_cfg)
+    # Same masks every step: a fixed batch to memorize.
+    features = _features(encoder, tiny_cfg, seed=7)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(40):
-        # Same masks every step: a fixed batch to memorize.
-        out = objective_loss(model, encoder, batch, 0.25, torch.Generator().manual_seed(7))
+        out = objective_loss(model, features)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
@@ -91,12 +110,9 @@ def test_loss_falls_when_overfitting_one_batch(tiny_cfg: Config) -> None:
 def test_untrained_residual_model_is_copy_last(tiny_cfg: Config) -> None:
     encoder = _encoder(tiny_cfg)
     model = FuturePredictor(spec_from_config(tiny_cfg, encoder.embed_dim, encoder.grid, encoder.grid))
-    batch = _fixed_batch(encoder, tiny_cfg)
-    visible = sample_visible_idx(2, 1, encoder.num_tokens, 0.25, torch.Generator().manual_seed(0))
-    pred = model(
-        batch.source_BSND, batch.offsets_BK, visible, encoder.encode_subset(batch.target_frames_BKCHW, visible)
-    )
-    last = torch.nn.functional.layer_norm(batch.source_BSND[:, -1], (encoder.embed_dim,))
+    f = _features(encoder, tiny_cfg, seed=0)
+    pred = model(f.source_BSND, f.offsets_BK, f.visible_idx_BKV, f.visible_BKVD)
+    last = torch.nn.functional.layer_norm(f.source_BSND[:, -1], (encoder.embed_dim,))
     torch.testing.assert_close(pred[:, 0], last)
 
 
@@ -105,39 +121,53 @@ def test_every_trainable_parameter_gets_a_gradient(tiny_cfg: Config) -> None:
     model = FuturePredictor(spec_from_config(tiny_cfg, encoder.embed_dim, encoder.grid, encoder.grid))
     # A non-zero head so gradients flow past it on the first step.
     torch.nn.init.normal_(model.head.weight, std=0.02)
-    batch = _fixed_batch(encoder, tiny_cfg)
-    objective_loss(model, encoder, batch, 0.25, torch.Generator().manual_seed(0)).loss.backward()
+    objective_loss(model, _features(encoder, tiny_cfg, seed=0)).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
     assert all(p.grad is None for p in encoder.parameters())
 
 
-def test_precomputed_visible_tokens_replace_sampling_and_encoding(tiny_cfg: Config) -> None:
-    """A batch carrying visible tokens (feature shards) gives the loss of those same tokens encoded on the fly."""
+def test_stored_tokens_and_visible_sets_give_the_loss_of_encoding_on_the_fly(tiny_cfg: Config) -> None:
+    """A batch of stored tokens and visible sets (feature shards) goes through the stage without the encoder
+    or the generator, to the loss of the same clips encoded from pixels with the same visible patches."""
     encoder = _encoder(tiny_cfg)
     model = FuturePredictor(spec_from_config(tiny_cfg, encoder.embed_dim, encoder.grid, encoder.grid))
     torch.nn.init.normal_(model.head.weight, std=0.02)
-    batch = _fixed_batch(encoder, tiny_cfg)
-    visible_BKV = sample_visible_idx(2, 1, encoder.num_tokens, 0.25, torch.Generator().manual_seed(3))
-    reference = objective_loss(model, encoder, batch, 0.25, torch.Generator().manual_seed(3))
+    batch = _fixed_batch(tiny_cfg)
+    reference = objective_loss(model, frozen_features(encoder, batch, SETTINGS, torch.Generator().manual_seed(3)))
 
+    # What an encode pass stores: bf16 tokens of every frame, one visible set per frame.
+    frames = batch.frames_BTCHW
+    B, T = frames.shape[:2]
+    visible_BTV = sample_visible_idx(B, T, encoder.num_tokens, 0.25, torch.Generator().manual_seed(3))
+    # The targets' frames (4 and 5) get the sets the on-the-fly draw gives them.
+    drawn_BKV = sample_visible_idx(B, 1, encoder.num_tokens, 0.25, torch.Generator().manual_seed(3))
+    visible_BTV[0, 4], visible_BTV[1, 5] = drawn_BKV[0, 0], drawn_BKV[1, 0]
     stored = ClipBatch(
-        batch.source_BSND,
-        batch.target_tokens_BKND,
-        torch.zeros(2, 1, 3, 0, 0, dtype=torch.uint8),
         batch.offsets_BK,
-        visible_BKV.int(),
-        encoder.encode_subset(batch.target_frames_BKCHW, visible_BKV).to(torch.bfloat16).float(),
+        batch.keys,
+        tokens_BTND=encoder.encode(frames).to(torch.bfloat16),
+        visible_idx_BTV=visible_BTV.int(),
+        visible_tokens_BTVD=encoder.encode_subset(frames, visible_BTV).to(torch.bfloat16),
     )
-    # No pixels and a generator that is never drawn from: the stored tokens are all it has.
     untouched = torch.Generator().manual_seed(99)
     state = untouched.get_state()
-    out = objective_loss(model, encoder, stored, 0.25, untouched)
+    features = frozen_features(None, stored, SETTINGS, untouched)  # no encoder: nothing is encoded
     assert torch.equal(untouched.get_state(), state)
     # The stored positions are the ones the loss masks: the same masked tokens as the on-the-fly draw.
-    stored_idx, _ = visible_tokens(encoder, stored, 0.25, untouched)
-    assert torch.equal(stored_idx, visible_BKV)
-    torch.testing.assert_close(out.loss, reference.loss, rtol=0, atol=1e-2)
+    assert torch.equal(features.visible_idx_BKV, drawn_BKV)
+    torch.testing.assert_close(objective_loss(model, features).loss, reference.loss, rtol=0, atol=1e-2)
 
-    [result] = evaluate_batches(model, encoder, {1: [stored]}, 0.25)
-    assert result.windows == 2 and result.model_l1 > 0
+    [result] = evaluate_batches(model, encoder, {1: [stored.rows(0, 1)]}, SETTINGS)
+    assert result.windows == 1 and result.model_l1 > 0
+
+
+def test_a_batch_without_visible_sets_or_pixels_is_refused(tiny_cfg: Config) -> None:
+    encoder = _encoder(tiny_cfg)
+    tokens = encoder.encode(_fixed_batch(tiny_cfg).frames_BTCHW)
+    stored = ClipBatch(torch.tensor([[1], [2]]), tokens_BTND=tokens)
+    with pytest.raises(ValueError, match="visible_fraction"):
+        frozen_features(encoder, stored, SETTINGS, torch.Generator())
+    # Pure forecasting needs neither.
+    pure = frozen_features(encoder, stored, FeatureSettings(source_frames=4, visible_fraction=0.0), torch.Generator())
+    assert pure.visible_idx_BKV.shape == (2, 1, 0) and pure.visible_BKVD.shape == (2, 1, 0, encoder.embed_dim)

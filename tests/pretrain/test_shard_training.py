@@ -1,15 +1,23 @@
-"""Training from clip shards and from feature shards, end to end, with exact resume."""
+"""Training from clip shards, feature shards and the videos front end, end to end, with exact resume; the
+frozen encoder runs in the feature stage only."""
 
 from __future__ import annotations
 
+import json
+import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from data_shards import encode_clip_shards
+from data_shards.loader import list_shards
 from pretrain.config import ConfigError, load_config
+from pretrain.data import video_build_args
 from pretrain.encoder import load_encoder
+from pretrain.features import frozen_features
 from pretrain.trainer import Trainer
 from tests.conftest import tiny_overrides
 from tests.data_shards.shard_fixtures import FixtureClip, real_clips, write_clip_shards
@@ -82,9 +90,14 @@ def test_train_from_feature_shards_with_visible_tokens(tmp_path: Path, clip_shar
     args = ("features", features, features, "--objective.visible_fraction=0.25")
     straight = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "a", *args)))
     batch = straight.sampler.next_batch(straight.cfg.train.micro_batch_size)
-    assert batch.visible_idx_BKV is not None and batch.visible_tokens_BKVD is not None
+    # The source hands over what it read: stored tokens and visible sets, no pixels.
+    assert batch.frames_BTCHW is None and batch.visible_idx_BTV is not None
+    untouched = torch.Generator().manual_seed(5)
+    state = untouched.get_state()
+    stage = frozen_features(straight.encoder, batch, straight.features, untouched)
+    assert torch.equal(untouched.get_state(), state)
     B, K = batch.offsets_BK.shape
-    assert batch.visible_idx_BKV.shape == (B, K, 4) and batch.visible_tokens_BKVD.shape == (B, K, 4, 48)
+    assert stage.visible_idx_BKV.shape == (B, K, 4) and stage.visible_BKVD.shape == (B, K, 4, 48)
     straight = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "a", *args)))
     result = straight.train()
     assert result.step == 6 and len(result.heldout) == 3
@@ -184,9 +197,10 @@ def test_train_from_feature_shards_with_encoder_blocks(tmp_path: Path, clip_shar
     args = ("features", features, features, "--objective.visible_fraction=0.25", "--encoder.feature_layers=[0]")
     straight = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "a", *args)))
     batch = straight.sampler.next_batch(straight.cfg.train.micro_batch_size)
-    assert batch.source_layers_BSLND is not None
-    B, S, N, D = batch.source_BSND.shape
-    assert batch.source_layers_BSLND.shape == (B, S, 1, N, D)
+    stage = frozen_features(straight.encoder, batch, straight.features, torch.Generator())
+    assert stage.source_layers_BSLND is not None
+    B, S, N, D = stage.source_BSND.shape
+    assert stage.source_layers_BSLND.shape == (B, S, 1, N, D)
     straight = Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "a", *args)))  # unconsumed data
     result = straight.train()
     assert result.step == 6 and len(result.heldout) == 3
@@ -212,3 +226,94 @@ def test_train_from_feature_shards_with_encoder_blocks(tmp_path: Path, clip_shar
         )
         with pytest.raises(ConfigError, match=rf"encoder\.feature_layers.*store blocks {stored}"):
             Trainer(load_config("tiny-cpu", overrides))
+
+
+def _clip_ranges(shards: Path, clip_stride: int) -> list[tuple[int, int]]:
+    """[first, end) output frames of every clip of a clip-shard directory (one input video)."""
+    entries, _ = list_shards(shards, "clips")
+    ranges = []
+    for entry in entries:
+        with tarfile.open(entry.path) as archive:
+            for member in archive:
+                if member.name.endswith(".json"):
+                    data = archive.extractfile(member)
+                    assert data is not None
+                    clip = json.loads(data.read())
+                    first = clip["clip_index"] * clip_stride
+                    ranges.append((first, first + clip["frames"]))
+    return sorted(ranges)
+
+
+def test_videos_are_a_front_end_to_the_shard_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.source='videos' builds shards with the builder's held-out split, once, and trains from features."""
+    cfg = load_config("tiny-cpu", tiny_overrides(tmp_path))
+    trainer = Trainer(cfg)
+    data = trainer.shards.cfg.data
+    assert data.source == "features" and data.eval_shards and trainer.shards.summary["videos"][0]["sha256"]
+    [clips] = (tmp_path / "feature_cache").glob("videos-*/clips")
+    args = video_build_args(cfg)
+    train, heldout = _clip_ranges(clips, args.clip_stride), _clip_ranges(clips / "heldout", args.clip_stride)
+    # The builder's split of carphone's 120 frames: held-out clips in the last quarter, training clips
+    # before it, so no held-out frame is ever trained on.
+    boundary = 120 - round(0.25 * 120)
+    assert train and heldout
+    assert max(end for _, end in train) <= boundary <= min(first for first, _ in heldout)
+    # Every window start before the boundary lies in exactly one training clip.
+    span = (cfg.objective.clip_frames - 1) * cfg.data.frame_stride + 1
+    starts = [s for first, end in train for s in range(first, end - span + 1)]
+    assert len(starts) == len(set(starts)) and starts == list(range(len(starts)))
+    assert trainer.evaluate(trainer.model)[0].windows == sum(end - first - span + 1 for first, end in heldout)
+
+    # A second run with the same videos and settings builds and encodes nothing.
+    import pretrain.data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("rebuilt a cached entry")
+
+    monkeypatch.setattr(pretrain.data, "build_shards", refuse)
+    monkeypatch.setattr(pretrain.data, "encode_clip_shards", refuse)
+    again = Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path, "--run.name=again")))
+    assert again.shards.cfg.data == data
+    # Other encoder settings encode again, into their own entry, from the same clips.
+    monkeypatch.setattr(pretrain.data, "encode_clip_shards", encode_clip_shards)
+    other = Trainer(
+        load_config("tiny-cpu", tiny_overrides(tmp_path, "--run.name=other", "--objective.visible_fraction=0"))
+    )
+    assert other.shards.cfg.data.shards != data.shards
+    assert Path(other.shards.cfg.data.shards).parents[2] == Path(data.shards).parents[2] == clips.parent
+
+
+def test_the_encoder_runs_in_the_feature_stage_only_timed_apart_from_data(
+    tmp_path: Path, clip_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clip batches: every ViT call of a step and of the held-out evaluation comes from ``frozen_features``;
+    ``data_wait_s`` counts the batch source only and ``encode_s`` the encoder."""
+    overrides = _shard_overrides(tmp_path, "clips", clip_shards, clip_shards, "--data.num_workers=0")
+    trainer = Trainer(load_config("tiny-cpu", overrides))
+    callers: list[str] = []
+    delay = {"encoder": 0.3, "data": 0.2}
+
+    def slowed(original):
+        def slow(*args, **kwargs):
+            callers.append(sys._getframe(1).f_code.co_name)
+            time.sleep(delay["encoder"])
+            return original(*args, **kwargs)
+
+        return slow
+
+    for name in ("encode", "encode_with_layers", "encode_subset"):
+        monkeypatch.setattr(trainer.encoder, name, slowed(getattr(trainer.encoder, name)))
+    next_batch = trainer.sampler.next_batch
+
+    def slow_batch(n: int):
+        time.sleep(delay["data"])
+        return next_batch(n)
+
+    monkeypatch.setattr(trainer.sampler, "next_batch", slow_batch)
+    metrics = trainer.train_step()
+    # Sources, targets, visible patches: three encoder calls of 0.3 s; the data source's 0.2 s apart.
+    assert callers == ["frozen_features"] * 3
+    assert metrics["encode_s"] >= 0.9 and 0.2 <= metrics["data_wait_s"] < 0.2 + 0.9
+    delay["encoder"] = 0.0
+    trainer.evaluate(trainer.model)
+    assert set(callers) == {"frozen_features"} and len(callers) > 3

@@ -109,6 +109,10 @@ def test_eval_every_logs_heldout_metrics_and_leaves_training_unchanged(
     final = {step: m for step, m in logger.metrics if "heldout_l1_offset1" in m}[6]
     (r1,) = [r for r in result.heldout if r.offset == 1]
     assert final["heldout_l1_offset1"] == r1.model_l1 and final["gain_vs_copy_last_offset1"] == pytest.approx(r1.gain)
+    # Every step log has the data wait and, beside it, the frozen encoder's time.
+    step_logs = [m for _, m in logger.metrics if "loss" in m]
+    assert len(step_logs) == 6
+    assert all({"data_wait_share", "encode_s", "encode_share"} <= m.keys() for m in step_logs)
     # Evaluating along the way changes nothing in training.
     assert trainer.state.history == plain.state.history
     for key, value in _params(plain).items():
@@ -188,6 +192,7 @@ def test_mismatched_export_weights(tmp_path: Path) -> None:
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     """2 micro-batches of 1 accumulated == 1 micro-batch of 2: same gradients (same clips, no visible tokens)."""
     grads = []
+    fixed = None
     for micro, accum in ((2, 1), (1, 2)):
         cfg = load_config(
             "tiny-cpu",
@@ -201,8 +206,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
         )
         trainer = Trainer(cfg)
         torch.nn.init.normal_(trainer.model.head.weight, std=0.02)
-        fixed = trainer.sampler.next_batch(2)
-        slices = iter([fixed] if micro == 2 else [_slice(fixed, 0), _slice(fixed, 1)])
+        if fixed is None:
+            fixed = trainer.sampler.next_batch(2)
+        slices = iter([fixed] if micro == 2 else [fixed.rows(0, 1), fixed.rows(1, 2)])
         trainer.sampler.next_batch = lambda n, it=slices: next(it)
         captured = {}
 
@@ -215,14 +221,3 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for key in grads[0]:
         torch.testing.assert_close(grads[0][key], grads[1][key], rtol=1e-4, atol=1e-7, msg=key)
-
-
-def _slice(batch, i: int):
-    from pretrain.data import ClipBatch
-
-    return ClipBatch(
-        *(
-            t[i : i + 1]
-            for t in (batch.source_BSND, batch.target_tokens_BKND, batch.target_frames_BKCHW, batch.offsets_BK)
-        )
-    )

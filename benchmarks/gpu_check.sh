@@ -2,7 +2,8 @@
 # GPU check, about five minutes on one H100/H200: the `gpu`-marked tests, the
 # selective-scan benchmark (Triton kernel vs eager and compiled reference), the
 # frozen-encoder benchmark (img/s and MFU: eager fp32, autocast, bf16 + SDPA,
-# and that compiled) and a short DeepSpeed training run.
+# and that compiled), streaming inference (the core's overhead over the encoder
+# alone, bf16) and a short DeepSpeed training run.
 # Everything goes to stdout and, when $OUT is set, to $OUT/gpu_check.txt.
 # Exit status: non-zero when a test fails or a step runs out of time.
 set -uo pipefail
@@ -80,6 +81,9 @@ run_checks() {
     echo "== encoder benchmark: ViT-S/B/L/16 at 224 and 256, batch 256, no compile (limit 90 s)"
     timeout 90 "$PY" -m benchmarks.encoder --archs vits16 vitb16 vitl16 --sizes 224 256 --batch 256 \
         --modes eager-fp32 autocast bf16-sdpa --warmup 2 --iters 8 || status=1
+
+    echo "== streaming inference: a 1-step vits14-gmmix export on bikes, bf16, core overhead vs encoder alone (limit 120 s)"
+    timeout 120 "$PY" -m benchmarks.infer --make-export vits14-gmmix --device cuda --frames 128 --reps 3 || status=1
 
     echo "== DeepSpeed bf16 training, ViT-S preset, clip shards, 50 steps, 1 GPU (limit 180 s)"
     timeout 180 bash -c train_check || status=1

@@ -57,6 +57,8 @@ CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "video-pretrain-checkpoint/1"
 LAYOUT_DEEPSPEED = "deepspeed"
+# Files the trainer rewrites atomically in the run directory itself; a kill can leave their temporaries.
+RUN_DIR_FILES = (CONFIG_FILE, "heldout.json")
 
 # Globals a checkpoint's pickles may name beyond torch's own weights-only set.
 # numpy's: trainer RNG state in checkpoints written before RNG state became tensors.
@@ -281,9 +283,12 @@ def prune_checkpoints(root: Path, keep_last: int, keep: Path | None = None) -> N
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Temp files and directories a killed run left in its checkpoints directory; removed, and returned."""
+    """Temp files and directories a killed run left in its checkpoints directory and beside its own files
+    (an interrupted atomic write of ``config.json`` in the run directory); removed, and returned."""
     root = checkpoint_dir(run_dir)
     stale = [*root.glob(".latest.*.tmp"), *root.glob(".tmp-*"), *root.glob(".old-*")]
+    # Only files the trainer itself writes atomically in the run directory: ``.NAME.*.tmp`` for its own names.
+    stale += [p for name in RUN_DIR_FILES for p in Path(run_dir).glob(f".{name}.*.tmp")]
     for path in stale:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

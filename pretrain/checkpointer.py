@@ -126,18 +126,26 @@ def config_value(config: dict[str, Any], dotted: str) -> Any:
     return value
 
 
+SCHEDULE_KEYS = ("train.steps", "train.warmup_steps", "train.lr", "train.min_lr_ratio")
+"""Keys a resume may change but that reshape the learning-rate schedule from the resumed step on: allowed,
+warned about in one line and recorded (MLflow params ``resumed_at_STEP.KEY``)."""
+
+
+def key_changes(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
+    """``key -> (old, new)`` for every key on which two config dicts differ."""
+    pairs = {key: (config_value(saved, key), config_value(current, key)) for key in keys}
+    return {key: pair for key, pair in pairs.items() if pair[0] != pair[1]}
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else repr(value)
+
+
 def model_key_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for every MODEL_KEYS entry on which two config dicts differ."""
-
-    def show(value: Any) -> str:
-        return "(absent)" if value is _ABSENT else repr(value)
-
-    changes = []
-    for key in MODEL_KEYS:
-        old, new = config_value(saved, key), config_value(current, key)
-        if old != new:
-            changes.append(f"{key}: {show(old)} -> {show(new)}")
-    return changes
+    return [
+        f"{key}: {_show(old)} -> {_show(new)}" for key, (old, new) in key_changes(saved, current, MODEL_KEYS).items()
+    ]
 
 
 class Checkpointer:
@@ -165,6 +173,8 @@ class Checkpointer:
         self.rank_state = rank_state
         self.meta = meta
         self.config = config_to_dict(cfg)
+        self.schedule_changes: dict[str, tuple[Any, Any]] = {}
+        """SCHEDULE_KEYS the resumed checkpoint was written with other values of: key -> (old, new)."""
         self.resumed_from: Path | None = None
         """The checkpoint ``maybe_resume`` continued from (None: a fresh start)."""
         self.last: Path | None = None
@@ -216,6 +226,7 @@ class Checkpointer:
         state, saved_config = load_checkpoint(point.path)
         self.check_compatible(point.path, state, saved_config)
         self._restore(point.path, state)
+        self._note_schedule_changes(saved_config, state["trainer"]["step"])
         self.resumed_from = self.last = point.path
         log.info("resumed from %s at step %d", point.path, state["trainer"]["step"])
         return point.path
@@ -230,6 +241,24 @@ class Checkpointer:
             )
         if state["meta"]["encoder"]["weights_hash"] != self.meta["encoder"]["weights_hash"]:
             raise CheckpointError(f"{path} was trained with another encoder ({state['meta']['encoder']['name']})")
+
+    def _note_schedule_changes(self, saved_config: dict[str, Any], step: int) -> None:
+        """Warn in one line when the schedule changes under a resumed run (a longer train.steps moves the lr)."""
+        self.schedule_changes = key_changes(saved_config, self.config, SCHEDULE_KEYS)
+        if not self.schedule_changes:
+            return
+        scheduler = self.scheduler
+        old_lr = scheduler.get_last_lr()[0]
+        # LambdaLR keeps this run's schedule function (a plain function is not part of its state).
+        new_lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step)
+        changed = ", ".join(f"{key} {_show(old)} -> {_show(new)}" for key, (old, new) in self.schedule_changes.items())
+        log.warning(
+            "resuming at step %d with %s: the learning-rate schedule is recomputed from here (lr %.3g -> %.3g)",
+            step,
+            changed,
+            old_lr,
+            new_lr,
+        )
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         try:

@@ -14,8 +14,12 @@ builder refuses a value outside them, naming the key.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import json
+import textwrap
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -465,6 +469,41 @@ def flatten(cfg: Config) -> dict[str, Any]:
         for key, value in values.items():
             flat[f"{section}.{key}"] = value
     return flat
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the string literal after its annotation), one line each."""
+    (node,) = ast.parse(textwrap.dedent(inspect.getsource(cls))).body
+    assert isinstance(node, ast.ClassDef)
+    docs: dict[str, str] = {}
+    for stmt, after in zip(node.body, node.body[1:], strict=False):
+        is_doc = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and is_doc:
+            docs[stmt.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    return json.dumps(value)
+
+
+def describe_config(cfg: Config) -> str:
+    """The resolved config as TOML (a valid preset), every key under its docstring, defaults noted where they differ."""
+    default = Config()
+    lines: list[str] = []
+    for section in dataclasses.fields(Config):
+        values, defaults = getattr(cfg, section.name), getattr(default, section.name)
+        docs = field_docs(type(values))
+        lines += ["", f"[{section.name}]  # {field_docs(Config).get(section.name, '')}"]
+        for key in dataclasses.fields(values):
+            value, base = getattr(values, key.name), getattr(defaults, key.name)
+            lines += [f"# {line}" for line in textwrap.wrap(docs.get(key.name, ""), 98)]
+            note = "" if value == base else f"  # default: {_toml_value(base)}"
+            lines.append(f"{key.name} = {_toml_value(value)}{note}")
+    return "\n".join(lines).lstrip() + "\n"
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -20,7 +20,7 @@ from data_shards import VideoDecodeError
 from data_shards.io import OutputDirError
 from pretrain import distributed
 from pretrain.checkpoint import CheckpointError
-from pretrain.config import ConfigError, load_config
+from pretrain.config import Config, ConfigError, describe_config, field_docs, load_config
 from pretrain.trainer import NonFiniteLossError, StopFlag, Trainer, TrainResult
 
 log = logging.getLogger("pretrain")
@@ -90,21 +90,39 @@ def format_report(result: TrainResult) -> str:
     lines += ["", f"finding: {verdict}", f"export: {result.export_dir}", f"tracking: {result.tracking}"]
     if result.tracking.startswith("MLflow"):
         uri = result.tracking.split(" in ", 1)[1]
-        lines.append(f"open the UI: mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
+        # The interpreter that ran training has mlflow, activated venv or not.
+        lines.append(
+            f"open the UI: {sys.executable} -m mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    sections = "\n".join(f"  [{name}]  {doc}" for name, doc in field_docs(Config).items())
     parser = argparse.ArgumentParser(
         prog="python -m pretrain.train",
         description="Pre-train a temporal module on a frozen image encoder.",
-        epilog="Overrides: --section.key=value, e.g. --train.steps=100 --core.kind=mamba",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Overrides: --section.key=value, e.g. --train.steps=100 --core.kind=mamba\n"
+        f"Sections (--print-config lists every key with its value and meaning):\n{sections}",
     )
     parser.add_argument("--config", default="tiny-cpu", help="preset name in pretrain/configs or a TOML path")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (preset + overrides) as TOML with every key's docstring, and exit",
+    )
     parser.add_argument("--log-level", default="INFO")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment carries the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
+    if args.print_config:
+        try:
+            print(describe_config(load_config(args.config, overrides)), end="")
+        except (ConfigError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     env = distributed.launch_env()
     rank = env.rank if env else 0
     # Other ranks log warnings and errors only, each line tagged with its rank.

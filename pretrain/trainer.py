@@ -265,6 +265,11 @@ class Trainer:
         with self._stop_context() as self._stop:
             self.checkpointer.maybe_resume()
             self.logger = self._start_logger()
+            if self.checkpointer.schedule_changes and self.ctx.is_main:
+                # MLflow params cannot change; the new values are recorded under the step they took effect.
+                changes = self.checkpointer.schedule_changes
+                at = f"resumed_at_{self.state.step}"
+                self.logger.log_params({f"{at}.{key}": new for key, (_, new) in changes.items()})
             status = "FAILED"
             try:
                 if self._stop_requested_by_any_rank():

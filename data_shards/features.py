@@ -42,9 +42,17 @@ Writing the output never loses files that are not ours (``data_shards.io``):
 OUT must be new, empty, or hold earlier feature directories
 (``is_feature_root``), and ``OUT/<hash[:16]>/`` is filled as a temporary
 sibling and renamed into place whole, replacing only an earlier feature
-directory (``is_feature_dir``). Clip shards are checked to be whole tars
+directory (``is_feature_dir``). Local clip shards are checked to be whole tars
 before anything is written; unreadable ones raise ClipShardError, and a
-failed run leaves neither a temporary directory nor an OUT it created.
+failed run leaves neither a temporary directory nor an OUT it created. The
+clip shards may also be any spec of ``data_shards.sources`` (a URL pattern,
+``pipe:``, ``@list``); remote ones are not checked ahead (that would read them
+twice): a shard that stays unreadable is skipped and counted as
+"unreadable_shard". OUT is always a local directory.
+
+Feature shards are read from a local directory (or the root holding
+``<hash[:16]>/``), or from a remote spec whose manifest.json sits beside the
+tars (a directory URL, or a pattern of ``features-*.tar``).
 
 This module imports no model code: the encode pass takes any encoder with
 the interface of ``ClipEncoder`` from its caller (the command line is
@@ -83,9 +91,9 @@ from data_shards.loader import (
     ShardLoader,
     decode_mp4_frames,
     draw_start,
-    list_shards,
     read_sample_json,
 )
+from data_shards.sources import has_braces, is_remote, resolve_shards, shard_name, shard_samples, spec_kind
 
 logger = logging.getLogger(__name__)
 
@@ -385,34 +393,60 @@ def feature_dir(root: str | Path, encoder_hash: str) -> Path:
     return Path(root) / encoder_hash[:HASH_DIR_CHARS]
 
 
-def resolve_feature_dir(path: str | Path, expected_encoder_hash: str) -> tuple[Path, dict[str, Any]]:
-    """The directory and manifest of feature shards for ``expected_encoder_hash``.
+def resolve_feature_dir(path: str | Path, expected_encoder_hash: str) -> tuple[Path | str, dict[str, Any]]:
+    """The directory (or remote spec) and manifest of feature shards for ``expected_encoder_hash``.
 
-    ``path`` is a feature-shard directory (holding manifest.json) or the
-    root an encode run wrote into (holding ``<hash[:16]>/``). Raises
-    EncoderMismatchError naming both hashes when the shards found belong to
-    another encoder, FileNotFoundError when there are none.
+    ``path`` is a feature-shard directory (holding manifest.json), the
+    root an encode run wrote into (holding ``<hash[:16]>/``), or a remote
+    spec (``data_shards.sources``) with a manifest.json beside its tars;
+    a directory URL may also be such a root. Raises EncoderMismatchError
+    naming both hashes when the shards found belong to another encoder,
+    FileNotFoundError when there are none.
     """
+    if is_remote(path):
+        return _resolve_remote_features(str(path), expected_encoder_hash)
     path = Path(path)
     candidates = [path, feature_dir(path, expected_encoder_hash)]
     for directory in candidates:
         manifest_path = directory / "manifest.json"
         if manifest_path.is_file():
             manifest = json.loads(manifest_path.read_text())
-            found = manifest.get("encoder", {}).get("weights_hash")
-            if manifest.get("format") != FEATURES_FORMAT:
-                raise ValueError(f"{manifest_path} is not a feature-shard manifest (format {manifest.get('format')!r})")
-            if found != expected_encoder_hash:
-                raise EncoderMismatchError(
-                    f"feature shards in {directory} were encoded with encoder hash {found} "
-                    f"({manifest['encoder'].get('name')}), but encoder hash {expected_encoder_hash} was expected"
-                )
+            _check_feature_manifest(manifest, str(manifest_path), directory, expected_encoder_hash)
             return directory, manifest
     present = sorted(p.parent.name for p in path.glob("*/manifest.json"))
     raise FileNotFoundError(
         f"no feature shards for encoder hash {expected_encoder_hash} in {path}"
         + (f" (found feature dirs for hashes starting {present})" if present else "")
     )
+
+
+def _resolve_remote_features(spec: str, expected_encoder_hash: str) -> tuple[str, dict[str, Any]]:
+    candidates = [spec]
+    if spec_kind(spec) in ("http", "fsspec") and not has_braces(spec) and not spec.endswith(".tar"):
+        candidates.append(spec.rstrip("/") + "/" + expected_encoder_hash[:HASH_DIR_CHARS])
+    for candidate in candidates:
+        try:
+            _, manifest = resolve_shards(candidate, "features")
+        except FileNotFoundError:
+            continue
+        if manifest is not None:
+            _check_feature_manifest(manifest, f"the manifest beside {candidate}", candidate, expected_encoder_hash)
+            return candidate, manifest
+    raise FileNotFoundError(
+        f"no feature shards for encoder hash {expected_encoder_hash} at {spec}: remote feature shards need "
+        "their manifest.json beside the tars (a directory URL, or a pattern of features-*.tar in one directory)"
+    )
+
+
+def _check_feature_manifest(manifest: dict[str, Any], where: str, shards: Path | str, expected_hash: str) -> None:
+    found = manifest.get("encoder", {}).get("weights_hash")
+    if manifest.get("format") != FEATURES_FORMAT:
+        raise ValueError(f"{where} is not a feature-shard manifest (format {manifest.get('format')!r})")
+    if found != expected_hash:
+        raise EncoderMismatchError(
+            f"feature shards in {shards} were encoded with encoder hash {found} "
+            f"({manifest['encoder'].get('name')}), but encoder hash {expected_hash} was expected"
+        )
 
 
 def is_feature_dir(path: Path) -> bool:
@@ -438,21 +472,23 @@ def check_feature_root(out_root: str | Path) -> Path:
 
 
 def read_clip_shards(shards_dir: str | Path) -> tuple[list[ShardEntry], dict[str, Any] | None]:
-    """The clip shards of ``shards_dir`` and its manifest, each checked to be a whole tar; ClipShardError if not.
+    """The clip shards of a spec and its manifest, local ones each checked to be a whole tar; ClipShardError if not.
 
     Reads tar headers only (and each shard's size against the manifest), so
-    the check costs a seek per sample, not a read of the data.
+    the check costs a seek per sample, not a read of the data. Remote shards
+    (URLs, ``pipe:``) are not checked: that would read them twice.
     """
     try:
-        entries, manifest = list_shards(shards_dir, "clips")
+        entries, manifest = resolve_shards(shards_dir, "clips")
     except FileNotFoundError as e:
         raise ClipShardError(f"nothing to encode: {e}") from e
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
         raise ClipShardError(f"cannot list the clip shards of {shards_dir}: {type(e).__name__}: {e}") from e
     listed_bytes = {s.get("name"): s.get("bytes") for s in (manifest or {}).get("shards", []) if isinstance(s, dict)}
     for entry in entries:
-        path = Path(entry.path)
-        _check_whole_tar(path, listed_bytes.get(path.name))
+        if not is_remote(entry.path):
+            path = Path(entry.path)
+            _check_whole_tar(path, listed_bytes.get(path.name))
     return entries, manifest
 
 
@@ -535,7 +571,7 @@ def encode_clip_shards(
     # Every refusal comes before the first write.
     root = check_feature_root(out_root)
     entries, clip_manifest = read_clip_shards(shards_dir)
-    source_digest = _source_digest(Path(shards_dir), entries)
+    source_digest = _source_digest(shards_dir, entries, clip_manifest)
     final = feature_dir(root, weights_hash)
     if (final / "manifest.json").is_file():
         existing = json.loads((final / "manifest.json").read_text())
@@ -575,7 +611,7 @@ def encode_clip_shards(
             data_digest, size = _file_digest(tmp / name)
             shard_docs.append({"name": name, "bytes": size, "samples": written, "sha256": data_digest})
             clips += written
-            logger.info("encoded %s -> %s (%d clips)", Path(entry.path).name, name, written)
+            logger.info("encoded %s -> %s (%d clips)", shard_name(entry.path), name, written)
         manifest = {
             "format": FEATURES_FORMAT,
             "encoder": identity,
@@ -677,7 +713,7 @@ def _decoded_groups(
         frames_TCHW = frames_for_encoding(sample["mp4"], image_size, key=key, expected_frames=meta.get("frames"))
         return key, meta, frames_TCHW
 
-    samples = wds.tarfile_to_samples(handler=count)([{"url": src}])
+    samples = shard_samples([src], handler=count)
     group: list[tuple[str, dict[str, Any], Tensor]] = []
     for item in wds.map(decode, handler=count)(samples):
         group.append(item)
@@ -721,10 +757,14 @@ def _encode_group(
     return list(keys), list(metas), list(tokens_TND.split(lengths)), visible, layers
 
 
-def _source_digest(directory: Path, entries: list[Any]) -> str:
-    manifest = directory / "manifest.json"
-    if manifest.is_file():
-        return hashlib.sha256(manifest.read_bytes()).hexdigest()
+def _source_digest(spec: str | Path, entries: list[ShardEntry], manifest: dict[str, Any] | None) -> str:
+    if is_remote(spec) or has_braces(str(spec)):
+        # Not a local directory: the fetched manifest (canonical JSON), else the shard names.
+        doc: Any = manifest if manifest is not None else [shard_name(e.path) for e in entries]
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    manifest_path = Path(spec) / "manifest.json"
+    if manifest_path.is_file():
+        return hashlib.sha256(manifest_path.read_bytes()).hexdigest()
     listing = [(Path(e.path).name, Path(e.path).stat().st_size) for e in entries]
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 

@@ -7,7 +7,10 @@ How a rank's epoch is laid out (all of it deterministic given the seed, so a
 test can simulate ranks and a resumed run can replay it):
 
 - Shards are listed from the directory's ``manifest.json`` (or ``PREFIX-*.tar``
-  when there is none) and sorted by name.
+  when there is none) and sorted by name; or, for a URL pattern, ``pipe:``
+  command or ``@list`` (``data_shards.sources``), taken in the spec's order.
+  Remote shards are read with a per-read timeout and resumed retries; one
+  that stays unreadable is a counted skip ("unreadable_shard").
 - ``split`` mode (at least world_size * num_workers shards): every rank
   shuffles the list with the same (seed, epoch) generator; rank r takes
   shards[r::world_size] and its worker w takes every num_workers-th of those,
@@ -57,7 +60,6 @@ import logging
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import av
@@ -68,6 +70,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from data_shards.augment import CropBox, even_crop_box, random_resized_crop_box
+from data_shards.sources import (
+    DEFAULT_READ_TIMEOUT_S,
+    DEFAULT_RETRIES,
+    ShardEntry,
+    resolve_shards,
+    shard_name,
+    shard_samples,
+)
+
+# Where shard specs are resolved now; imported from here by callers that predate data_shards.sources.
+from data_shards.sources import list_shards as list_shards
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +102,9 @@ class LoaderConfig:
     """Everything the clip and feature loaders read; pretrain's config maps onto it."""
 
     shards: str
-    """Directory holding ``clips-*.tar`` (or ``features-*.tar``) and ``manifest.json``."""
+    """Shard spec: a directory holding ``clips-*.tar`` (or ``features-*.tar``) and ``manifest.json``, a
+    brace pattern (``https://host/clips-{000000..000099}.tar``), a ``pipe:`` command, an fsspec URL or
+    ``@list`` file (see ``data_shards.sources``)."""
     batch_size: int = 8
     """B: clips per batch, per rank."""
     frames: int = 8
@@ -127,12 +142,17 @@ class LoaderConfig:
     fixed_start: int = -1
     """Evaluation: sample every clip from this frame instead of a random start (-1 = random);
     clips too short for it are skipped as too_short. Sweeping it enumerates all windows."""
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    """Remote shards (HTTP(S), fsspec): seconds an open or one read may block before it counts as a failure."""
+    retries: int = DEFAULT_RETRIES
+    """Remote shards: failed opens or reads retried per shard (resuming at the byte reached) before the
+    rest of the shard is skipped and counted as unreadable_shard."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.shards), "shards", "must name a directory")
+        _check(bool(self.shards), "shards", "must name a directory, URL pattern, pipe: command or @list")
         for name in ("batch_size", "frames", "frame_stride", "image_size", "prefetch_factor", "shuffle_buffer"):
             _check(getattr(self, name) > 0, name, "must be > 0")
-        for name in ("num_workers", "crop_grid", "samples_per_epoch"):
+        for name in ("num_workers", "crop_grid", "samples_per_epoch", "retries"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")
         self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))
         self.crop_ratio = (float(self.crop_ratio[0]), float(self.crop_ratio[1]))
@@ -141,6 +161,7 @@ class LoaderConfig:
         _check(0.0 <= self.hflip_prob <= 1.0, "hflip_prob", "must be in [0, 1]")
         _check(self.shard_mode in SHARD_MODES, "shard_mode", f"must be one of {SHARD_MODES}")
         _check(self.fixed_start >= -1, "fixed_start", "must be >= -1 (-1 = random start)")
+        _check(self.read_timeout_s > 0, "read_timeout_s", "must be > 0")
 
     @property
     def clip_span(self) -> int:
@@ -159,15 +180,6 @@ class CorruptSampleError(Exception):
         self.key = key
         self.reason = reason
         super().__init__(f"sample {key!r}: {reason}: {detail}")
-
-
-@dataclass(frozen=True, slots=True)
-class ShardEntry:
-    """One tar of a shard directory."""
-
-    path: str
-    samples: int | None
-    """Sample count from the manifest (None without one)."""
 
 
 @dataclass(slots=True)
@@ -193,27 +205,6 @@ class SampleDecoder(Protocol):
     """Turns one raw webdataset sample into a dict of per-sample outputs, or raises CorruptSampleError."""
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]: ...
-
-
-def list_shards(directory: str | Path, prefix: str) -> tuple[list[ShardEntry], dict[str, Any] | None]:
-    """Shards of a directory sorted by name, and its manifest (None when there is no manifest.json).
-
-    With a manifest, exactly the shards it lists are used and each must exist.
-    """
-    directory = Path(directory)
-    manifest_path = directory / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        entries = [ShardEntry(str(directory / s["name"]), int(s["samples"])) for s in manifest["shards"]]
-        missing = [e.path for e in entries if not Path(e.path).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{manifest_path} lists shards that do not exist: {missing[:3]}")
-    else:
-        manifest = None
-        entries = [ShardEntry(str(p), None) for p in directory.glob(f"{prefix}-*.tar")]
-    if not entries:
-        raise FileNotFoundError(f"no {prefix}-*.tar shards in {directory}")
-    return sorted(entries, key=lambda e: Path(e.path).name), manifest
 
 
 def resolve_shard_mode(mode: str, num_shards: int, world_size: int, num_workers: int) -> str:
@@ -290,6 +281,8 @@ class _EpochPlan:
     shuffle_buffer: int
     batch_size: int
     drop_last: bool
+    read_timeout_s: float
+    retries: int
     start_positions: list[int]
     finished: list[bool]
     rotation: int
@@ -369,7 +362,9 @@ class _ShardStream(IterableDataset):
             )
         else:
             urls = resampled_shards(p.shards, seed=p.seed, epoch=p.epoch, rank=p.rank, worker=worker)
-        samples = wds.tarfile_to_samples(handler=counter.skip_shard_rest)({"url": u} for u in urls)
+        samples = shard_samples(
+            urls, handler=counter.skip_shard_rest, read_timeout_s=p.read_timeout_s, retries=p.retries
+        )
         if p.mode == "resampled":
             samples = itertools.islice(samples, worker_quota(p.samples_per_epoch, worker, p.num_workers))
         rng = random.Random(f"{p.seed}-{p.epoch}-{p.rank}-{worker}-shuffle")
@@ -421,7 +416,7 @@ class _ShardStream(IterableDataset):
 
 
 class ShardLoader:
-    """A rank's endless, resumable stream of batches over a shard directory.
+    """A rank's endless, resumable stream of batches over the shards of a spec (``data_shards.sources``).
 
     Iterating yields batches across epochs without end (``iter_epoch`` yields
     the rest of the current epoch only). One ``torch.utils.data.DataLoader``
@@ -452,7 +447,7 @@ class ShardLoader:
         self.decode = decode
         self.collate = collate
         self.to_batch = to_batch
-        entries, self.manifest = list_shards(cfg.shards, prefix)
+        entries, self.manifest = resolve_shards(cfg.shards, prefix, timeout_s=cfg.read_timeout_s)
         self.shards = [e.path for e in entries]
         self.mode = resolve_shard_mode(cfg.shard_mode, len(self.shards), world_size, cfg.num_workers)
         self.samples_per_epoch = self._samples_per_epoch(entries) if self.mode == "resampled" else 0
@@ -509,7 +504,12 @@ class ShardLoader:
             return self.cfg.samples_per_epoch
         counts = [e.samples for e in entries]
         if any(c is None for c in counts):
-            raise ValueError(f"{self.cfg.shards} has no manifest.json: set samples_per_epoch for resampled mode")
+            unknown = [shard_name(e.path) for e in entries if e.samples is None]
+            raise ValueError(
+                f"{self.cfg.shards}: resampled mode needs the samples per epoch, and no manifest.json gives the "
+                f"sample counts of {len(unknown)} shards ({unknown[:3]}): set LoaderConfig.samples_per_epoch "
+                "(data.samples_per_epoch in a training config)"
+            )
         return max(1, sum(counts) // self.world_size)
 
     @property
@@ -570,6 +570,8 @@ class ShardLoader:
                 shuffle_buffer=self.cfg.shuffle_buffer,
                 batch_size=self.cfg.batch_size,
                 drop_last=self.cfg.drop_last,
+                read_timeout_s=self.cfg.read_timeout_s,
+                retries=self.cfg.retries,
                 start_positions=list(self._positions),
                 finished=list(self._finished),
                 rotation=self._next_worker,
@@ -641,7 +643,8 @@ class ShardLoader:
 
     def _layout(self) -> dict[str, Any]:
         return {
-            "shards": [Path(s).name for s in self.shards],
+            # Names, not URLs: a resume may read the same shards from another host or mirror.
+            "shards": [shard_name(s) for s in self.shards],
             "mode": self.mode,
             "samples_per_epoch": self.samples_per_epoch,
             "seed": self.cfg.seed,

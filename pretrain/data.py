@@ -61,7 +61,7 @@ from data_shards import (
 )
 from data_shards.features import resolve_feature_dir
 from data_shards.io import write_text_atomic
-from data_shards.loader import list_shards
+from data_shards.sources import find_manifest, open_shard, resolve_shards
 from pretrain.config import Config, ConfigError, config_to_dict
 from pretrain.encoder import (
     FrozenEncoder,
@@ -159,6 +159,8 @@ def loader_config(cfg: Config, shards: str, *, evaluation: bool = False) -> Load
             shuffle_buffer=1,
             seed=cfg.run.seed,
             shard_mode="split",
+            read_timeout_s=cfg.data.read_timeout_s,
+            retries=cfg.data.retries,
         )
     return LoaderConfig(
         shards=shards,
@@ -173,6 +175,8 @@ def loader_config(cfg: Config, shards: str, *, evaluation: bool = False) -> Load
         shuffle_buffer=cfg.data.shuffle_buffer,
         samples_per_epoch=cfg.data.samples_per_epoch,
         seed=cfg.run.seed,
+        read_timeout_s=cfg.data.read_timeout_s,
+        retries=cfg.data.retries,
     )
 
 
@@ -675,9 +679,9 @@ def recorded_shard_geometry(config: dict[str, Any], encoder_hash: str) -> ClipGe
     directory = config["data"]["shards"]
     if config["data"]["source"] == "features":
         directory, _ = resolve_feature_dir(directory, encoder_hash)
-        entries, manifest = list_shards(directory, "features")
+        entries, manifest = resolve_shards(directory, "features")
     else:
-        entries, manifest = list_shards(directory, "clips")
+        entries, manifest = resolve_shards(directory, "clips")
     return shard_geometry(config, manifest, entries[0].path)
 
 
@@ -687,20 +691,22 @@ def _build_args(source: str, manifest: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     if source != "features":
         return dict(manifest.get("args") or {})
-    clip_manifest = Path(str(manifest.get("source", {}).get("shards", ""))) / "manifest.json"
-    if not clip_manifest.is_file():
-        return {}
-    return dict(json.loads(clip_manifest.read_text()).get("args") or {})
+    # The clip shards the features were encoded from: a directory or any spec data_shards.sources reads.
+    clip_spec = str(manifest.get("source", {}).get("shards", ""))
+    clip_manifest = find_manifest(clip_spec) if clip_spec else None
+    return dict((clip_manifest or {}).get("args") or {})
 
 
 def first_sample_json(shard: str | Path) -> dict[str, Any] | None:
     """The json member of the first sample of a shard (clip or feature shards carry the clip's json).
 
-    None when the shard cannot be read or holds no readable json: a junk or
-    truncated shard is the loader's to count, not a start-up crash.
+    ``shard`` is a path, URL or ``pipe:`` command, read as the loader reads
+    it (``data_shards.sources.open_shard``) up to that member. None when the
+    shard cannot be read or holds no readable json: a junk or truncated shard
+    is the loader's to count, not a start-up crash.
     """
     try:
-        with tarfile.open(shard, "r:") as archive:
+        with open_shard(str(shard)) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
             for member in archive:
                 if member.name.endswith(".json"):
                     data = archive.extractfile(member)

@@ -94,8 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Overrides: --section.key=value, e.g. --encoder.image_size=112 --objective.visible_fraction=0",
     )
     parser.add_argument("--config", required=True, help="preset name in pretrain/configs or a TOML path")
-    parser.add_argument("--shards", required=True, help="clip-shard directory (clips-*.tar + manifest.json)")
-    parser.add_argument("--out", required=True, help="output root; features go to OUT/<encoder hash[:16]>/")
+    parser.add_argument(
+        "--shards",
+        required=True,
+        help="clip shards: a directory (clips-*.tar + manifest.json), a URL pattern "
+        "(https://host/clips-{000000..000099}.tar), a pipe: command, an fsspec URL or @LIST_FILE",
+    )
+    parser.add_argument(
+        "--out", required=True, help="output root, a local directory only; features go to OUT/<encoder hash[:16]>/"
+    )
     parser.add_argument("--batch", type=int, default=8, help="clips per encoder call")
     parser.add_argument(
         "--visible-sets", type=int, default=2, help="visible sets stored per frame (objective.visible_fraction > 0)"

@@ -12,9 +12,16 @@ independent of the builder.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import http.server
 import io
 import json
+import multiprocessing
+import re
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,3 +167,86 @@ def real_clips(
         )
         for i in range(num_clips)
     ]
+
+
+class ShardHTTPHandler(http.server.BaseHTTPRequestHandler):
+    """GET of the files of a directory, with single ``Range: bytes=N-`` requests (206), and no logging.
+
+    Subclasses change what a shard's body looks like by overriding ``send_body``.
+    """
+
+    directory = "."
+
+    def __init__(self, *args: object, directory: str, **kwargs: object) -> None:
+        self.directory = directory
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def do_GET(self) -> None:
+        path = Path(self.directory) / self.path.lstrip("/").split("?", 1)[0]
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        start = int(match.group(1)) if match else 0
+        if match:
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.send_body(path.name, start, data[start:])
+
+    def send_body(self, name: str, start: int, body: bytes) -> None:
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def _server(directory: Path, handler: type[ShardHTTPHandler]) -> http.server.ThreadingHTTPServer:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+    # A stalled handler must not hold up shutdown.
+    server.daemon_threads = True
+    return server
+
+
+def _serve_in_child(
+    directory: Path, handler: type[ShardHTTPHandler], conn: multiprocessing.connection.Connection
+) -> None:
+    server = _server(directory, handler)
+    conn.send(server.server_address[1])
+    server.serve_forever()
+
+
+@contextlib.contextmanager
+def serve_directory(
+    directory: Path, handler: type[ShardHTTPHandler] = ShardHTTPHandler, *, process: bool = False
+) -> Iterator[str]:
+    """``http://127.0.0.1:PORT`` serving ``directory`` on a free loopback port, for the block's duration.
+
+    The server runs in a thread of this process, or (``process=True``, for
+    benchmarks) in a child process, so it does not share the GIL with the reader.
+    """
+    if process:
+        parent, child = multiprocessing.get_context("fork").Pipe()
+        proc = multiprocessing.get_context("fork").Process(
+            target=_serve_in_child, args=(directory, handler, child), daemon=True
+        )
+        proc.start()
+        try:
+            yield f"http://127.0.0.1:{parent.recv()}"
+        finally:
+            proc.terminate()
+            proc.join()
+        return
+    server = _server(directory, handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -30,7 +30,7 @@ from data_shards import GroundTruth, decode_video, file_sha256, generate_dataset
 from data_shards.io import output_dir, write_bytes_atomic, write_text_atomic
 from eval.features import encode_frames
 from pretrain.encoder import FrozenEncoder
-from pretrain.weights import default_cache_root
+from pretrain.encoder.weights import default_cache_root
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from data_shards.io import file_sha256, fsync_dir, make_temp_dir, write_text_atomic
+from data_shards.io import file_sha256, make_temp_dir, publish_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +183,7 @@ def verify_checkpoint(tag_dir: Path) -> None:
 def _publish_tag(tmp: Path, final: Path, root: Path, keep_last: int) -> None:
     """Manifest last, rename into place, then move `latest`, then prune older tags."""
     write_manifest(tmp)
-    if final.exists():
-        aside = make_temp_dir(root, prefix=f".old-{final.name}-")
-        final.rename(aside / final.name)
-        tmp.rename(final)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    fsync_dir(root)
+    publish_dir(tmp, final)
     write_text_atomic(root / "latest", final.name + "\n")
     # The tag just written was hashed from disk a moment ago: it is the newest that verifies.
     prune_checkpoints(root, keep_last, keep=final)

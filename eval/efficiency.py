@@ -694,7 +694,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown(record))
     if not args.no_mlflow:
         where = log_to_mlflow(
-            args.out.parent, "efficiency", {"config": record["config"]}, headline_metrics(record), paths
+            args.out.parent,
+            "efficiency",
+            {"config": record["config"]},
+            headline_metrics(record),
+            paths,
+            training=export.config.tracking,
         )
         print(f"tracking: {where}")
     print(f"efficiency wall time {record['wall_seconds']:.0f} s; report in {args.out}")

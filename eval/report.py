@@ -8,8 +8,9 @@ refused with an ``OutputDirError`` (a ValueError) naming the path, and a
 failed run leaves nothing behind. ``OUT`` itself may not be ``.``, a parent
 of the working directory, the home directory or ``/``.
 
-MLflow's default store is a SQLite file in the output directory;
-``MLFLOW_TRACKING_URI`` wins. Telemetry is switched off before mlflow is
+MLflow: ``MLFLOW_TRACKING_URI`` wins; else the store of the run that trained
+the export (recorded in its config.json), the eval run nested under that
+training run; else a SQLite file in the output directory. Telemetry is switched off before mlflow is
 imported, and mlflow is imported only when a run is logged.
 """
 
@@ -18,15 +19,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from data_shards.io import OutputDirError, check_output_dir, forbidden_output, output_dir, write_text_atomic
+from pretrain.export import TrackingRecord
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "video-pretrain-eval"
+"""Experiment of eval runs not linked to a training run (tracking was off, or its store is not here)."""
+TRAINING_RUN_TAG = "video_pretrain.training_run_id"
 
 
 REPORT_JSON = "report.json"
@@ -123,11 +128,19 @@ def write_task_report(record: dict[str, Any], out_dir: Path) -> list[Path]:
     return publish_report(record, task_markdown(record), out_dir)
 
 
-def tracking_uri(out_dir: Path) -> str:
-    """$MLFLOW_TRACKING_URI, else a SQLite file in the output directory."""
+def tracking_uri(out_dir: Path, training: TrackingRecord | None = None) -> str:
+    """$MLFLOW_TRACKING_URI, else the training run's store (when this machine can reach it), else a SQLite file
+    in the output directory."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    if training is not None and _reachable(training.uri):
+        return training.uri
     return f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
+
+
+def _reachable(uri: str) -> bool:
+    """A SQLite store counts when its file is here (an export copied to another machine falls back)."""
+    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
 
 
 def flat_params(record: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -148,22 +161,46 @@ def log_to_mlflow(
     params: dict[str, Any],
     metrics: dict[str, float],
     artifacts: Iterable[Path],
+    training: TrackingRecord | None = None,
 ) -> str:
-    """One MLflow run with params, metrics and artifacts; returns where it went."""
+    """One MLflow run with params, metrics and artifacts; returns where it went.
+
+    With ``training`` (the export's record of the run that trained it), the
+    run goes into that run's store and experiment, nested under it
+    (``mlflow.parentRunId``) and tagged with its id, so the UI shows a model's
+    evaluations under its training run. Artifacts of a SQLite store live
+    beside its database file, never in ``./mlruns`` of the working directory.
+    """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
-    import mlflow
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    # The trainer's store helpers, imported only when a run is logged (eval modules never load tracking).
+    from pretrain.tracking import create_sqlite_store, experiment_id
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    uri = tracking_uri(out_dir)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=run_name) as run:
-        mlflow.log_params(flat_params(params))
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        for path in artifacts:
-            mlflow.log_artifact(str(path))
-        run_id = run.info.run_id
-    where = f"MLflow run {run_id} in {uri}"
+    uri = tracking_uri(out_dir, training)
+    linked = training is not None and uri == training.uri
+    create_sqlite_store(uri)
+    client = MlflowClient(uri)
+    experiment = experiment_id(client, training.experiment if linked else EXPERIMENT, uri)
+    tags = {TRAINING_RUN_TAG: training.run_id, "mlflow.parentRunId": training.run_id} if linked else {}
+    run_id = client.create_run(experiment, run_name=run_name, tags=tags).info.run_id
+    now = int(time.time() * 1000)
+    entities = [Param(k, v) for k, v in flat_params(params).items()]
+    entities += [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    # MLflow takes at most 100 params per batch request.
+    for start in range(0, len(entities), 100):
+        chunk = entities[start : start + 100]
+        client.log_batch(
+            run_id,
+            metrics=[e for e in chunk if isinstance(e, Metric)],
+            params=[e for e in chunk if isinstance(e, Param)],
+        )
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id)
+    where = f"MLflow run {run_id} in {uri}" + (f" (under training run {training.run_id})" if linked else "")
     log.info("logged to %s", where)
     return where

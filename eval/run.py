@@ -209,7 +209,9 @@ def _main(args: argparse.Namespace) -> int:
     paths = write_task_report(record, out_dir)
     print(paths[0].read_text())
     if not args.no_mlflow:
-        where = log_to_mlflow(args.out, f"{args.task}-{variant}", record, record["metrics"], paths)
+        where = log_to_mlflow(
+            args.out, f"{args.task}-{variant}", record, record["metrics"], paths, training=export.config.tracking
+        )
         print(f"logged to {where}")
     print(f"reports in {out_dir}")
     return 0

@@ -442,4 +442,4 @@ def run_future_eval(export: Export, encoder: FrozenEncoder, args: argparse.Names
     if control is not None and "results" in control:
         metrics.update({f"identity_l1_offset{r['offset']}": r["model_l1"] for r in control["results"]})
     params = {k: v for k, v in record.items() if k not in ("results", "dataset", "identity_control")}
-    return md, log_to_mlflow(args.out, "future", params, metrics, paths)
+    return md, log_to_mlflow(args.out, "future", params, metrics, paths, training=export.config.tracking)

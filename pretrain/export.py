@@ -110,6 +110,18 @@ class IdentityControlRecord:
     """The control's held-out future-prediction results, per offset."""
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrackingRecord:
+    """The MLflow run that trained the export: eval logs into the same store, linked to it."""
+
+    uri: str
+    """Tracking URI of the training run's store (a SQLite file for the default)."""
+    experiment: str
+    """MLflow experiment of the training run."""
+    run_id: str
+    """The training run's id."""
+
+
 @dataclass(kw_only=True, slots=True)
 class ExportConfig:
     """config.json of an export, typed (format ``EXPORT_FORMAT``; ``from_json`` also reads format 1)."""
@@ -134,6 +146,8 @@ class ExportConfig:
     """The trainer's held-out future-prediction results, per offset (None: not recorded)."""
     identity_control: IdentityControlRecord | None = None
     """The identity-core control, when one was trained."""
+    tracking: TrackingRecord | None = None
+    """The MLflow run that trained the export (None: tracking was off)."""
 
     def to_json(self) -> dict[str, Any]:
         """The config.json record (plain JSON types), in the current format."""
@@ -157,6 +171,8 @@ class ExportConfig:
                 "export": self.identity_control.export,
                 "heldout": [dataclasses.asdict(r) for r in self.identity_control.heldout],
             }
+        if self.tracking is not None:
+            record["tracking"] = dataclasses.asdict(self.tracking)
         return record
 
     @classmethod
@@ -168,7 +184,8 @@ class ExportConfig:
         if found not in READABLE_FORMATS:
             raise ValueError(f"{where}: format {found!r}, expected one of {', '.join(READABLE_FORMATS)}")
         known = {"format", "step", "model_spec", "encoder", "data", "clip_geometry", "config", "code_version"}
-        known |= {"dtype", "heldout", "identity_control"} | ({"objective"} if found == EXPORT_FORMAT_V1 else set())
+        known |= {"dtype", "heldout", "identity_control", "tracking"}
+        known |= {"objective"} if found == EXPORT_FORMAT_V1 else set()
         unknown = sorted(set(record) - known)
         if unknown:
             raise ValueError(f"{where}: unknown keys {unknown} (format {found})")
@@ -178,6 +195,7 @@ class ExportConfig:
                 raise ValueError(f"dtype {dtype!r}, expected one of {', '.join(get_args(Dtype))}")
             geometry = record.get("clip_geometry")
             control = record.get("identity_control")
+            tracking = record.get("tracking")
             return cls(
                 step=int(record["step"]),
                 model_spec=spec_from_record(record["model_spec"]),
@@ -193,6 +211,7 @@ class ExportConfig:
                 else IdentityControlRecord(
                     export=str(control["export"]), heldout=[HeldoutResult(**r) for r in control["heldout"]]
                 ),
+                tracking=None if tracking is None else TrackingRecord(**tracking),
             )
         except ConfigError as err:
             raise ValueError(f"{where}: {err}") from err

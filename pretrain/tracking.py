@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 
 
 class MetricLogger(Protocol):
+    run_id: str | None
+    """The MLflow run logged to (None: nothing is tracked)."""
+    uri: str
+    """Its store's tracking URI ('' when nothing is tracked)."""
+
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
@@ -31,6 +36,9 @@ class MetricLogger(Protocol):
 
 class NullLogger:
     """Used on non-zero ranks and when tracking is disabled."""
+
+    run_id: str | None = None
+    uri: str = ""
 
     def log_params(self, params: dict[str, Any]) -> None:
         pass
@@ -121,7 +129,7 @@ class MLflowLogger:
         Path(cfg.run.out_dir).mkdir(parents=True, exist_ok=True)
         create_sqlite_store(self.uri)
         self._client = client = MlflowClient(self.uri)
-        self.experiment_id = _experiment_id(client, cfg.tracking.experiment, self.uri)
+        self.experiment_id = experiment_id(client, cfg.tracking.experiment, self.uri)
         run_dir_tag = str(Path(run_dir if run_dir is not None else cfg.run_dir).resolve())
         _mark_stale_runs_killed(client, self.experiment_id, run_dir_tag, keep=resume_run_id)
         # Steps already in the resumed MLflow run (a kill after them, before their checkpoint) are not logged twice.
@@ -178,7 +186,7 @@ class MLflowLogger:
         return f"MLflow run {self.run_id} in {self.uri}"
 
 
-def _experiment_id(client: Any, name: str, uri: str) -> str:
+def experiment_id(client: Any, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id

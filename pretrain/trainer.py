@@ -304,7 +304,7 @@ class Trainer:
             resume_step=self.state.step,
             run_dir=self.run_dir,
         )
-        self.state.mlflow_run_id = getattr(logger, "run_id", None)
+        self.state.mlflow_run_id = logger.run_id
         return logger
 
     def _loop(self, end: int, bar) -> bool:
@@ -462,6 +462,12 @@ class Trainer:
             export_cfg["identity_control"] = {
                 "export": str(result.identity.export_dir),
                 "heldout": [dataclasses.asdict(r) for r in result.identity.heldout],
+            }
+        if self.logger.run_id is not None:
+            export_cfg["tracking"] = {
+                "uri": self.logger.uri,
+                "experiment": self.cfg.tracking.experiment,
+                "run_id": self.logger.run_id,
             }
         result.export_dir = write_export(weights, export_cfg, self.run_dir / "export", "fp32")
         plot = write_loss_curve(self.state.history, self.run_dir / "loss_curve.png")

@@ -12,6 +12,8 @@ from data_shards import sample_video_path
 from eval.run import main as run_main
 from eval.suite import main as suite_main
 from eval.tasks import TASKS
+from pretrain.export import read_export_config
+from tests.conftest import tiny_overrides
 from tests.eval.conftest import tiny_data_args
 
 
@@ -55,7 +57,7 @@ def test_suite_prints_one_comparison_table(tiny_export: Path, eval_cache: Path, 
     videos = tmp_path / "videos"
     videos.mkdir()
     shutil.copy(sample_video_path("carphone"), videos / "carphone.mp4")
-    args = ["--export", str(tiny_export), "--out", str(tmp_path), "--steps=2", "--videos", str(videos)]
+    args = ["--export", str(tiny_export), "--out", str(tmp_path), "--steps=2", "--videos", str(videos), "--seeds=2"]
     assert suite_main([*args, *tiny_data_args(eval_cache)]) == 0
     out = capsys.readouterr().out
     assert "| task | metric | pretrained | identity | random | pretrained vs identity |" in out
@@ -64,9 +66,37 @@ def test_suite_prints_one_comparison_table(tiny_export: Path, eval_cache: Path, 
     assert "future offset 4" in out
     summary = json.loads((tmp_path / "suite" / "report.json").read_text())
     assert len(summary["records"]) == 3 * len(TASKS)
+    assert summary["seeds"] == [0, 1]
+    for record in summary["records"]:
+        # The mean and sd are of the two seeds' own readouts (the random core differs by seed too).
+        for name, values in record["metrics_per_seed"].items():
+            assert len(values) == 2
+            assert record["metrics"][name] == pytest.approx(sum(values) / 2)
+            assert record["metrics_sd"][name] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
     assert [r["offset"] for r in summary["future"]["results"]] == [1, 2, 4]
     assert (tmp_path / "suite" / "bars.png").stat().st_size > 0
-    assert summary["table"] in (tmp_path / "suite" / "report.md").read_text()
+    report = (tmp_path / "suite" / "report.md").read_text()
+    assert summary["table"] in report and " ± " in summary["table"]
+    assert "## Future-feature prediction on real video" in report and "| 4 |" in report
+
+
+def test_suite_logs_means_sds_future_and_the_figure(
+    tiny_export: Path, eval_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(sample_video_path("carphone"), videos / "carphone.mp4")
+    data = [a for a in tiny_data_args(eval_cache) if a != "--no-mlflow"]
+    args = ["--export", str(tiny_export), "--out", str(tmp_path), "--steps=2", "--videos", str(videos), "--seeds=2"]
+    assert suite_main([*args, "--tasks=depth", *data]) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("video-pretrain-eval").experiment_id])
+    metrics = run.data.metrics
+    assert {"depth.pretrained.abs_rel", "depth.pretrained.abs_rel.sd", "future.gain_offset4"} <= set(metrics)
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"report.md", "report.json", "bars.png"}
 
 
 def test_future_feature_eval_on_a_video_folder(tiny_export: Path, tmp_path: Path, capsys) -> None:
@@ -92,3 +122,37 @@ def test_run_logs_to_mlflow(tiny_export: Path, eval_cache: Path, tmp_path: Path,
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["video-pretrain-eval"])
     assert len(runs) == 1 and "metrics.abs_rel" in runs.columns
+
+
+@pytest.mark.slow
+def test_eval_logs_under_the_training_run_in_its_store(
+    eval_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    train_out = tmp_path / "train"
+    Trainer(load_config("tiny-cpu", tiny_overrides(train_out, "--train.steps=2", "--tracking.enabled=true"))).train()
+    export = train_out / "tiny-cpu" / "export"
+    recorded = read_export_config(export).tracking
+    assert recorded is not None and recorded.uri == f"sqlite:///{(train_out / 'mlflow.db').resolve()}"
+
+    args = [a for a in tiny_data_args(eval_cache) if a != "--no-mlflow"]
+    eval_out = tmp_path / "eval"
+    assert run_main(["--export", str(export), "--out", str(eval_out), "--steps=2", "--task", "depth", *args]) == 0
+
+    client = MlflowClient(recorded.uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(recorded.experiment).experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{recorded.run_id}'",
+    )
+    assert run.data.tags["video_pretrain.training_run_id"] == recorded.run_id
+    assert "abs_rel" in run.data.metrics
+    # Artifacts beside the training store, not ./mlruns of the working directory; no store in the eval dir.
+    assert run.info.artifact_uri.startswith((train_out / "mlartifacts").resolve().as_uri())
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"report.md", "report.json"}
+    assert not (tmp_path / "mlruns").exists() and not (eval_out / "mlflow.db").exists()

@@ -137,7 +137,7 @@ def test_failed_suite_keeps_the_earlier_report(
     target = out / "suite"
     before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
 
-    def chart_fails(records, path):
+    def chart_fails(records, path, future=None):
         raise RuntimeError("matplotlib backend missing")
 
     monkeypatch.setattr("eval.suite.bar_chart", chart_fails)

@@ -70,6 +70,8 @@ class _RecordingLogger:
     """A MetricLogger that keeps what it is given."""
 
     where = "recorded"
+    run_id = None
+    uri = ""
 
     def __init__(self) -> None:
         self.metrics: list[tuple[int, dict[str, float]]] = []

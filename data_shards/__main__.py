@@ -34,17 +34,37 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def add_global_flags(parser: argparse.ArgumentParser, default: object) -> None:
+    """Flags accepted before and after the command name (``-v build ...`` and ``build ... -v``).
+
+    The top-level parser sets the real default; each command's parser adds the
+    same flags with ``argparse.SUPPRESS``, so a flag left out after the command
+    does not overwrite one given before it.
+    """
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="log at INFO level (default: off, WARNING)"
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; exits 2 with argparse's usage error on arguments no command takes."""
     parser = argparse.ArgumentParser(prog="python -m data_shards", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    add_global_flags(parser, default=False)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_line, add_arguments, run) in COMMANDS.items():
         subparser = subparsers.add_parser(name, help=help_line, description=help_line)
+        add_global_flags(subparser, default=argparse.SUPPRESS)
         add_arguments(subparser)
         subparser.set_defaults(run=run)
     namespace, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(namespace, "any_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return namespace
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command named in ``argv`` (default: sys.argv[1:]); returns its exit code."""
+    namespace = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if namespace.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

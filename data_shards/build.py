@@ -20,6 +20,12 @@ Output directory layout (the shard format is a contract with the loader):
   clips entirely before that boundary stay in OUT, clips straddling it are
   dropped ("clips_dropped_at_holdout"). So held-out clips come from later
   footage of the same videos and never overlap a training clip's frames.
+  With ``--holdout-videos N|FRACTION`` instead, the held-out set holds every
+  clip of whole videos (``_choose_heldout_videos``: the used inputs with the
+  lowest content SHA-256, so the choice depends on neither input order nor
+  worker count), listed under "heldout_videos" in both manifests: for
+  judging generalisation to videos never seen in training. The two splits
+  are exclusive (one held-out set means one thing).
 
 Timing. Every input is put on the output grid by presentation timestamp
 (``data_shards.video.FrameClock``): output frame k of an input is the source
@@ -197,7 +203,8 @@ _TAR_MTIME = 0
 
 
 class BuildArgsError(ValueError):
-    """The output directory already holds a build made with different arguments."""
+    """Build arguments that cannot be carried out: the output directory already holds a build made with
+    different arguments, two options conflict, or the arguments do not fit the inputs."""
 
 
 class NoInputsError(ValueError):
@@ -236,6 +243,11 @@ class BuildArgs:
     """At most this many bytes per shard file (a single larger clip still gets a shard of its own)."""
     holdout_fraction: float = 0.0
     """Per input, clips in the last this fraction of its output frames go to OUT/heldout/; 0 = no split."""
+    holdout_videos: int | float | None = None
+    """Every clip of whole videos goes to OUT/heldout/, to measure generalisation to unseen videos rather than
+    to later footage of seen ones: an int >= 1 is that many of the inputs that give clips, a float in (0, 1)
+    that fraction of them (at least 1); None = no split. At least one video must stay for training. Chosen by
+    content hash (_choose_heldout_videos). Not combined with holdout_fraction: a held-out set then means one thing."""
     skip_scene_cuts: bool = False
     """Drop clips that cross a hard scene cut (detected on the resampled, resized frames)."""
 
@@ -256,10 +268,22 @@ class BuildArgs:
             raise ValueError(f"max_shard_bytes must be >= {_TAR_RECORD}, got {self.max_shard_bytes}")
         if not (math.isfinite(self.holdout_fraction) and 0.0 <= self.holdout_fraction < 1.0):
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        _check_holdout_videos(self.holdout_videos)
+        if self.holdout_videos is not None and self.holdout_fraction > 0:
+            raise BuildArgsError(
+                f"holdout_videos {self.holdout_videos} and holdout_fraction {self.holdout_fraction} cannot be "
+                "combined (--holdout-videos, --holdout-fraction): the held-out set is either whole videos or the "
+                "tail of every video; give one of them"
+            )
 
     @property
     def clip_stride(self) -> int:
         return self.clip_frames if self.stride is None else self.stride
+
+    @property
+    def holds_out(self) -> bool:
+        """Whether the build writes a held-out set to OUT/heldout/."""
+        return self.holdout_fraction > 0 or self.holdout_videos is not None
 
     def manifest_args(self) -> dict[str, Any]:
         """The ``args`` record of manifest.json."""
@@ -273,6 +297,9 @@ class BuildArgs:
             "max_shard_bytes": self.max_shard_bytes,
             "holdout_fraction": float(self.holdout_fraction),
             "skip_scene_cuts": self.skip_scene_cuts,
+            # Recorded only when set, so that builds (and caches keyed by these args) made before the
+            # option existed still match their arguments.
+            **({"holdout_videos": self.holdout_videos} if self.holdout_videos is not None else {}),
         }
 
     def part_key(self, encoder: str) -> str:
@@ -293,6 +320,26 @@ class BuildArgs:
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _check_holdout_videos(value: int | float | None) -> None:
+    """Raise ValueError unless ``value`` is None, an int >= 1 (a count) or a float in (0, 1) (a fraction)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"holdout_videos must be a whole number >= 1 or a fraction in (0, 1), got {value!r}")
+    if isinstance(value, int) and value < 1:
+        raise ValueError(f"holdout_videos must be >= 1 videos (or a fraction in (0, 1)), got {value}")
+    if isinstance(value, float) and not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise ValueError(f"holdout_videos as a fraction must be in (0, 1) (or a whole number of videos), got {value}")
+
+
+def heldout_video_count(holdout_videos: int | float, videos: int) -> int:
+    """How many of ``videos`` inputs ``holdout_videos`` holds out: the count itself, or the fraction rounded
+    (at least 1, so that a small corpus still gets a held-out set)."""
+    if isinstance(holdout_videos, int):
+        return holdout_videos
+    return max(1, round(holdout_videos * videos))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class BuildResult:
     """What build_shards made: the manifest as written, and run statistics (not in the manifest)."""
@@ -302,7 +349,7 @@ class BuildResult:
     stats: dict[str, Any]
     """The content of build_stats.json: wall_s, input_duration_s, throughput, parts reused/made, encoder."""
     heldout: dict[str, Any] | None = None
-    """The content of heldout/manifest.json, or None when holdout_fraction is 0."""
+    """The content of heldout/manifest.json, or None without a held-out split (BuildArgs.holds_out)."""
 
 
 @cache
@@ -842,22 +889,37 @@ class _Split:
     dropped_at_holdout: int
     dropped_at_cuts: int
     dropped_at_gaps: int
+    heldout_videos: list[dict[str, str | None]] | None = None
+    """With holdout_videos: path and source_sha256 of each wholly held-out input; None without."""
 
-    def counts(self) -> dict[str, int]:
-        return {
+    def counts(self) -> dict[str, Any]:
+        """The manifest's split record (heldout_videos only where asked for, so other manifests are unchanged)."""
+        counts: dict[str, Any] = {
             "clips_dropped_at_holdout": self.dropped_at_holdout,
             "clips_dropped_at_cuts": self.dropped_at_cuts,
             "clips_dropped_at_gaps": self.dropped_at_gaps,
         }
+        if self.heldout_videos is not None:
+            counts["heldout_videos"] = self.heldout_videos
+        return counts
 
 
 def clip_destination(
-    start: int, frames: int, output_frames: int, cuts: Sequence[int], args: BuildArgs, max_gap_s: float = 0.0
+    start: int,
+    frames: int,
+    output_frames: int,
+    cuts: Sequence[int],
+    args: BuildArgs,
+    max_gap_s: float = 0.0,
+    *,
+    heldout_video: bool = False,
 ) -> str:
     """Where the clip of output frames [start, start + frames) goes: "train", "heldout", "gap", "cut", "holdout".
 
     The last three are drops. A clip whose max_gap_s exceeds MAX_FRAME_GAP_S spans a gap in the source.
     A cut c (between frames c-1 and c) breaks the clip when start < c < start + frames.
+    Past those two drops, every clip of a held-out video (``heldout_video``, see _choose_heldout_videos)
+    is held out.
     The held-out region is the last round(holdout_fraction * output_frames) frames.
     """
     end = start + frames
@@ -865,6 +927,8 @@ def clip_destination(
         return "gap"
     if any(start < c < end for c in cuts):
         return "cut"
+    if heldout_video:
+        return "heldout"
     if args.holdout_fraction <= 0:
         return "train"
     boundary = output_frames - round(args.holdout_fraction * output_frames)
@@ -873,23 +937,75 @@ def clip_destination(
     return "train" if end <= boundary else "holdout"
 
 
-def _split_samples(results: list[_InputResult], args: BuildArgs) -> _Split:
+def _choose_heldout_videos(results: Sequence[_InputResult], args: BuildArgs) -> list[_InputResult]:
+    """The used inputs whose every clip is held out (args.holdout_videos; [] without it), sorted by path.
+
+    They are the ones with the lowest content SHA-256: a function of the
+    videos' bytes alone, so neither the order the inputs were named in, nor
+    where they lie, nor the worker count changes the choice. Chosen among
+    inputs that gave clips, so a skipped file never takes a held-out place.
+    Raises BuildArgsError when the choice would leave no video for training.
+    """
+    if args.holdout_videos is None:
+        return []
+    used = [r for r in results if r.reason is None]
+    if not used:
+        return []
+    count = heldout_video_count(args.holdout_videos, len(used))
+    if count >= len(used):
+        raise BuildArgsError(
+            f"holdout_videos {args.holdout_videos} holds out {count} videos, but only {len(used)} of the "
+            f"{len(results)} inputs gave clips: at least one must stay for training"
+        )
+    chosen = sorted(used, key=lambda r: (r.sha256 or "", r.path))[:count]
+    return sorted(chosen, key=lambda r: r.path)
+
+
+def _check_holdout_videos_fit(args: BuildArgs, paths: Sequence[Path]) -> None:
+    """Refuse, before anything is written, a --holdout-videos that would hold out every named input.
+
+    Inputs that turn out skipped are only known after decoding; _choose_heldout_videos checks again then.
+    """
+    if args.holdout_videos is None:
+        return
+    count = heldout_video_count(args.holdout_videos, len(paths))
+    if count >= len(paths):
+        raise BuildArgsError(
+            f"holdout_videos {args.holdout_videos} holds out {count} videos, but the inputs name "
+            f"{len(paths)}: at least one must stay for training"
+        )
+
+
+def _split_samples(results: list[_InputResult], args: BuildArgs, heldout_videos: Sequence[_InputResult] = ()) -> _Split:
     train: list[_Sample] = []
     heldout: list[_Sample] = []
     dropped: Counter[str] = Counter()
+    heldout_paths = {r.path for r in heldout_videos}
     for result in results:
         if result.reason is not None:
             continue
+        whole = result.path in heldout_paths
         for clip in result.clips:
             start = clip["clip_index"] * args.clip_stride
-            where = clip_destination(start, clip["frames"], result.output_frames, result.cuts, args, clip["max_gap_s"])
+            where = clip_destination(
+                start,
+                clip["frames"],
+                result.output_frames,
+                result.cuts,
+                args,
+                clip["max_gap_s"],
+                heldout_video=whole,
+            )
             if where == "train":
                 train.append(_sample_of(result, clip, args.crf))
             elif where == "heldout":
                 heldout.append(_sample_of(result, clip, args.crf))
             else:
                 dropped[where] += 1
-    return _Split(train, heldout, dropped["holdout"], dropped["cut"], dropped["gap"])
+    videos = None
+    if args.holdout_videos is not None:
+        videos = [{"path": r.path, "source_sha256": r.sha256} for r in heldout_videos]
+    return _Split(train, heldout, dropped["holdout"], dropped["cut"], dropped["gap"], videos)
 
 
 def _sample_of(result: _InputResult, clip: dict[str, Any], crf: int) -> _Sample:
@@ -1004,8 +1120,12 @@ def _check_existing_manifest(out_dir: Path, args: BuildArgs) -> None:
     new_args = args.manifest_args()
     if old.get("version") != MANIFEST_VERSION or old.get("args") != new_args:
         old_args = old.get("args", {})
+        # Both sides' keys: an argument recorded only when set (holdout_videos) is named when dropped too.
+        keys = [*new_args, *(key for key in old_args if key not in new_args)]
         changes = [
-            f"{key} {old_args.get(key)!r} -> {value!r}" for key, value in new_args.items() if old_args.get(key) != value
+            f"{key} {old_args.get(key)!r} -> {new_args.get(key)!r}"
+            for key in keys
+            if old_args.get(key) != new_args.get(key)
         ]
         raise BuildArgsError(
             f"{out_dir} holds a build made with other arguments ({'; '.join(changes) or 'manifest version'}); "
@@ -1130,9 +1250,12 @@ def build_shards(
             from a crashing decoder; for tests and debugging).
         progress: show a tqdm bar over input files.
 
-    With ``args.holdout_fraction > 0`` the held-out clips go to
-    ``out_dir/heldout/`` (written before ``out_dir/manifest.json``, so that
-    manifest still marks a finished build).
+    With ``args.holdout_fraction > 0`` or ``args.holdout_videos`` the held-out
+    clips go to ``out_dir/heldout/`` (written before ``out_dir/manifest.json``,
+    so that manifest still marks a finished build). A ``holdout_videos`` that
+    would leave no video for training raises BuildArgsError: before anything
+    is written when the named inputs are too few, after decoding (with the
+    parts cache written, nothing else) when skipped inputs make them so.
 
     Returns:
         BuildResult with the manifest(s) as written and this run's statistics.
@@ -1147,6 +1270,7 @@ def build_shards(
     out_dir = check_output_dir(out_dir, is_ours=is_build_dir, what="clip-shard build")
     paths = expand_inputs(inputs)
     _check_something_to_build(inputs, paths)
+    _check_holdout_videos_fit(args, paths)
     _check_existing_manifest(out_dir, args)
     parts_dir = out_dir / PARTS_DIR
     parts_dir.mkdir(parents=True, exist_ok=True)
@@ -1157,11 +1281,14 @@ def build_shards(
     logger.info("building clips of %d inputs into %s with %d workers", len(jobs), out_dir, workers)
     results = _mark_duplicates(_run_jobs(jobs, workers, progress))
 
-    split = _split_samples(results, args)
+    heldout_videos = _choose_heldout_videos(results, args)
+    if heldout_videos:
+        logger.info("holding out every clip of %s", ", ".join(r.path for r in heldout_videos))
+    split = _split_samples(results, args, heldout_videos)
     shards = _plan_shards(split.train, args)
     written, total_shards = 0, len(shards)
     heldout: dict[str, Any] | None = None
-    if args.holdout_fraction > 0:
+    if args.holds_out:
         # The held-out set first: OUT/manifest.json, written last, then means the whole build is done.
         heldout_shards = _plan_shards(split.heldout, args)
         heldout, written = _write_shard_set(

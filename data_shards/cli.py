@@ -25,8 +25,12 @@ from data_shards.procedural import CorpusArgs, write_corpus
 _BUILD_REFUSALS = (BuildArgsError, NoInputsError, OutputDirError)
 
 
+# Appended to an option's help so that --help shows its default (argparse fills it in).
+_DEFAULT = " (default: %(default)s)"
+
+
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m data_shards build``."""
+    """Arguments of ``python -m data_shards build``; --help shows every default."""
     defaults = BuildArgs()
     parser.add_argument(
         "--input",
@@ -34,33 +38,77 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         action="extend",
         required=True,
         metavar="PATH",
-        help="video files, directories (recursive), globs, or list files (@list.txt / *.txt, one path a line)",
+        help="video files, directories (recursive), globs, or list files (@list.txt / *.txt, one path a line) "
+        "(required)",
     )
-    parser.add_argument("--out", required=True, type=Path, help="output directory for shards and manifest.json")
-    parser.add_argument("--clip-frames", type=int, default=defaults.clip_frames, help="frames per clip")
-    parser.add_argument("--fps", type=float, default=defaults.fps, help="output frame rate; 0 = native")
     parser.add_argument(
-        "--short-side", type=int, default=defaults.short_side, help="resize shorter side to this (even); 0 = no resize"
+        "--out", required=True, type=Path, help="output directory for shards and manifest.json (required)"
+    )
+    parser.add_argument("--clip-frames", type=int, default=defaults.clip_frames, help="frames per clip" + _DEFAULT)
+    parser.add_argument("--fps", type=float, default=defaults.fps, help="output frame rate; 0 = native" + _DEFAULT)
+    parser.add_argument(
+        "--short-side",
+        type=int,
+        default=defaults.short_side,
+        help="resize shorter side to this (even); 0 = no resize" + _DEFAULT,
     )
     parser.add_argument(
         "--stride", type=int, default=None, help="output frames between clip starts (default: clip frames)"
     )
     parser.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes (0 = in this process)"
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="worker processes (0 = in this process) (default: min(4, CPU count) = %(default)s)",
     )
-    parser.add_argument("--crf", type=int, default=defaults.crf, help="x264 constant rate factor")
-    parser.add_argument("--max-samples-per-shard", type=int, default=defaults.max_samples_per_shard)
-    parser.add_argument("--max-shard-bytes", type=int, default=defaults.max_shard_bytes)
+    parser.add_argument("--crf", type=int, default=defaults.crf, help="x264 constant rate factor" + _DEFAULT)
+    parser.add_argument(
+        "--max-samples-per-shard",
+        type=int,
+        default=defaults.max_samples_per_shard,
+        help="at most this many clips per shard" + _DEFAULT,
+    )
+    parser.add_argument(
+        "--max-shard-bytes",
+        type=int,
+        default=defaults.max_shard_bytes,
+        help="at most this many bytes per shard (a larger clip gets a shard of its own)" + _DEFAULT,
+    )
     parser.add_argument(
         "--holdout-fraction",
         type=float,
         default=defaults.holdout_fraction,
-        help="per input, clips in the last F of its frames go to OUT/heldout/ (boundary clips dropped); 0 = off",
+        help="per input, clips in the last F of its frames go to OUT/heldout/ (boundary clips dropped); 0 = off"
+        + _DEFAULT,
     )
     parser.add_argument(
-        "--skip-scene-cuts", action="store_true", help="drop clips that cross a detected hard scene cut"
+        "--holdout-videos",
+        type=_count_or_fraction,
+        default=defaults.holdout_videos,
+        metavar="N|FRACTION",
+        help="every clip of N whole inputs (a whole number) or of that fraction of the inputs (a number in "
+        "(0, 1), at least 1) goes to OUT/heldout/; chosen by content hash, so independent of input order; "
+        "not with --holdout-fraction (default: off)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--skip-scene-cuts", action="store_true", help="drop clips that cross a detected hard scene cut" + _DEFAULT
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar" + _DEFAULT)
+
+
+def _count_or_fraction(text: str) -> int | float:
+    """``--holdout-videos``: a whole number is a count of videos, anything else a fraction (range checked by
+    BuildArgs, so that a bad value is one ``error:`` line like every other refusal)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of videos or a fraction in (0, 1), got {text!r}"
+        ) from None
 
 
 def run_build(namespace: argparse.Namespace) -> int:
@@ -75,6 +123,7 @@ def run_build(namespace: argparse.Namespace) -> int:
             max_samples_per_shard=namespace.max_samples_per_shard,
             max_shard_bytes=namespace.max_shard_bytes,
             holdout_fraction=namespace.holdout_fraction,
+            holdout_videos=namespace.holdout_videos,
             skip_scene_cuts=namespace.skip_scene_cuts,
         )
         if namespace.workers < 0:
@@ -93,7 +142,9 @@ def run_build(namespace: argparse.Namespace) -> int:
         f"from {manifest['ok_inputs']}/{manifest['inputs']} inputs -> {namespace.out}"
     )
     if result.heldout is not None:
-        print(f"{result.heldout['clips']} held-out clips -> {Path(namespace.out) / HELDOUT_DIR}")
+        videos = result.heldout.get("heldout_videos")
+        whole = "" if videos is None else f" (every clip of {len(videos)} video{'' if len(videos) == 1 else 's'})"
+        print(f"{result.heldout['clips']} held-out clips{whole} -> {Path(namespace.out) / HELDOUT_DIR}")
     if manifest["clips_dropped_at_holdout"] or manifest["clips_dropped_at_cuts"]:
         print(
             f"dropped {manifest['clips_dropped_at_holdout']} clips at the holdout boundary, "
@@ -132,23 +183,38 @@ def run_encode(namespace: argparse.Namespace) -> int:
 
 
 def add_procedural_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m data_shards procedural``."""
+    """Arguments of ``python -m data_shards procedural``; --help shows every default."""
     defaults = CorpusArgs(videos=1)
-    parser.add_argument("--out", required=True, type=Path, help="output directory for shards and manifest.json")
-    parser.add_argument("--videos", required=True, type=int, help="number of procedural videos")
     parser.add_argument(
-        "--seed", type=int, default=defaults.seed, help="corpus seed (its videos never repeat an eval set's)"
+        "--out", required=True, type=Path, help="output directory for shards and manifest.json (required)"
     )
-    parser.add_argument("--frames", type=int, default=defaults.frames, help="frames per video")
-    parser.add_argument("--size", type=int, default=defaults.size, help="frame height and width in pixels (even)")
-    parser.add_argument("--clip-frames", type=int, default=defaults.clip_frames, help="frames per clip")
-    parser.add_argument("--fps", type=float, default=defaults.fps, help="frame rate written into the clips")
-    parser.add_argument("--crf", type=int, default=defaults.crf, help="x264 constant rate factor")
-    parser.add_argument("--max-samples-per-shard", type=int, default=defaults.max_samples_per_shard)
+    parser.add_argument("--videos", required=True, type=int, help="number of procedural videos (required)")
     parser.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes (0 = in this process)"
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="corpus seed (its videos never repeat an eval set's)" + _DEFAULT,
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--frames", type=int, default=defaults.frames, help="frames per video" + _DEFAULT)
+    parser.add_argument(
+        "--size", type=int, default=defaults.size, help="frame height and width in pixels (even)" + _DEFAULT
+    )
+    parser.add_argument("--clip-frames", type=int, default=defaults.clip_frames, help="frames per clip" + _DEFAULT)
+    parser.add_argument("--fps", type=float, default=defaults.fps, help="frame rate written into the clips" + _DEFAULT)
+    parser.add_argument("--crf", type=int, default=defaults.crf, help="x264 constant rate factor" + _DEFAULT)
+    parser.add_argument(
+        "--max-samples-per-shard",
+        type=int,
+        default=defaults.max_samples_per_shard,
+        help="at most this many clips per shard" + _DEFAULT,
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="worker processes (0 = in this process) (default: min(4, CPU count) = %(default)s)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar" + _DEFAULT)
 
 
 def run_procedural(namespace: argparse.Namespace) -> int:

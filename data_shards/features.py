@@ -70,7 +70,7 @@ import math
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -381,6 +381,63 @@ def visible_count(num_tokens: int, fraction: float) -> int:
     return 0 if fraction <= 0 else max(1, round(fraction * num_tokens))
 
 
+def feature_bytes_per_frame(num_tokens: int, dim: int, visible_sets: int, num_visible: int, layers: int) -> int:
+    """Tensor bytes one frame adds to a feature sample's safetensors blob (``tokens_to_bytes``).
+
+    Per frame: "tokens" N x D bf16, "layers" L x N x D bf16, and per visible
+    set V = ``num_visible`` (``visible_count``) int32 indices ("visible_idx")
+    plus V x D bf16 tokens ("visible_tokens"). Excluded, since they are per clip and not per frame:
+    the blob's JSON header (a few hundred bytes), the clip's json member and
+    the tar headers.
+    """
+    bf16, int32 = 2, 4
+    grid_bytes = num_tokens * dim * bf16 * (1 + layers)
+    visible_bytes = visible_sets * num_visible * (int32 + dim * bf16)
+    return grid_bytes + visible_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EncodePlan:
+    """What an encode run is about to write; handed to ``encode_clip_shards``'s ``on_start`` before the first clip."""
+
+    clips: int | None
+    """Clips in the clip shards, from the manifest's per-shard sample counts (None when a shard's is unknown)."""
+    clip_frames: int | None
+    """Frames per clip, the manifest's args.clip_frames (None when it records none)."""
+    bytes_per_frame: int
+    """``feature_bytes_per_frame`` for this encoder and these settings."""
+
+    @property
+    def frames(self) -> int | None:
+        """Frames of the corpus (None when unknown); clips that fail to decode count too, so an upper bound."""
+        return None if self.clips is None or self.clip_frames is None else self.clips * self.clip_frames
+
+    @property
+    def total_bytes(self) -> int | None:
+        """Feature tensor bytes of the whole corpus (None when the frame count is unknown)."""
+        return None if self.frames is None else self.frames * self.bytes_per_frame
+
+
+def _encode_plan(
+    entries: list[ShardEntry],
+    clip_manifest: dict[str, Any] | None,
+    encoder: ClipEncoder,
+    visible_fraction: float,
+    visible_sets: int,
+    feature_layers: Sequence[int],
+) -> EncodePlan:
+    counts = [entry.samples for entry in entries]
+    # Summed over the shards being encoded, not the manifest's "clips": a pattern may name a subset.
+    clips = None if any(n is None for n in counts) else sum(n for n in counts if n is not None)
+    args = (clip_manifest or {}).get("args")
+    clip_frames = args.get("clip_frames") if isinstance(args, dict) else None
+    V = visible_count(encoder.num_tokens, visible_fraction)
+    per_frame = feature_bytes_per_frame(encoder.num_tokens, encoder.embed_dim, visible_sets, V, len(feature_layers))
+    return EncodePlan(
+        clips=clips, clip_frames=clip_frames if isinstance(clip_frames, int) else None, bytes_per_frame=per_frame
+    )
+
+
 def frames_for_encoding(mp4: bytes, image_size: int, *, key: str = "?", expected_frames: int | None = None) -> Tensor:
     """All frames of clip bytes, centre square resized to image_size: uint8 (T, 3, S, S)."""
     frames_THWC = decode_mp4_frames(mp4, None, key=key, expected_frames=expected_frames)
@@ -526,6 +583,8 @@ def encode_clip_shards(
     feature_layers: Sequence[int] = (),
     expected_encoder_hash: str | None = None,
     args: dict[str, Any] | None = None,
+    on_start: Callable[[EncodePlan], None] | None = None,
+    on_clip: Callable[[int], None] | None = None,
 ) -> Path:
     """Encode every clip of ``shards_dir`` with the frozen ``encoder``; returns the feature directory.
 
@@ -549,6 +608,11 @@ def encode_clip_shards(
     Raises EncoderMismatchError when ``expected_encoder_hash`` is given and
     differs from the encoder's, or when the output directory holds features
     of another encoder.
+
+    Progress, for a caller that shows it (this module prints nothing):
+    ``on_start`` gets the ``EncodePlan`` once every refusal has passed, just
+    before the first clip is decoded (not called when existing features are
+    reused); ``on_clip`` gets each written clip's frame count.
     """
     if batch_clips < 1:
         raise ValueError(f"batch_clips must be >= 1, got {batch_clips}")
@@ -602,11 +666,21 @@ def encode_clip_shards(
         _removed_if_left_empty(root),
         output_dir(final, is_ours=is_feature_dir, what="feature shards") as tmp,
     ):
+        if on_start is not None:
+            on_start(_encode_plan(entries, clip_manifest, encoder, visible_fraction, visible_sets, feature_layers))
         shard_docs, skipped, clips = [], Counter(), 0
         for i, entry in enumerate(entries):
             name = f"features-{i:06d}.tar"
             written = _encode_one_shard(
-                entry.path, tmp / name, encoder, batch_clips, skipped, visible_fraction, visible_sets, feature_layers
+                entry.path,
+                tmp / name,
+                encoder,
+                batch_clips,
+                skipped,
+                visible_fraction,
+                visible_sets,
+                feature_layers,
+                on_clip,
             )
             data_digest, size = _file_digest(tmp / name)
             shard_docs.append({"name": name, "bytes": size, "samples": written, "sha256": data_digest})
@@ -657,8 +731,9 @@ def _encode_one_shard(
     visible_fraction: float,
     visible_sets: int,
     feature_layers: list[int],
+    on_clip: Callable[[int], None] | None = None,
 ) -> int:
-    """Encode one clip shard into one feature shard; returns the number of clips written."""
+    """Encode one clip shard into one feature shard; returns the number of clips written (each also to ``on_clip``)."""
     written = 0
     with wds.TarWriter(str(dst)) as sink, _unreadable_tar_is_clip_shard_error(src):
         for group in _decoded_groups(src, encoder.image_size, batch_clips, skipped):
@@ -680,6 +755,8 @@ def _encode_one_shard(
                     }
                 )
                 written += 1
+                if on_clip is not None:
+                    on_clip(tokens_TND.shape[0])
     return written
 
 

@@ -14,13 +14,19 @@
 #   listed in ~/.deepspeed_env (e.g. NCCL_SOCKET_IFNAME, NCCL_IB_HCA, PYTHONPATH).
 # The launcher appends --local_rank=N to the command; pretrain.train accepts it.
 # The run directory (run.out_dir) must be on a filesystem every host shares.
+# Python: the project's .venv without activation (PYTHON=/path/to/python overrides; see _python.sh).
+# The launcher starts local and remote ranks with its own interpreter's path, so on other hosts the
+# venv must sit at the same path (a shared filesystem).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
+# The `deepspeed` command's module form, under $PY rather than whatever `deepspeed` PATH finds.
+DEEPSPEED=("$PY" -m deepspeed.launcher.runner)
 MASTER_PORT=${MASTER_PORT:-29500}
 if [[ -n "${HOSTFILE:-}" ]]; then
     MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}
-    exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    exec "${DEEPSPEED[@]}" --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
         --module pretrain.train "$@"
 fi
-NUM_GPUS=${NUM_GPUS:-$(python -c "import torch; print(torch.cuda.device_count() or 2)")}
-exec deepspeed --num_gpus "$NUM_GPUS" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT" \
+NUM_GPUS=${NUM_GPUS:-$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")}
+exec "${DEEPSPEED[@]}" --num_gpus "$NUM_GPUS" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT" \
     --module pretrain.train "$@"

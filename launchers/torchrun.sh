@@ -14,16 +14,19 @@
 #     picks the wrong one; GLOO_SOCKET_IFNAME does the same on CPU.
 # The run directory (run.out_dir) must be on a filesystem every node shares: ranks write their
 # checkpoint shards into the same tag directory.
+# Python: the project's .venv without activation (PYTHON=/path/to/python overrides; see _python.sh).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
 NNODES=${NNODES:-1}
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-    NPROC_PER_NODE=$(python -c "import torch; print(torch.cuda.device_count() or 2)")
+    NPROC_PER_NODE=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
 if [[ "$NNODES" -gt 1 && -z "${RDZV_ENDPOINT:-}" ]]; then
     echo "RDZV_ENDPOINT=host:port is required with NNODES=$NNODES" >&2
     exit 2
 fi
-exec torchrun \
+# torchrun's module form: the ranks then run under the same interpreter ($PY), not PATH's.
+exec "$PY" -m torch.distributed.run \
     --nnodes="$NNODES" \
     --nproc-per-node="$NPROC_PER_NODE" \
     --rdzv-backend=c10d \

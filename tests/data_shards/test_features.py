@@ -22,12 +22,14 @@ from data_shards.features import (
     FeatureBlob,
     VisibleSets,
     encode_clip_shards,
+    feature_bytes_per_frame,
     feature_dir,
     feature_loader,
     features_from_bytes,
     frames_for_encoding,
     tokens_from_bytes,
     tokens_to_bytes,
+    visible_count,
 )
 from data_shards.loader import CorruptSampleError, LoaderConfig
 from pretrain.encoder import FrozenEncoder, load_encoder
@@ -346,6 +348,34 @@ def test_frame_subsets_read_only_those_frames_exactly() -> None:
     # The copy owns its memory: writing it leaves the blob's bytes alone.
     sub_TND.zero_()
     assert torch.equal(tokens_from_bytes(blob).view(torch.int16), tokens_TND.view(torch.int16))
+
+
+def _blob_of_zeros(T: int, N: int, D: int, M: int, V: int, L: int) -> bytes:
+    """The feature blob of a T-frame clip with that layout (zeros: only the sizes matter)."""
+    visible = VisibleSets(torch.zeros(T, M, V, dtype=torch.int32), torch.zeros(T, M, V, D).bfloat16()) if M else None
+    layers_TLND = torch.zeros(T, L, N, D).bfloat16() if L else None
+    return tokens_to_bytes(torch.zeros(T, N, D).bfloat16(), visible, layers_TLND)
+
+
+@pytest.mark.parametrize(
+    ("N", "D", "M", "V", "L"),
+    [(16, 8, 0, 0, 0), (16, 8, 3, 2, 0), (16, 8, 0, 0, 2), (16, 8, 2, 1, 2), (256, 384, 2, 13, 0)],
+    ids=["tokens", "visible", "layers", "visible+layers", "vits14-224"],
+)
+def test_bytes_per_frame_estimate_is_the_blob_size_less_its_header(N: int, D: int, M: int, V: int, L: int) -> None:
+    """The storage estimate the encode command prints: T frames of it are the real blob but for its JSON header."""
+    T = 3
+    per_frame = feature_bytes_per_frame(N, D, M, V, L)
+    blob = _blob_of_zeros(T, N, D, M, V, L)
+    header = 8 + int.from_bytes(blob[:8], "little")
+    assert len(blob) == header + T * per_frame
+    assert header < 400
+
+
+def test_bytes_per_frame_of_vits14_at_224_with_two_visible_sets() -> None:
+    """ViT-S/14 at 224 px: 256 tokens of width 384, 2 sets of 13 (F = 0.05): about 217 kB a frame."""
+    assert visible_count(256, 0.05) == 13
+    assert feature_bytes_per_frame(256, 384, 2, 13, 0) == 256 * 384 * 2 + 2 * 13 * (4 + 384 * 2) == 216_680
 
 
 @pytest.mark.parametrize(

@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from data_shards.features import EncoderMismatchError
+from data_shards.features import EncoderMismatchError, FeatureBlob, feature_bytes_per_frame, visible_count
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.data import check_feature_shards
 from pretrain.encode import main as encode_main
@@ -161,3 +162,50 @@ def test_the_command_refuses_bad_overrides_in_one_line(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "encoder.image_sise" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def _encode_with_stderr(clip_dir: Path, out: Path, *extra: str) -> tuple[Path, list[str]]:
+    """Run the command in-process; its stdout (the feature directory) and its stderr lines."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = [*_config_args(out.parent), "--shards", str(clip_dir), "--out", str(out), "--batch", "2", *extra]
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        assert encode_main(argv) == 0
+    return Path(stdout.getvalue().strip()), stderr.getvalue().splitlines()
+
+
+def test_the_command_prints_the_storage_estimate_and_a_progress_bar(clip_dir: Path, tmp_path: Path) -> None:
+    """Before encoding: one estimate line (per frame, and the corpus total from the manifest); then a bar over clips.
+
+    The estimate is the real layout: each stored blob is its frames times the per-frame figure plus its header.
+    """
+    # A build's manifest records args.clip_frames; the fixture's does not, so add it (shard bytes are unchanged).
+    clips = shutil.copytree(clip_dir, tmp_path / "clips")
+    manifest = json.loads((clips / "manifest.json").read_text())
+    (clips / "manifest.json").write_text(json.dumps({**manifest, "args": {"clip_frames": 6}}))
+    out, stderr = _encode_with_stderr(clips, tmp_path / "features")
+
+    encoder = load_encoder("random", arch="vit_test", image_size=56)
+    V = visible_count(encoder.num_tokens, 0.05)
+    per_frame = feature_bytes_per_frame(encoder.num_tokens, encoder.embed_dim, 2, V, 0)
+    assert stderr[0].startswith(f"storage estimate: {per_frame:,} B ")
+    assert f"3 clips x 6 frames = 18 frames -> about {18 * per_frame / 1000:.1f} kB" in stderr[0]
+    bar = "\n".join(stderr[1:])
+    assert "encode" in bar and "3/3" in bar and "clip/s" in bar and "frames/s" in bar
+    for tar in sorted(out.glob("features-*.tar")):
+        for sample in _tar_samples(tar):
+            blob = FeatureBlob(sample["safetensors"])
+            header = 8 + int.from_bytes(blob.blob[:8], "little")
+            assert len(blob.blob) == header + blob.num_frames * per_frame
+
+
+def test_no_progress_leaves_only_the_estimate_on_stderr(clip_dir: Path, tmp_path: Path) -> None:
+    """--no-progress (as data_shards build has): no bar; without args.clip_frames the corpus total is unknown."""
+    _, stderr = _encode_with_stderr(clip_dir, tmp_path / "features", "--no-progress")
+    assert len(stderr) == 1, stderr
+    assert stderr[0].startswith("storage estimate: ") and "corpus total unknown (3 clips" in stderr[0]
+
+
+def _tar_samples(tar: Path) -> list[dict]:
+    import webdataset as wds
+
+    return list(wds.WebDataset(str(tar), shardshuffle=False))

@@ -620,9 +620,13 @@ def shard_summary(cfg: Config, loader: Any, data_source: str) -> dict[str, Any]:
     """
     geometry = shard_geometry(config_to_dict(cfg), loader.manifest, loader.shards[0])
     geometry = dataclasses.replace(geometry, data_source=data_source)
+    build_args = _build_args(cfg.data.source, loader.manifest)
     return {
         "source": data_source,
         "shards": cfg.data.shards,
+        # The builder's clip length and rate (None when the manifest does not say).
+        "clip_frames": build_args.get("clip_frames"),
+        "fps": geometry.fps,
         "shard_mode": loader.mode,
         "samples_per_epoch": loader.samples_per_epoch,
         "clip_geometry": geometry.to_dict(),

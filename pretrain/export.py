@@ -279,6 +279,10 @@ def export_config(meta: dict[str, Any], config: dict[str, Any], step: int) -> di
     """
     summary = dict(meta.get("data_summary", {}))
     geometry = summary.pop("clip_geometry", None)
+    if config["data"]["source"] != "videos":
+        # data.videos is the default list, never read by a shard run: recorded, it would name videos the
+        # model never saw. The shards it did see are in the data record (spec, clip length, rate, geometry).
+        config = {**config, "data": {**config["data"], "videos": []}}
     training = recorded_config(config)
     if geometry is None and training.data.source == "videos":
         geometry = config_geometry(config).to_dict()

@@ -185,6 +185,14 @@ def test_cli_build_encode_train(tmp_path: Path) -> None:
         f"--data.eval_shards={tmp_path / 'features'}",
     ).stdout
     assert "copy-last" in out
+    # Each export records the shards it was trained on, not the unused default data.videos.
+    from pretrain.export import read_export_config
+
+    for name, source, spec in (("tiny-cpu", "clips", clips), ("feat", "features", tmp_path / "features")):
+        recorded = read_export_config(tmp_path / "runs" / name / "export")
+        assert recorded.training.data.videos == []
+        assert recorded.data["source"] == source and recorded.data["shards"] == str(spec)
+        assert (recorded.data["clip_frames"], recorded.data["fps"]) == (8, 15.0)
 
 
 def test_train_from_feature_shards_with_encoder_blocks(tmp_path: Path, clip_shards: Path) -> None:

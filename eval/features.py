@@ -168,11 +168,16 @@ class FeaturePath(nn.Module):
         return any(p.requires_grad for p in self.parameters())
 
     def forward(self, tokens_BTND: Tensor) -> Tensor:
+        """Every frame's core output. Both protocols run the core's parallel ``forward``: every core is
+        causal, so frame t's output is the one a loop of ``step`` gives after frames 0..t (pinned in
+        tests/pretrain/test_cores.py and tests/eval/test_features.py), at a third of the cost in training.
+        The protocol decides what the readout may read, not how the core is run."""
+        y_BTNd, _ = self.core(self.adapter(tokens_BTND.float()))
+        return y_BTNd
+
+    def stream(self, tokens_BTND: Tensor) -> Tensor:
+        """The same outputs computed one frame at a time, carrying only the core's state (the reference)."""
         x_BTNd = self.adapter(tokens_BTND.float())
-        if self.protocol == "clip":
-            y_BTNd, _ = self.core(x_BTNd)
-            return y_BTNd
-        # Streaming: the core sees one frame at a time and carries only its state.
         state = None
         outputs = []
         for t in range(x_BTNd.shape[1]):

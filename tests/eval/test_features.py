@@ -28,14 +28,28 @@ from tests.pretrain.test_export_isolation import write_v1_export
 
 
 @pytest.mark.parametrize("kind", CORE_KINDS)
-def test_streaming_equals_clip_for_every_core(kind: str) -> None:
+def test_the_parallel_forward_equals_streaming_frame_by_frame_for_every_core(kind: str) -> None:
+    """The feature path runs the core's parallel forward; frame by frame (``stream``) is the reference,
+    for the outputs and for the gradients a fine-tuned readout sends back into the core."""
     torch.manual_seed(0)
     adapter = torch.nn.Linear(12, 8)
     core = build_core(kind, 8, depth=2, num_heads=2, d_state=4)
     tokens_BTND = torch.randn(2, 5, 3, 12)
-    streaming = FeaturePath(adapter, core, "streaming")(tokens_BTND)
-    clip = FeaturePath(adapter, core, "clip")(tokens_BTND)
-    torch.testing.assert_close(streaming, clip, rtol=1e-5, atol=1e-5)
+    weights_TNd = torch.randn(5, 3, 8)
+    grads = []
+    for run in ("forward", "stream"):
+        path = FeaturePath(adapter, core, "streaming")
+        path.zero_grad()
+        out = path(tokens_BTND) if run == "forward" else path.stream(tokens_BTND)
+        (out * weights_TNd).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in path.named_parameters() if p.grad is not None})
+        if run == "forward":
+            parallel = out.detach()
+        else:
+            torch.testing.assert_close(parallel, out.detach(), rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -44,7 +58,7 @@ def test_export_variants_stream_like_clips(tiny_export: Path, variant: str) -> N
     D = export.spec.encoder_dim
     tokens_BTND = torch.randn(2, 4, export.spec.grid_h * export.spec.grid_w, D)
     with torch.no_grad():
-        streaming = build_feature_path(export, variant, "streaming", "frozen", seed=3)(tokens_BTND)
+        streaming = build_feature_path(export, variant, "streaming", "frozen", seed=3).stream(tokens_BTND)
         clip = build_feature_path(export, variant, "clip", "frozen", seed=3)(tokens_BTND)
     torch.testing.assert_close(streaming, clip, rtol=1e-5, atol=1e-5)
 

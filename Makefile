@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo eval procedural test test-fast lint clean-runs
+.PHONY: venv demo eval procedural readme-figures test test-fast lint clean-runs
 
 venv: $(STAMP)
 
@@ -46,6 +46,11 @@ procedural: venv
 	$(PY) -m pretrain.encode --config procedural-cpu --shards $(PROC)/heldout-clips --out $(PROC)/heldout-features
 	$(PY) -m pretrain.train --config procedural-cpu
 	$(PY) -m eval.efficiency --export runs/procedural-cpu/export --out runs/efficiency-procedural --quick
+
+# The README's figures (docs/) and the numbers beside them, from what `make procedural` wrote
+# (benchmarks/readme_figures.py); run after it. Never edit those numbers by hand.
+readme-figures: venv
+	$(PY) -m benchmarks.readme_figures
 
 test: venv
 	$(PY) -m pytest -q

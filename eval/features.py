@@ -186,6 +186,10 @@ class FeaturePath(nn.Module):
         return torch.stack(outputs, dim=1)
 
 
+FRESH_INIT_SEED_OFFSET = 7_919_000
+"""Added to the eval seed before a variant's fresh modules are initialized."""
+
+
 def build_feature_path(export: Export, variant: Variant, protocol: Protocol, probe: Probe, seed: int) -> FeaturePath:
     """The feature path of one variant; parameters trainable as the probe mode says (see module docstring)."""
     if variant not in VARIANTS:
@@ -194,7 +198,9 @@ def build_feature_path(export: Export, variant: Variant, protocol: Protocol, pro
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
     spec = export.spec
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # Offset so that a fresh init (random, scratch) never reproduces the init the export itself was
+        # trained from (the trainer seeds with run.seed, a small number like these eval seeds).
+        torch.manual_seed(FRESH_INIT_SEED_OFFSET + seed)
         if variant == "pretrained":
             fresh = FuturePredictor(spec)
             fresh.load_state_dict(export.model.state_dict())

@@ -29,6 +29,23 @@ _BUILD_REFUSALS = (BuildArgsError, NoInputsError, OutputDirError)
 _DEFAULT = " (default: %(default)s)"
 
 
+def _add_encoding_arguments(parser: argparse.ArgumentParser, *, crf: int, max_samples_per_shard: int) -> None:
+    """The options ``build`` and ``procedural`` share: worker processes, x264 quality, shard size."""
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="worker processes (0 = in this process) (default: min(4, CPU count) = %(default)s)",
+    )
+    parser.add_argument("--crf", type=int, default=crf, help="x264 constant rate factor" + _DEFAULT)
+    parser.add_argument(
+        "--max-samples-per-shard",
+        type=int,
+        default=max_samples_per_shard,
+        help="at most this many clips per shard" + _DEFAULT,
+    )
+
+
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m data_shards build``; --help shows every default."""
     defaults = BuildArgs()
@@ -55,19 +72,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stride", type=int, default=None, help="output frames between clip starts (default: clip frames)"
     )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="worker processes (0 = in this process) (default: min(4, CPU count) = %(default)s)",
-    )
-    parser.add_argument("--crf", type=int, default=defaults.crf, help="x264 constant rate factor" + _DEFAULT)
-    parser.add_argument(
-        "--max-samples-per-shard",
-        type=int,
-        default=defaults.max_samples_per_shard,
-        help="at most this many clips per shard" + _DEFAULT,
-    )
+    _add_encoding_arguments(parser, crf=defaults.crf, max_samples_per_shard=defaults.max_samples_per_shard)
     parser.add_argument(
         "--max-shard-bytes",
         type=int,
@@ -201,19 +206,7 @@ def add_procedural_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--clip-frames", type=int, default=defaults.clip_frames, help="frames per clip" + _DEFAULT)
     parser.add_argument("--fps", type=float, default=defaults.fps, help="frame rate written into the clips" + _DEFAULT)
-    parser.add_argument("--crf", type=int, default=defaults.crf, help="x264 constant rate factor" + _DEFAULT)
-    parser.add_argument(
-        "--max-samples-per-shard",
-        type=int,
-        default=defaults.max_samples_per_shard,
-        help="at most this many clips per shard" + _DEFAULT,
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="worker processes (0 = in this process) (default: min(4, CPU count) = %(default)s)",
-    )
+    _add_encoding_arguments(parser, crf=defaults.crf, max_samples_per_shard=defaults.max_samples_per_shard)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar" + _DEFAULT)
 
 

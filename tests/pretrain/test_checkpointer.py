@@ -109,7 +109,7 @@ def test_resume_with_the_same_schedule_says_nothing_about_it(tmp_path: Path, cap
 
 
 def test_resume_clears_a_killed_config_write_and_nothing_else(tmp_path: Path) -> None:
-    """A SIGKILL inside the atomic write of config.json leaves ``.config.json.XXXX.tmp`` in the run directory."""
+    """A SIGKILL inside the atomic write of config.json leaves a ``.config.json.<random>.tmp`` in the run directory."""
     Trainer(load_config("tiny-cpu", tiny_overrides(tmp_path))).train(stop_at=2)
     run_dir = load_config("tiny-cpu", tiny_overrides(tmp_path)).run_dir
     killed_write = run_dir / ".config.json.ab12cd34.tmp"

@@ -252,20 +252,15 @@ def _better(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return (a["mean"] > b["mean"]) == a["higher_is_better"]
 
 
-def _above(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """a's 95% interval apart from b's and on the better side (eval.efficiency.verdict's test)."""
-    from eval.stats import intervals_overlap
-
-    return not intervals_overlap((a["ci95_low"], a["ci95_high"]), (b["ci95_low"], b["ci95_high"])) and _better(a, b)
-
-
 def _marks(cells: dict[str, dict[str, Any]]) -> tuple[set[str], set[str]]:
-    """(bold, bracketed) variants of one task at one budget."""
+    """(bold, bracketed) variants of one task at one budget (bold: eval.efficiency.verdict's test)."""
+    from eval.efficiency import row_above
+
     controls = [cells[v] for v in CONTROLS if v in cells]
     bold = {
         v
         for v in PRETRAINED
-        if v in cells and len(controls) == len(CONTROLS) and all(_above(cells[v], c) for c in controls)
+        if v in cells and len(controls) == len(CONTROLS) and all(row_above(cells[v], c) for c in controls)
     }
     best = None
     for variant, row in cells.items():

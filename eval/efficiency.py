@@ -337,24 +337,25 @@ def fairness(task: Task, runs: dict[tuple[str, int], list[Trained]]) -> dict[str
     return {"trainable_parameters": counts, "invariants": list(checks)}
 
 
+def row_above(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Row a (of efficiency.json) beats row b with their 95% intervals apart, in the metric's direction."""
+    separated = not intervals_overlap((a["ci95_low"], a["ci95_high"]), (b["ci95_low"], b["ci95_high"]))
+    return separated and (a["mean"] > b["mean"]) == a["higher_is_better"]
+
+
 def verdict(rows: list[dict[str, Any]], cfg: EfficiencyConfig, reading: str) -> dict[str, Any]:
     """The target: pretrained(-ft) above scratch and identity, CIs apart, at the two smallest budgets."""
     table = {(r["task"], r["variant"], r["budget"]): r for r in rows if r["reading"] == reading}
     small = cfg.budgets[:2]
     wins: dict[str, bool] = {}
     for task in (t for t in TEMPORAL_TASKS if t in cfg.tasks):
-        higher = next((r["higher_is_better"] for r in rows if r["task"] == task), True)
 
-        def above(a: dict[str, Any], b: dict[str, Any], higher: bool = higher) -> bool:
-            separated = not intervals_overlap((a["ci95_low"], a["ci95_high"]), (b["ci95_low"], b["ci95_high"]))
-            return separated and (a["mean"] > b["mean"]) == higher
-
-        def wins_at(budget: int, task: str = task, above=above) -> bool:
+        def wins_at(budget: int, task: str = task) -> bool:
             controls = [table.get((task, v, budget)) for v in ("scratch", "identity")]
             if any(c is None for c in controls):
                 return False
             return any(
-                (ours := table.get((task, v, budget))) is not None and all(above(ours, c) for c in controls)
+                (ours := table.get((task, v, budget))) is not None and all(row_above(ours, c) for c in controls)
                 for v in ("pretrained", "pretrained-ft")
             )
 

@@ -618,9 +618,10 @@ def shard_summary(cfg: Config, loader: Any, data_source: str) -> dict[str, Any]:
     ``cfg`` reads the shards (``ShardPlan.cfg``); ``data_source`` is the user's data.source ('videos' for
     shards the front end built).
     """
-    geometry = shard_geometry(config_to_dict(cfg), loader.manifest, loader.shards[0])
-    geometry = dataclasses.replace(geometry, data_source=data_source)
+    # Read once: for feature shards it is the clip shards' manifest, which may be a remote fetch.
     build_args = _build_args(cfg.data.source, loader.manifest)
+    geometry = shard_geometry(config_to_dict(cfg), loader.manifest, loader.shards[0], build_args=build_args)
+    geometry = dataclasses.replace(geometry, data_source=data_source)
     return {
         "source": data_source,
         "shards": cfg.data.shards,
@@ -633,8 +634,16 @@ def shard_summary(cfg: Config, loader: Any, data_source: str) -> dict[str, Any]:
     }
 
 
-def shard_geometry(config: dict[str, Any], manifest: dict[str, Any] | None, first_shard: str | Path) -> ClipGeometry:
+def shard_geometry(
+    config: dict[str, Any],
+    manifest: dict[str, Any] | None,
+    first_shard: str | Path,
+    *,
+    build_args: dict[str, Any] | None = None,
+) -> ClipGeometry:
     """The clip geometry of training from these shards (``config``: a resolved config, ``config_to_dict``).
+
+    ``build_args``: the builder's arguments when the caller has read them already (``_build_args``).
 
     Rate, short side and scene-cut policy are the builder's (``data_shards
     build`` records them in the clip shards' manifest "args"; feature shards
@@ -646,7 +655,7 @@ def shard_geometry(config: dict[str, Any], manifest: dict[str, Any] | None, firs
     encode pass of feature shards does not.
     """
     source = config["data"]["source"]
-    args = _build_args(source, manifest)
+    args = _build_args(source, manifest) if build_args is None else build_args
     if "fps" in args and "short_side" in args:
         fps, short_side = float(args["fps"]) or None, int(args["short_side"]) or None
     else:

@@ -30,7 +30,7 @@ demo: venv
 	$(PY) -m pretrain.demo
 
 # The eval suite on the demo's export: the data-efficiency table (--quick: budgets
-# 8 and 64, 3 seeds, streaming readouts) of every procedural task, each variant
+# 8 and 64, 3 seeds, streaming readouts, 100 readout steps) of every procedural task, each variant
 # against scratch, random and image-only (identity) controls.
 eval: venv
 	$(PY) -m eval.efficiency --export runs/tiny-cpu/export --out runs/efficiency-demo --quick

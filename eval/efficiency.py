@@ -1,8 +1,8 @@
 """Data efficiency: what pre-training buys with few labels, per task, with confidence intervals.
 
     python -m eval.efficiency --export DIR --out OUT [--quick] [--tasks a,b] [--budgets 8,32,128,512]
-        [--seeds 3] [--test-videos 100] [--steps 150] [--readings streaming,all-frames] [--encoder PATH]
-        [--no-mlflow]
+        [--variants pretrained,...] [--seeds 3] [--test-videos 100] [--steps 150]
+        [--readings streaming,all-frames] [--encoder PATH] [--no-mlflow]
 
 For every task and every budget N of labelled clips, the same readout is
 trained on the same N clips for each variant and scored on one fixed test set:
@@ -104,6 +104,8 @@ TASKS: tuple[str, ...] = (
     "camera_pose",
 )
 TEMPORAL_TASKS: tuple[str, ...] = TASKS[:5]
+COST_ORDER: tuple[str, ...] = ("point_tracking", "box_tracking", "camera_pose", "depth")
+"""Tasks whose readouts cost the most (dense or per-frame heads), started first so workers finish together."""
 """The tasks the verdict counts: each needs information from earlier frames."""
 TARGET_TASKS = 3
 """The target: pre-training wins on at least this many temporal tasks at the two smallest budgets."""
@@ -123,6 +125,9 @@ class EfficiencyConfig:
     """Tasks to run (the eval.tasks names)."""
     readings: tuple[str, ...] = ("streaming", "all-frames")
     """Readout readings; the first is the headline."""
+    variants: tuple[str, ...] = (*VARIANTS, CONTROL)
+    """Variants to train. A subset (e.g. only ``pretrained`` when ablating pre-training, whose controls
+    do not change with the objective) costs less; the verdict needs pretrained(-ft), scratch and identity."""
     readout: ReadoutConfig = dataclasses.field(default_factory=lambda: ReadoutConfig(finetune_lr=5e-4))
     """Readout training: steps, batch, learning rates (the feature path's in finetune variants)."""
     frames: int = 16
@@ -144,13 +149,18 @@ class EfficiencyConfig:
         unknown = [t for t in self.tasks if t not in TASKS and t != "depth"]
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; known: {', '.join(TASKS)}, depth")
+        unknown = [v for v in self.variants if v not in (*VARIANTS, CONTROL)]
+        if unknown or not self.variants:
+            raise ValueError(f"variants must be among {[*VARIANTS, CONTROL]}, got {list(self.variants)}")
         unknown = [r for r in self.readings if r not in READINGS]
         if unknown or not self.readings:
             raise ValueError(f"readings must be among {list(READINGS)}, got {list(self.readings)}")
 
 
 QUICK = {"budgets": (8, 64), "readings": ("streaming",)}
-"""What --quick changes: two budgets and the headline reading only."""
+"""What --quick changes: two budgets and the headline reading only..."""
+QUICK_READOUT_STEPS = 100
+"""...and 100 readout steps instead of 150 (fine-tuning the core is most of the time on a CPU)."""
 
 
 def procedural_config(cfg: EfficiencyConfig) -> ProceduralConfig:
@@ -411,7 +421,7 @@ def run_task(experiment: Experiment, task_name: str) -> TaskOutcome:
     outcome = TaskOutcome([], [], {}, {}, 0.0)
     for reading in cfg.readings:
         runs: dict[tuple[str, int], list[Trained]] = {}
-        for variant in VARIANTS:
+        for variant in (v for v in VARIANTS if v in cfg.variants):
             for budget in cfg.budgets:
                 runs[(variant, budget)] = [
                     experiment.train(task, targets, variant, budget, seed, READINGS[reading])
@@ -419,7 +429,7 @@ def run_task(experiment: Experiment, task_name: str) -> TaskOutcome:
                 ]
                 scores = [round(t.result.metrics[task.primary], 4) for t in runs[(variant, budget)]]
                 log.info("%s %s %s N=%d: %s", task_name, reading, variant, budget, scores)
-        if reading == cfg.readings[0]:
+        if reading == cfg.readings[0] and CONTROL in cfg.variants:
             runs[(CONTROL, max(cfg.budgets))] = [
                 experiment.train(task, targets, CONTROL, max(cfg.budgets), seed, streaming=False)
                 for seed in range(cfg.seeds)
@@ -453,14 +463,17 @@ def run_tasks(experiment: Experiment, tasks: Sequence[str], workers: int) -> lis
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    # Longest first: the pool hands out tasks in submission order, so the costly ones must not come last.
+    order = sorted(tasks, key=lambda name: COST_ORDER.index(name) if name in COST_ORDER else len(COST_ORDER))
     global _WORKER_EXPERIMENT
     _WORKER_EXPERIMENT = experiment
     try:
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            return list(pool.map(_run_task_in_worker, tasks))
+            outcomes = dict(zip(order, pool.map(_run_task_in_worker, order), strict=True))
     finally:
         _WORKER_EXPERIMENT = None
+    return [outcomes[name] for name in tasks]
 
 
 def run_efficiency(export: Export, clips: ClipSet, cfg: EfficiencyConfig, workers: int = 1) -> dict[str, Any]:
@@ -641,10 +654,14 @@ def config_from_args(args: argparse.Namespace) -> EfficiencyConfig:
         fields["tasks"] = tuple(args.tasks.split(","))
     if args.readings:
         fields["readings"] = tuple(args.readings.split(","))
+    if args.variants:
+        fields["variants"] = tuple(args.variants.split(","))
     for name in ("seeds", "test_videos", "draws", "frames", "size"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
-    readout = {"finetune_lr": 5e-4}
+    readout: dict[str, Any] = {"finetune_lr": 5e-4}
+    if args.quick:
+        readout["steps"] = QUICK_READOUT_STEPS
     if args.steps is not None:
         readout["steps"] = args.steps
     return EfficiencyConfig(readout=ReadoutConfig(**readout), **fields)
@@ -654,10 +671,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m eval.efficiency", description=__doc__.splitlines()[0])
     parser.add_argument("--export", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/efficiency"))
-    parser.add_argument("--quick", action="store_true", help="budgets 8 and 64, the streaming reading only")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"budgets 8 and 64, the streaming reading only, {QUICK_READOUT_STEPS} readout steps",
+    )
     parser.add_argument("--tasks", default=None, help=f"comma-separated, default {','.join(TASKS)}")
     parser.add_argument("--budgets", default=None, help="comma-separated labelled-clip counts")
     parser.add_argument("--readings", default=None, help="streaming and/or all-frames")
+    parser.add_argument(
+        "--variants", default=None, help=f"comma-separated subset of {','.join([*VARIANTS, CONTROL])} (default all)"
+    )
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--test-videos", dest="test_videos", type=int, default=None)
     parser.add_argument("--draws", type=int, default=None, help="bootstrap draws")

@@ -177,3 +177,36 @@ def test_efficiency_refuses_a_directory_of_unrelated_files(
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(out) in errors[0]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "sub"]
+
+
+def test_tasks_keep_their_order_when_workers_start_the_costly_ones_first(tiny_record: dict) -> None:
+    # The pool runs point_tracking first (efficiency.COST_ORDER); the record keeps the asked order.
+    record = tiny_record["first"]
+    assert list(dict.fromkeys(r["task"] for r in record["rows"])) == ["classification", "point_tracking"]
+    assert [k.split("/")[0] for k in record["fairness"]] == ["classification", "point_tracking"]
+
+
+def test_a_variant_subset_trains_only_those(tiny_export: Path, eval_cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "subset"
+    args = ["--export", str(tiny_export), "--out", str(out), "--cache-dir", str(eval_cache), "--no-mlflow"]
+    args += ["--budgets=2,4", "--seeds=2", "--test-videos=10", "--tasks=classification", "--workers=1"]
+    args += ["--readings=streaming", "--steps=3", "--draws=50", "--frames=6", "--size=32"]
+    assert efficiency.main([*args, "--variants=pretrained,identity"]) == 0
+    record = json.loads((out / "efficiency.json").read_text())
+    assert {r["variant"] for r in record["rows"]} == {"pretrained", "identity"}
+    # Without scratch there is nothing to win against: the verdict says no, it does not crash.
+    assert record["verdict"]["wins"] == {"classification": False}
+
+
+def test_an_unknown_variant_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"variants must be among .*got \['pretrianed'\]"):
+        tiny_cfg(variants=("pretrianed",))
+
+
+def test_quick_trains_fewer_readout_steps_unless_told() -> None:
+    from eval.efficiency import QUICK_READOUT_STEPS, config_from_args, parse_args
+
+    quick = config_from_args(parse_args(["--export", "x", "--quick"]))
+    assert quick.readout.steps == QUICK_READOUT_STEPS < EfficiencyConfig().readout.steps
+    assert quick.budgets == (8, 64) and quick.readings == ("streaming",)
+    assert config_from_args(parse_args(["--export", "x", "--quick", "--steps", "7"])).readout.steps == 7

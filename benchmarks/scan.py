@@ -1,4 +1,4 @@
-"""Selective-scan benchmark: the Triton kernel against the eager and the compiled reference.
+"""Selective-scan benchmark: the Triton kernel (or the CPU path) against the eager and the compiled reference.
 
 Shape legend: b batch (B*N per-patch sequences of the temporal core), d
 channels (2 * d_model, the Mamba inner width), l frames, n state size.
@@ -17,11 +17,17 @@ makes two passes because the backward must re-form exp(delta * A) (reading it
 back instead would cost 4 * n = 64 bytes per element).
 
 On a machine without CUDA the benchmark runs tiny shapes and times the
-reference and the compiled reference only: the Triton kernels would run in the
+reference, the compiled reference and the CPU path (`selective_scan_cpu`, the
+dispatch's choice there) only: the Triton kernels would run in the
 interpreter there, which measures Python, not the kernel.
+
+`--cpu` compares the CPU path with the eager reference on the cores' CPU
+training shapes, one thread, the two interleaved rep by rep and the minimum
+kept (a shared CPU makes single runs swing), and prints their ratio.
 
     python -m benchmarks.scan              # CUDA: the per-patch grid; CPU: --quick
     python -m benchmarks.scan --quick      # tiny shapes, any device
+    python -m benchmarks.scan --cpu        # CPU path vs reference, fwd and fwd+bwd
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.selective_scan import selective_scan_ref, selective_scan_triton
+from kernels.selective_scan import selective_scan_cpu, selective_scan_ref, selective_scan_triton
 
 EXP2_PER_S = 3.9e12
 """exp2 throughput of an H100/H200 (MUFU ex2, 132 SMs)."""
@@ -81,6 +87,9 @@ GPU_SHAPES = [
 """ViT-S (d_model 384) and ViT-L (1024) cores; B*N from 512 to 8192; 8 to 64 frames."""
 
 QUICK_SHAPES = [Shape(64, 32, 8), Shape(128, 64, 16)]
+
+CPU_SHAPES = [Shape(512, 32, 16, d_state=8), Shape(8192, 32, 16, d_state=8)]
+"""CPU fine-tuning of the temporal core: 8 videos x 64 patches (and 128 x 64), d = 64, n = 8, 16 frames."""
 
 
 CHUNK = 64
@@ -169,6 +178,38 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: i
             fn()
             times.append((time.perf_counter() - t0) / SECONDS_PER_MS)
     return statistics.median(times)
+
+
+def time_interleaved_ms(fns: dict[str, Callable[[], object]], warmup: int, reps: int) -> dict[str, float]:
+    """Minimum wall time of each fn in milliseconds, the fns run in turn within each rep.
+
+    Interleaving exposes every candidate to the same background load, and the
+    minimum is the run it disturbed least.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) / SECONDS_PER_MS)
+    return {name: min(values) for name, values in times.items()}
+
+
+def cpu_comparison(shapes: Sequence[Shape], warmup: int, reps: int) -> list[str]:
+    """The CPU path against the eager reference on CPU, fp32: one line per shape and pass."""
+    device = torch.device("cpu")
+    lines = [f"  {'shape':<28}{'pass':<9}{'reference ms':>14}{'cpu path ms':>13}{'ratio':>8}"]
+    for shape in shapes:
+        inputs = make_inputs(shape, device, torch.float32)
+        for passes, make in (("fwd", forward_only), ("fwd+bwd", forward_backward)):
+            fns = {"reference": make(selective_scan_ref, inputs), "cpu": make(selective_scan_cpu, inputs)}  # type: ignore[arg-type]
+            ms = time_interleaved_ms(fns, warmup, reps)
+            ratio = ms["reference"] / ms["cpu"]
+            lines.append(f"  {shape!s:<28}{passes:<9}{ms['reference']:>14.2f}{ms['cpu']:>13.2f}{ratio:>7.2f}x")
+    return lines
 
 
 def hbm_bytes_per_s(device: torch.device) -> tuple[float, str]:
@@ -267,6 +308,9 @@ def parse_shapes(text: str) -> list[Shape]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (the default without CUDA)")
+    parser.add_argument(
+        "--cpu", action="store_true", help="CPU path vs eager reference on CPU (one thread), fwd and fwd+bwd"
+    )
     parser.add_argument("--shapes", default="", help='override the grid: "b,d_model,l[,n];..."')
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     parser.add_argument(
@@ -280,14 +324,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     on_gpu = torch.cuda.is_available()
     threads = torch.get_num_threads()
-    if not on_gpu:
+    if args.cpu or not on_gpu:
         # Tiny CPU ops gain nothing from threads, and on a shared machine
         # OpenMP's spinning threads make the timings swing by 100x.
         torch.set_num_threads(1)
     try:
-        return _run(args, on_gpu)
+        return _run_cpu_comparison(args) if args.cpu else _run(args, on_gpu)
     finally:
         torch.set_num_threads(threads)
+
+
+def _run_cpu_comparison(args: argparse.Namespace) -> int:
+    shapes = parse_shapes(args.shapes) if args.shapes else CPU_SHAPES
+    print(f"CPU path vs eager reference: CPU, fp32, one thread, torch {torch.__version__}")
+    print(f"each time: the minimum of {args.reps} reps, the two implementations interleaved; ratio = reference / cpu")
+    print("\n".join(cpu_comparison(shapes, args.warmup, args.reps)))
+    return 0
 
 
 def _run(args: argparse.Namespace, on_gpu: bool) -> int:
@@ -308,7 +360,7 @@ def _run(args: argparse.Namespace, on_gpu: bool) -> int:
         print(f"limit: HBM {bandwidth_text}; exp2 {args.exp2_per_s:.2e}/s; exp passes: fwd 1, fwd+bwd 2")
     else:
         print(
-            "CPU: timing the reference and the compiled reference only; the Triton kernels need CUDA"
+            "CPU: timing the reference, the compiled reference and the CPU path only; the Triton kernels need CUDA"
             " (the interpreter is not a speed measurement). One thread; limits are not computed on CPU."
         )
     probe = shapes[0]
@@ -321,6 +373,8 @@ def _run(args: argparse.Namespace, on_gpu: bool) -> int:
         if on_gpu and selective_scan_triton is not None:
             impls["triton"] = selective_scan_triton  # type: ignore[assignment]
         impls["eager"] = selective_scan_ref  # type: ignore[assignment]
+        if not on_gpu:
+            impls["cpu"] = selective_scan_cpu  # type: ignore[assignment]
         if not args.no_compile and index < args.compile_max_shapes:
             impls["compiled"] = torch.compile(selective_scan_ref)  # type: ignore[assignment]
         results = run_shape(shape, device, dtype, impls, args.warmup, args.reps)

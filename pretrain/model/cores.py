@@ -175,8 +175,9 @@ class MambaBlock(nn.Module):
     per time step), dt_proj R -> E, selective scan gated by silu(z), out_proj
     E -> d. Initialization follows mamba_ssm's `Mamba`. The scan is
     `kernels.selective_scan.selective_scan`: the Triton kernel on CUDA (one
-    program per patch and channel block, time inside the tile), the fp32
-    reference on CPU; `step` is the same call with T = 1.
+    program per patch and channel block, time inside the tile), on CPU the
+    fp32 CPU path (the reference's math with a hand-written backward, pinned
+    to the reference by tests); `step` is the same call with T = 1.
 
     State: "conv" (P, E, J-1), the last J-1 pre-conv inputs, in the input's
     dtype; "ssm" (P, E, Z), always fp32 because the scan runs in fp32. The

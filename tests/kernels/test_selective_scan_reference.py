@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.selective_scan import selective_scan, selective_scan_ref
+from kernels.selective_scan import selective_scan, selective_scan_cpu, selective_scan_ref
 
 
 @dataclass(frozen=True)
@@ -234,14 +234,15 @@ def test_return_last_state_is_optional_and_zero_initial_state_is_default() -> No
     torch.testing.assert_close(y_only, y_zero, atol=0, rtol=0)
 
 
-def test_dispatch_calls_reference() -> None:
+def test_dispatch_calls_cpu_path() -> None:
+    """On CPU the dispatch runs `selective_scan_cpu`, pinned to the reference in test_selective_scan_cpu.py."""
     inp = make_inputs(
         Case("dispatch", use_skip=True, use_z=True, use_delta_bias=True, softplus=True, use_initial_state=True)
     )
     y, last = selective_scan(**inp, return_last_state=True)  # type: ignore[call-overload]
-    y_ref, last_ref = selective_scan_ref(**inp, return_last_state=True)  # type: ignore[arg-type]
-    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
-    torch.testing.assert_close(last, last_ref, atol=0, rtol=0)
+    y_cpu, last_cpu = selective_scan_cpu(**inp, return_last_state=True)  # type: ignore[arg-type]
+    torch.testing.assert_close(y, y_cpu, atol=0, rtol=0)
+    torch.testing.assert_close(last, last_cpu, atol=0, rtol=0)
 
 
 def test_bf16_inputs_give_bf16_output_close_to_fp32() -> None:

@@ -1,5 +1,6 @@
 """Temporal cores: forward == streaming steps == chunked forward, gradients, registry,
-on the CPU scan path (kernels/selective_scan/cpu.py, pinned to the reference) and (through the Triton interpreter) on the kernel.
+on the CPU scan path (kernels/selective_scan/cpu.py, pinned to the reference) and
+(through the Triton interpreter) on the kernel.
 
 The gated transformer's forward is the loop of its step (its gates read the
 state), so forward == steps says nothing about it: it is checked against a

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from kernels.selective_scan import selective_scan, selective_scan_cpu, selective_scan_ref
+from tests.kernels.test_selective_scan_triton import make_inputs  # one input builder for every scan test
 
 cpu_module = importlib.import_module("kernels.selective_scan.cpu")
 
@@ -79,34 +80,6 @@ def two_rows_per_chunk(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(cpu_module, "CHUNK_ELEMENTS", 1)
     monkeypatch.setattr(cpu_module, "MIN_CHUNK_ROWS", 2)
     yield
-
-
-def _bc(case: Case, groups: int, gen: torch.Generator) -> Tensor:
-    shape = (case.batch, case.d_state, case.length) if groups == 0 else (case.batch, groups, case.d_state, case.length)
-    return torch.randn(*shape, generator=gen)
-
-
-def make_inputs(case: Case, seed: int = 0) -> dict[str, Tensor | None]:
-    gen = torch.Generator().manual_seed(seed)
-    b, d, n, length = case.batch, case.dim, case.d_state, case.length
-    # Without softplus delta must be positive to be a step size.
-    delta = torch.randn(b, d, length, generator=gen) if case.softplus else torch.rand(b, d, length, generator=gen) * 0.5
-    inputs: dict[str, Tensor | None] = {
-        "u": torch.randn(b, d, length, generator=gen),
-        "delta": delta,
-        "A": -torch.rand(d, n, generator=gen) * 2 - 0.1,
-        "B": _bc(case, case.groups_b, gen),
-        "C": _bc(case, case.groups_c, gen),
-        "D": torch.randn(d, generator=gen) if case.use_skip else None,
-        "z": torch.randn(b, d, length, generator=gen) if case.use_z else None,
-        "delta_bias": torch.randn(d, generator=gen) * 0.5 if case.use_delta_bias else None,
-        "initial_state": torch.randn(b, d, n, generator=gen) if case.use_initial_state else None,
-    }
-    for key in ("u", "delta", "z", "B", "C"):
-        value = inputs[key]
-        if value is not None:
-            inputs[key] = value.to(case.dtype)
-    return inputs
 
 
 Loss = Callable[[Tensor, Tensor, torch.Generator], Tensor]

@@ -257,6 +257,10 @@ class TrainConfig:
     identity_control: bool = True
     """After training, train the same config with core.kind='identity' (run NAME-identity) and report it beside
     copy-last: the temporal core earns its keep only where it beats this image-only model on held-out frames."""
+    init_from: str = ""
+    """An export directory whose weights start this run (continued pre-training, e.g. on your own videos after
+    a procedural corpus); "" = a fresh init. Its encoder and model spec must equal this run's (a mismatch names
+    the keys); a resumed run continues from its checkpoint instead."""
     resume: Resume = "auto"
     """'auto': continue from the newest checkpoint that verifies, if any; 'must': refuse to start without one;
     'never': refuse to start when the run directory already holds checkpoints (choose a new run.name)."""

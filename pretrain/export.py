@@ -374,6 +374,58 @@ def open_export(export_dir: Path, device: str | torch.device = "cpu") -> tuple[F
     return model.to(device).eval(), config
 
 
+def _spec_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys where two model-spec records differ (nested sections compared key by key)."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _spec_differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key} (export {va!r}, this run {vb!r})")
+    return out
+
+
+def init_from_export(model: FuturePredictor, export_dir: Path, encoder_hash: str) -> int:
+    """Start ``model`` from an export's weights (``train.init_from``: continued pre-training); tensors loaded.
+
+    The export must have been trained on the same frozen encoder (same weights
+    hash) and have the same model spec as ``model``; a mismatch is a
+    ConfigError naming every key that differs. One exception: an identity-core
+    model (the identity control of a continued run) takes everything but the
+    core, so that the control starts from the same adapter and predictor.
+    """
+    key = "train.init_from"
+    try:
+        exported, config = open_export(Path(export_dir))
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{key}: {export_dir} is not a readable export: {err}") from err
+    if config.encoder.weights_hash != encoder_hash:
+        raise ConfigError(
+            f"{key}: {export_dir} was trained on encoder {config.encoder.name} "
+            f"(weights {config.encoder.weights_hash[:12]}), this run's encoder has weights {encoder_hash[:12]}"
+        )
+    theirs, ours = spec_dict(config.model_spec), spec_dict(model.spec)
+    skip_core = ours["core"]["kind"] == "identity" and theirs["core"]["kind"] != "identity"
+    if skip_core:
+        theirs, ours = {**theirs, "core": None}, {**ours, "core": None}
+    differences = _spec_differences(theirs, ours)
+    if differences:
+        raise ConfigError(f"{key}: {export_dir} has another model spec: {'; '.join(differences)}")
+    state = {k: v for k, v in exported.state_dict().items() if not (skip_core and k.startswith("core."))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{key}: {export_dir} weights do not fit: missing {missing}, unexpected {unexpected}")
+    log.info(
+        "initialized %d tensors from %s (step %d)%s",
+        len(state),
+        export_dir,
+        config.step,
+        ", all but the core" if skip_core else "",
+    )
+    return len(state)
+
+
 def load_export(export_dir: Path, device: str | torch.device = "cpu") -> tuple[FuturePredictor, dict[str, Any]]:
     """``open_export`` with config.json as a plain dict in the current format (``ExportConfig.to_json``)."""
     model, config = open_export(export_dir, device)

@@ -52,7 +52,7 @@ from pretrain.data import (
 )
 from pretrain.distributed import DistContext
 from pretrain.encoder import FrozenEncoder, check_feature_layers, load_encoder
-from pretrain.export import export_config, spec_dict, write_export
+from pretrain.export import export_config, init_from_export, spec_dict, write_export
 from pretrain.features import FeatureSettings, frozen_features
 from pretrain.model.predictor import FuturePredictor, count_parameters, spec_from_config
 from pretrain.objective import HeldoutResult, evaluate_batches, objective_loss
@@ -211,9 +211,11 @@ class Trainer:
 
         self.spec = spec_from_config(cfg, self.encoder.embed_dim, *token_grid(data_cfg, self.encoder))
         self.batch_plan = cfg.batch_plan(world_size=self.ctx.world_size)
-        self.engine: TrainEngine = build_engine(
-            FuturePredictor(self.spec), cfg, self.batch_plan, self.ctx, self.run_dir
-        )
+        model = FuturePredictor(self.spec)
+        if cfg.train.init_from:
+            # Before the engine: DeepSpeed's fp32 masters and ZeRO shards are built from these weights.
+            init_from_export(model, Path(cfg.train.init_from), self.encoder.weights_hash)
+        self.engine: TrainEngine = build_engine(model, cfg, self.batch_plan, self.ctx, self.run_dir)
         self.model: FuturePredictor = self.engine.module
         self.optimizer = self.engine.optimizer
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))

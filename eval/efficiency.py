@@ -383,8 +383,13 @@ def verdict(rows: list[dict[str, Any]], cfg: EfficiencyConfig, reading: str) -> 
     }
 
 
+NOT_LEARNABLE = "not shown learnable (neither the control nor any variant above the worst variant's CI)"
+
+
 def learnability(rows: list[dict[str, Any]], reading: str) -> dict[str, str]:
-    """Per task, whether the positive control beat the worst variant at the largest budget (CIs apart)."""
+    """Per task, whether it was shown learnable here: the positive control, or any variant, beat the worst
+    variant at the largest budget with CIs apart (a core that reads the task where the all-frames
+    probe cannot has shown it learnable too)."""
     out = {}
     for task in dict.fromkeys(r["task"] for r in rows):
         control = next((r for r in rows if r["task"] == task and r["variant"] == CONTROL), None)
@@ -393,11 +398,8 @@ def learnability(rows: list[dict[str, Any]], reading: str) -> dict[str, str]:
         largest = max(r["budget"] for r in rows if r["task"] == task and r["variant"] != CONTROL)
         others = [r for r in rows if r["task"] == task and r["budget"] == largest and r["reading"] == reading]
         worst = min(others, key=lambda r: r["mean"] * (1 if r["higher_is_better"] else -1))
-        separated = not intervals_overlap(
-            (control["ci95_low"], control["ci95_high"]), (worst["ci95_low"], worst["ci95_high"])
-        )
-        better = (control["mean"] > worst["mean"]) == control["higher_is_better"]
-        out[task] = "learnable" if separated and better else "not shown learnable (control within the variants' CIs)"
+        shown = any(row_above(r, worst) for r in (control, *others))
+        out[task] = "learnable" if shown else NOT_LEARNABLE
     return out
 
 

@@ -210,3 +210,30 @@ def test_quick_trains_fewer_readout_steps_unless_told() -> None:
     assert quick.readout.steps == QUICK_READOUT_STEPS < EfficiencyConfig().readout.steps
     assert quick.budgets == (8, 64) and quick.readings == ("streaming",)
     assert config_from_args(parse_args(["--export", "x", "--quick", "--steps", "7"])).readout.steps == 7
+
+
+def _row(variant: str, mean: float, low: float, high: float, budget: int = 64) -> dict:
+    return {
+        "task": "classification",
+        "variant": variant,
+        "budget": budget,
+        "reading": "streaming",
+        "mean": mean,
+        "ci95_low": low,
+        "ci95_high": high,
+        "higher_is_better": True,
+    }
+
+
+def test_a_task_is_learnable_when_the_control_or_any_variant_clears_the_worst() -> None:
+    from eval.efficiency import CONTROL, NOT_LEARNABLE, learnability
+
+    flat = [_row("identity", 0.25, 0.18, 0.32), _row("scratch", 0.27, 0.2, 0.35)]
+    assert learnability([*flat, _row(CONTROL, 0.3, 0.2, 0.4)], "streaming") == {"classification": NOT_LEARNABLE}
+    assert learnability([*flat, _row(CONTROL, 0.6, 0.5, 0.7)], "streaming") == {"classification": "learnable"}
+    # The all-frames control overlaps the worst variant, but the pre-trained core reads the task: learnable.
+    core_reads_it = [*flat, _row("pretrained", 0.99, 0.95, 1.0), _row(CONTROL, 0.49, 0.28, 0.66)]
+    assert learnability(core_reads_it, "streaming") == {"classification": "learnable"}
+    # Only the largest budget counts.
+    small = _row("pretrained", 0.99, 0.95, 1.0, budget=8)
+    assert learnability([*flat, small, _row(CONTROL, 0.3, 0.2, 0.4)], "streaming") == {"classification": NOT_LEARNABLE}

@@ -7,8 +7,8 @@
 #
 # Same model spec and encoder as procedural-cpu (init_from refuses anything else); the data section is
 # the tiny-cpu demo's videos (bigbuckbunny + bikes) at their native rate, stride 1 (at stride 3 the two
-# short videos give two 16-frame windows), a quarter held out; a low learning
-# rate and STEPS=300 as in the demo, so two short videos adjust the core rather than overwrite it.
+# short videos give two 16-frame windows), a quarter held out; a low learning rate and STEPS=300 as in
+# the demo, so two short videos adjust the core rather than overwrite it. A rerun resumes that run.
 # Its identity-core control starts from the same export's adapter and predictor.
 set -euo pipefail
 cd "$(dirname "$0")/.."

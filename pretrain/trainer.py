@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from pretrain import distributed
+from pretrain.checkpoint import checkpoint_dir, list_checkpoints
 from pretrain.checkpointer import Checkpointer, GeneratorState
 from pretrain.config import Config, ConfigError, config_to_dict
 from pretrain.data import (
@@ -212,7 +213,10 @@ class Trainer:
         self.spec = spec_from_config(cfg, self.encoder.embed_dim, *token_grid(data_cfg, self.encoder))
         self.batch_plan = cfg.batch_plan(world_size=self.ctx.world_size)
         model = FuturePredictor(self.spec)
-        if cfg.train.init_from:
+        if cfg.train.init_from and list_checkpoints(checkpoint_dir(self.run_dir)):
+            # The checkpoint supersedes the export, which may have moved since the run began.
+            log.info("train.init_from is not read: %s holds checkpoints to resume from", self.run_dir)
+        elif cfg.train.init_from:
             # Before the engine: DeepSpeed's fp32 masters and ZeRO shards are built from these weights.
             init_from_export(model, Path(cfg.train.init_from), self.encoder.weights_hash)
         self.engine: TrainEngine = build_engine(model, cfg, self.batch_plan, self.ctx, self.run_dir)

@@ -87,3 +87,16 @@ def test_the_cli_names_the_key_of_a_bad_init_from(tmp_path: Path, capsys: pytest
     assert train_cli.main(argv) == 2
     assert "train.init_from" in capsys.readouterr().err
     assert not list(tmp_path.glob("*/checkpoints/step_*")), "a refused run must not write checkpoints"
+
+
+def test_a_resumed_run_reads_its_checkpoint_not_the_moved_export(first_export: Path, tmp_path: Path) -> None:
+    import shutil
+
+    export = tmp_path / "export"
+    shutil.copytree(first_export, export)
+    overrides = tiny_overrides(tmp_path / "run", f"--train.init_from={export}", "--train.ckpt_every=3")
+    Trainer(load_config("tiny-cpu", overrides)).train(stop_at=3)
+    shutil.rmtree(export)
+    resumed = Trainer(load_config("tiny-cpu", overrides))
+    assert resumed.train().export_dir is not None
+    assert resumed.state.step == 6 and resumed.checkpointer.resumed_from is not None

@@ -206,6 +206,8 @@ class PointTracking:
     """Readout width E (the core's outputs are projected to it)."""
     heads: int = 4
     """Attention heads of the query's cross-attention."""
+    detach_recurrence: bool = True
+    """Streaming: stop gradients through the chain of predicted positions (each step learns to track one frame)."""
     name: str = "point_tracking"
     primary: str = "aj"
     higher_is_better: bool = True
@@ -226,7 +228,15 @@ class PointTracking:
 
     def build_readout(self, dim: int, grid: int, frames: int, streaming: bool) -> nn.Module:
         _record_build(self, streaming)
-        return PointTrackHead(dim, grid, frames, streaming=streaming, width=self.width, heads=self.heads)
+        return PointTrackHead(
+            dim,
+            grid,
+            frames,
+            streaming=streaming,
+            width=self.width,
+            heads=self.heads,
+            detach_recurrence=self.detach_recurrence,
+        )
 
     def outputs(self, readout: nn.Module, features_BTNd: Tensor, batch: Batch) -> Batch:
         positions, visibility = readout(features_BTNd, batch["queries"])
@@ -254,8 +264,8 @@ class PointTracking:
                 self,
                 "point_coordinate_query",
                 self.width,
-                streaming="Fourier-encoded frame-0 (x, y) attends to frame t's output tokens only -> position, "
-                "visibility at t",
+                streaming="recurrent: the position predicted at t-1 (the frame-0 query at t=0), Fourier-encoded, "
+                "attends to frame t's output tokens only -> a step of at most a patch, and visibility, at t",
                 all_frames="per (point, frame) query (coordinate + frame embedding) attends to all T*N output tokens",
             ),
             "query_frame": 0,

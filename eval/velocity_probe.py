@@ -1,6 +1,6 @@
 """What does the core carry through time? A linear probe of motion from one frame's features.
 
-    python -m eval.velocity_probe --export DIR [--out FILE.json] [--pool 512] [--test-videos 100]
+    python -m eval.velocity_probe --export DIR [--out FILE.json] [--pool 512] [--test-videos 100] [--points]
 
 A direct look at what pre-training put into the core's state, without a
 trained readout in the way: a ridge regression from the features of the
@@ -19,6 +19,16 @@ T frames, N tokens, D encoder width, d core width):
 - ``random``: a fresh core of the same shape (one per seed; the mean is reported);
 - ``two-frames``: the encoder tokens of the last two frames side by side, the
   positive control (two frames do show motion linearly, up to the encoder).
+
+Motion where a tracker needs it (``--points``, the streaming point head's
+question): for each query point of the point-tracking task and each frame
+t >= 2 where it is seen at t-1 and t, the token of frame t's features at
+the patch where the point was at t-1, regressed (primal ridge) on the
+point's step from t-1 to t (px/frame): ``point-objects`` for points on the
+moving objects, ``point-background`` for points on the panning background.
+Every feature set above (``two-frames``: the encoder tokens of frames t-1
+and t at that patch) answers it; intervals come from a bootstrap over test
+clips.
 
 The regression is the dual (kernel) form of ridge on the flattened tokens of
 one frame, its penalty chosen by 5-fold cross-validation on the training pool
@@ -46,6 +56,7 @@ from eval.data import ClipSet, load_procedural
 from eval.efficiency import EfficiencyConfig, procedural_config, split
 from eval.features import build_feature_path, load_checked_encoder, read_export
 from eval.probe import precompute_features
+from eval.tasks import point_tracks
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +64,10 @@ FORMAT = "video-pretrain-velocity-probe/1"
 ALPHAS = tuple(10.0**k for k in range(-3, 6))
 TARGETS = {"objects": (0, 2), "camera": (2, 4)}
 """target name -> its columns in the (V, 4) motion matrix."""
+POINT_TARGETS = ("point-objects", "point-background")
+"""Per-point targets (--points): the step of a point on an object, on the background."""
+POINTS = 16
+"""Query points per clip, as the point-tracking task draws them (the first half on objects)."""
 
 
 def motion_targets(clips: ClipSet) -> np.ndarray:
@@ -153,15 +168,135 @@ def run_probe(export_dir: Path, clips: ClipSet, test_idx: Tensor, pool_idx: Tens
     return results
 
 
+def point_samples(
+    features_VTNd: Tensor, tracks_VQT2: np.ndarray, visible_VQT: np.ndarray, grid: int
+) -> tuple[Tensor, np.ndarray, np.ndarray, np.ndarray]:
+    """(X (S, d), steps (S, 2) normalized, clip (S,), on_object (S,)) over every seen (point, t >= 2).
+
+    X is frame t's token at the patch holding the point at t-1: what a
+    streaming tracker that last put the point there reads to move it.
+    """
+    Q = tracks_VQT2.shape[1]
+    seen_VQT = visible_VQT[:, :, 2:] & visible_VQT[:, :, 1:-1]
+    v, q, s = np.nonzero(seen_VQT)
+    t = s + 2
+    before_S2, after_S2 = tracks_VQT2[v, q, t - 1], tracks_VQT2[v, q, t]
+    cell_S2 = np.clip((before_S2 * grid).astype(int), 0, grid - 1)
+    patch_S = cell_S2[:, 1] * grid + cell_S2[:, 0]
+    X = features_VTNd[torch.from_numpy(v), torch.from_numpy(t), torch.from_numpy(patch_S)].double()
+    return X, after_S2 - before_S2, v, q < Q // 2
+
+
+def primal_ridge(train_SF: Tensor, y_train_SK: np.ndarray, test_SF: Tensor, alpha: float) -> np.ndarray:
+    """Ridge in the primal (F x F: many samples, narrow features), standardized inputs, centred targets."""
+    train_SF, test_SF = _standardize(train_SF, test_SF)
+    y = torch.from_numpy(y_train_SK).double()
+    y_mean = y.mean(0)
+    gram_FF = train_SF.T @ train_SF / len(train_SF)
+    eye = torch.eye(len(gram_FF), dtype=gram_FF.dtype)
+    weights_FK = torch.linalg.solve(gram_FF + alpha * eye, train_SF.T @ (y - y_mean) / len(train_SF))
+    return (test_SF @ weights_FK + y_mean).numpy()
+
+
+def _clip_folds(clips_S: np.ndarray, folds: int) -> list[np.ndarray]:
+    order = np.random.default_rng(0).permutation(np.unique(clips_S))
+    return [np.isin(clips_S, part) for part in np.array_split(order, folds)]
+
+
+def point_r2(X: Tensor, y_SK: np.ndarray, clips_S: np.ndarray, test: np.ndarray, draws: int = 400) -> dict[str, Any]:
+    """R² on the test clips' samples, the penalty cross-validated over training clips, a clip bootstrap."""
+    is_test = np.isin(clips_S, test)
+    train_X, train_y, train_clips = X[~is_test], y_SK[~is_test], clips_S[~is_test]
+    scores = {}
+    for alpha in ALPHAS:
+        fold_scores = []
+        for held in _clip_folds(train_clips, 5):
+            held_t = torch.from_numpy(held)
+            pred = primal_ridge(train_X[~held_t], train_y[~held], train_X[held_t], alpha)
+            fold_scores.append(r2(pred, train_y[held]))
+        scores[alpha] = float(np.mean(fold_scores))
+    alpha = max(scores, key=scores.__getitem__)
+    pred = primal_ridge(train_X, train_y, X[torch.from_numpy(is_test)], alpha)
+    y_test, clips_test = y_SK[is_test], clips_S[is_test]
+    rng = np.random.default_rng(0)
+    rows_of = [np.flatnonzero(clips_test == c) for c in np.unique(clips_test)]
+    values = []
+    for _ in range(draws):
+        rows = np.concatenate([rows_of[i] for i in rng.integers(0, len(rows_of), len(rows_of))])
+        values.append(r2(pred[rows], y_test[rows]))
+    return {
+        "r2": r2(pred, y_test),
+        "ci95": [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))],
+        "samples": len(y_test),
+        "alpha": alpha,
+    }
+
+
+def run_point_probe(
+    export_dir: Path, clips: ClipSet, test_idx: Tensor, pool_idx: Tensor, seeds: int = 3
+) -> dict[str, Any]:
+    """R² with interval per (feature set, point target); a random core's is the mean over seeds."""
+    export = read_export(export_dir)
+    grid = export.spec.grid_h
+    used = np.concatenate([test_idx.numpy(), pool_idx.numpy()])
+    per_video = [point_tracks(clips.truths[v], POINTS) for v in used]
+    tracks_VQT2 = np.stack([p[1] for p in per_video])
+    visible_VQT = np.stack([p[2] for p in per_video])
+    test = np.arange(len(test_idx))
+    tokens_VTND = clips.tokens_VTND[torch.from_numpy(used)]
+    feature_sets: dict[str, list[Tensor]] = {"encoder": [tokens_VTND.float()]}
+    for name, variant, runs in (
+        ("identity", "identity", 1),
+        ("pretrained", "pretrained", 1),
+        ("random", "random", seeds),
+    ):
+        feature_sets[name] = [
+            precompute_features(build_feature_path(export, variant, "clip", "frozen", seed), tokens_VTND, 8)
+            for seed in range(runs)
+        ]
+    samples = {
+        name: [point_samples(f, tracks_VQT2, visible_VQT, grid) for f in fs] for name, fs in feature_sets.items()
+    }
+    # The pair control: the same patch of frames t-1 and t (the step between them shows in the pair).
+    previous_VTND = torch.cat([tokens_VTND[:, :1], tokens_VTND[:, :-1]], dim=1).float()
+    X_t, steps, clips_S, on_object = samples["encoder"][0]
+    samples["two-frames"] = [
+        (
+            torch.cat([X_t, point_samples(previous_VTND, tracks_VQT2, visible_VQT, grid)[0]], 1),
+            steps,
+            clips_S,
+            on_object,
+        )
+    ]
+    results: dict[str, Any] = {}
+    for name, runs in samples.items():
+        for target, on in zip(POINT_TARGETS, (True, False), strict=True):
+            scored = []
+            for X, steps_S2, clips_S, on_object in runs:
+                keep = on_object == on
+                scored.append(point_r2(X[torch.from_numpy(keep)], steps_S2[keep], clips_S[keep], test))
+            results.setdefault(name, {})[target] = {
+                "r2": float(np.mean([s["r2"] for s in scored])),
+                "values": [s["r2"] for s in scored],
+                "ci95": [float(np.mean([s["ci95"][i] for s in scored])) for i in (0, 1)],
+                "samples": scored[0]["samples"],
+            }
+            log.info("%s %s: R2 %.3f", name, target, results[name][target]["r2"])
+    return results
+
+
 def markdown(record: dict[str, Any]) -> str:
+    targets = list(next(iter(record["results"].values())))
     lines = [
         f"# Motion probe: {record['export']}",
         "",
-        f"Ridge from the last frame's features to its motion; R² on {record['test_videos']} test clips "
-        f"(trained on {record['pool']}), 95% bootstrap interval over test clips.",
+        f"Ridge from one frame's features to motion; R² on {record['test_videos']} test clips "
+        f"(trained on {record['pool']}), 95% bootstrap interval over test clips. objects / camera: the last "
+        "frame's tokens -> the last step's mean object velocity / camera pan; point-*: frame t's token where "
+        "a tracked point was at t-1 -> its step.",
         "",
-        "| features | " + " | ".join(TARGETS) + " |",
-        "|---|" + "---|" * len(TARGETS),
+        "| features | " + " | ".join(targets) + " |",
+        "|---|" + "---|" * len(targets),
     ]
     for name, per_target in record["results"].items():
         cells = [f"{v['r2']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]" for v in per_target.values()]
@@ -176,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, default=512, help="training clips of the probe")
     parser.add_argument("--test-videos", dest="test_videos", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=3, help="fresh cores for the random control")
+    parser.add_argument("--points", action="store_true", help="also probe motion at tracked points")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--encoder", default=None)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -190,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         clips = load_procedural(procedural_config(cfg), encoder, args.cache_dir)
         test_idx, pool_idx = split(clips, cfg)
         results = run_probe(args.export, clips, test_idx, pool_idx, args.seeds)
+        if args.points:
+            for name, per_target in run_point_probe(args.export, clips, test_idx, pool_idx, args.seeds).items():
+                results[name].update(per_target)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

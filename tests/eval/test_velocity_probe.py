@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from eval.features import read_export
-from eval.velocity_probe import choose_alpha, r2, ridge_predict, run_probe
+from eval.velocity_probe import choose_alpha, point_r2, point_samples, r2, ridge_predict, run_probe
 
 
 def test_ridge_recovers_a_linear_map_and_r2_scores_the_mean_as_zero() -> None:
@@ -53,3 +53,45 @@ def test_two_frames_carry_motion_that_one_frame_does_not(tiny_export: Path) -> N
     assert results["two-frames"]["objects"]["r2"] > results["encoder"]["objects"]["r2"] + 0.3
     # Noise nobody can see stays near or below zero for every feature set.
     assert all(per["camera"]["r2"] < 0.3 for per in results.values())
+
+
+def _drifting_points(gen: torch.Generator, videos: int, points: int, frames: int) -> np.ndarray:
+    start_VQ12 = 0.25 + 0.5 * torch.rand(videos, points, 1, 2, generator=gen, dtype=torch.float64)
+    velocity_VQ12 = 0.08 * (torch.rand(videos, points, 1, 2, generator=gen, dtype=torch.float64) - 0.5)
+    return (start_VQ12 + torch.arange(frames, dtype=torch.float64)[:, None] * velocity_VQ12).numpy()
+
+
+def test_point_probe_reads_the_step_at_the_point_previous_patch() -> None:
+    """Frame t's token where the point was at t-1 carries its step: R² near 1; noise features: near 0."""
+    videos, points, frames, grid, dim = 60, 2, 5, 4, 8
+    gen = torch.Generator().manual_seed(0)
+    tracks_VQT2 = _drifting_points(gen, videos, points, frames)
+    visible_VQT = np.ones((videos, points, frames), bool)
+    noise_VTNd = 0.05 * torch.randn(videos, frames, grid * grid, dim, generator=gen)
+    carrying_VTNd = noise_VTNd.clone()
+    for v in range(videos):
+        for t in range(1, frames):
+            for q in range(points):
+                x, y = np.clip((tracks_VQT2[v, q, t - 1] * grid).astype(int), 0, grid - 1)
+                step_2 = tracks_VQT2[v, q, t] - tracks_VQT2[v, q, t - 1]
+                carrying_VTNd[v, t, y * grid + x, 2 * q : 2 * q + 2] += torch.from_numpy(step_2).float() * 20
+    X, steps_S2, clips_S, on_object_S = point_samples(carrying_VTNd, tracks_VQT2, visible_VQT, grid)
+    # Frames t >= 2 only (frame 1's step is the first the core could have seen), every point, every clip.
+    assert X.shape == (videos * points * (frames - 2), dim) and steps_S2.shape == (len(X), 2)
+    assert on_object_S.sum() == videos * (frames - 2)
+    test = np.arange(15)
+    for on in (True, False):
+        keep = on_object_S == on
+        carried = point_r2(X[torch.from_numpy(keep)], steps_S2[keep], clips_S[keep], test, draws=50)
+        assert carried["r2"] > 0.9 and carried["ci95"][0] > 0.8
+    X_noise = point_samples(noise_VTNd, tracks_VQT2, visible_VQT, grid)[0]
+    assert point_r2(X_noise, steps_S2, clips_S, test, draws=50)["r2"] < 0.1
+
+
+def test_point_probe_skips_points_not_seen_on_both_frames() -> None:
+    gen = torch.Generator().manual_seed(1)
+    tracks_VQT2 = _drifting_points(gen, 3, 2, 4)
+    visible_VQT = np.ones((3, 2, 4), bool)
+    visible_VQT[0, 1, 2] = False  # drops the (t=2) and (t=3) samples of that point
+    X = point_samples(torch.randn(3, 4, 16, 5, generator=gen), tracks_VQT2, visible_VQT, 4)[0]
+    assert len(X) == 3 * 2 * 2 - 2

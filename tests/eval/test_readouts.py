@@ -158,6 +158,35 @@ def test_tracking_query_is_the_previous_prediction(name: str) -> None:
     assert not same(at_frame(moved, T - 1), at_frame(base, T - 1))
 
 
+@pytest.mark.parametrize("name", TRACKING)
+def test_batched_training_pass_equals_the_free_running_loop(name: str) -> None:
+    """With gradients on, the tracking heads run the chain without a graph and then every frame from its
+    prior at once: the outputs and every gradient must be the loop's (which is what runs without them)."""
+    query_key, output_key, _ = TRACKING[name]
+    task, readout = build(name, streaming=True)
+    batch = synthetic_batch(name)
+    features_BTNd = torch.randn(B, T, G * G, DIM)
+
+    def outputs_and_grads(loop: bool) -> tuple[Tensor, list[Tensor]]:
+        readout.zero_grad()
+        features = features_BTNd.clone().requires_grad_(True)
+        if loop:
+            keys, values = readout.kv(features)
+            out = readout._chain(keys, values, batch[query_key])
+            out = out[0] if isinstance(out, tuple) else out
+        else:
+            out = task.outputs(readout, features, batch)[output_key]
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), [features.grad, *(p.grad for p in readout.parameters() if p.grad is not None)]
+
+    batched, batched_grads = outputs_and_grads(loop=False)
+    looped, looped_grads = outputs_and_grads(loop=True)
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-6)
+    assert len(batched_grads) == len(looped_grads)
+    for a, b in zip(batched_grads, looped_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_streaming_point_head_steps_at_most_a_patch_per_frame() -> None:
     task, readout = build("point_tracking", streaming=True)
     with torch.no_grad():

@@ -33,6 +33,7 @@ Fourier patch-position embeddings. Two readings, chosen by ``streaming``:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -230,6 +231,43 @@ class DenseDepthHead(nn.Module):
         return blocks.permute(0, 1, 2, 4, 3, 5).reshape(B, T, G * u, G * u)
 
 
+def free_running(
+    step: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, ...]],
+    keys_BTNE: Tensor,
+    values_BTNE: Tensor,
+    query_BQk: Tensor,
+    *,
+    detach: bool,
+    batch_training: bool = True,
+) -> tuple[Tensor, ...]:
+    """A streaming tracker's recurrence: frame t's ``step(prior (X, Q, k), keys (X, N, E), values)`` reads
+    only frame t and returns its outputs (X, Q, ...), the first being the next frame's prior (the query
+    at t = 0). Returns each output stacked as (B, Q, T, ...).
+
+    With ``detach`` a frame's gradient stops at its prior, so while training (gradients on, and
+    ``batch_training``) the chain runs without a graph and then every frame from its prior in one
+    batched pass: the loop's numbers, without its many small backward steps.
+    """
+
+    def chain() -> tuple[Tensor, ...]:
+        prior_BQk, per_frame = query_BQk, []
+        # unbind, not keys[:, t]: each slice's backward would zero-fill a whole (B, T, N, E) gradient.
+        for keys_BNE, values_BNE in zip(keys_BTNE.unbind(1), values_BTNE.unbind(1), strict=True):
+            outputs = step(prior_BQk.detach() if detach else prior_BQk, keys_BNE, values_BNE)
+            per_frame.append(outputs)
+            prior_BQk = outputs[0]
+        return tuple(torch.stack(frames, dim=2) for frames in zip(*per_frame, strict=True))
+
+    if not (detach and batch_training and torch.is_grad_enabled()):
+        return chain()
+    with torch.no_grad():
+        chained_BQTk = chain()[0]
+    B, T = keys_BTNE.shape[:2]
+    priors_BTQk = torch.cat([query_BQk[:, None], chained_BQTk[:, :, :-1].transpose(1, 2)], dim=1)
+    outputs = step(priors_BTQk.flatten(0, 1), keys_BTNE.flatten(0, 1), values_BTNE.flatten(0, 1))
+    return tuple(out.view(B, T, *out.shape[1:]).transpose(1, 2) for out in outputs)
+
+
 class PointTrackHead(nn.Module):
     """Points queried on frame 0, by coordinate -> position and visibility in every frame.
 
@@ -301,30 +339,10 @@ class PointTrackHead(nn.Module):
     def _track(self, features_BTNd: Tensor, queries_BQ2: Tensor) -> tuple[Tensor, Tensor]:
         """Streaming: frame by frame, each point's previous position steps by what frame t says."""
         keys_BTNE, values_BTNE = self.kv(features_BTNd)
-        if self.detach_recurrence and torch.is_grad_enabled():
-            # Each frame's gradient stops at its (detached) prior, so the chain itself needs no graph:
-            # run it without one, then every frame from its prior in one batched pass that trains.
-            # The same numbers as the loop below, at a fraction of its many small backward steps.
-            with torch.no_grad():
-                positions_BQT2, _ = self._chain(keys_BTNE, values_BTNE, queries_BQ2)
-            B, T, Q = *keys_BTNE.shape[:2], queries_BQ2.shape[1]
-            priors_BTQ2 = torch.cat([queries_BQ2[:, None], positions_BQT2[:, :, :-1].transpose(1, 2)], dim=1)
-            points_XQ2, visibility_XQ = self._step(
-                priors_BTQ2.flatten(0, 1), keys_BTNE.flatten(0, 1), values_BTNE.flatten(0, 1)
-            )
-            return points_XQ2.view(B, T, Q, 2).transpose(1, 2), visibility_XQ.view(B, T, Q).transpose(1, 2)
-        return self._chain(keys_BTNE, values_BTNE, queries_BQ2)
-
-    def _chain(self, keys_BTNE: Tensor, values_BTNE: Tensor, queries_BQ2: Tensor) -> tuple[Tensor, Tensor]:
-        """The free-running loop: (positions (B, Q, T, 2), visibility logits (B, Q, T))."""
-        point_BQ2, positions, visibility = queries_BQ2, [], []
-        # unbind, not keys[:, t]: each slice's backward would zero-fill a whole (B, T, N, E) gradient.
-        for keys_BNE, values_BNE in zip(keys_BTNE.unbind(1), values_BTNE.unbind(1), strict=True):
-            prior_BQ2 = point_BQ2.detach() if self.detach_recurrence else point_BQ2
-            point_BQ2, visibility_BQ = self._step(prior_BQ2, keys_BNE, values_BNE)
-            positions.append(point_BQ2)
-            visibility.append(visibility_BQ)
-        return torch.stack(positions, dim=2), torch.stack(visibility, dim=2)
+        positions_BQT2, visibility_BQT = free_running(
+            self._step, keys_BTNE, values_BTNE, queries_BQ2, detach=self.detach_recurrence
+        )
+        return positions_BQT2, visibility_BQT
 
 
 class BoxTrackHead(nn.Module):
@@ -386,29 +404,12 @@ class BoxTrackHead(nn.Module):
             prior_XQ4 = query_boxes_BQ4[:, None].expand(B, T, Q, 4).flatten(0, 1)
             boxes_XQ4 = self.box(states_BME.view(B * T, Q, E), keys_BTNE.flatten(0, 1), prior_XQ4)
             return boxes_XQ4.view(B, T, Q, 4).transpose(1, 2)
-        if self.detach_recurrence and torch.is_grad_enabled():
-            # As the point head: the chain without a graph, then every frame from its prior in one pass.
-            with torch.no_grad():
-                chain_BQT4 = self._chain(keys_BTNE, values_BTNE, query_boxes_BQ4)
-            priors_BTQ4 = torch.cat([query_boxes_BQ4[:, None], chain_BQT4[:, :, :-1].transpose(1, 2)], dim=1)
-            keys_XNE = keys_BTNE.flatten(0, 1)
-            prior_XQ4 = priors_BTQ4.flatten(0, 1)
-            boxes_XQ4 = self.box(
-                self.attend(self.query(prior_XQ4), keys_XNE, values_BTNE.flatten(0, 1)), keys_XNE, prior_XQ4
-            )
-            return boxes_XQ4.view(B, T, Q, 4).transpose(1, 2)
-        return self._chain(keys_BTNE, values_BTNE, query_boxes_BQ4)
+        (boxes_BQT4,) = free_running(self._step, keys_BTNE, values_BTNE, query_boxes_BQ4, detach=self.detach_recurrence)
+        return boxes_BQT4
 
-    def _chain(self, keys_BTNE: Tensor, values_BTNE: Tensor, query_boxes_BQ4: Tensor) -> Tensor:
-        """The free-running loop: boxes (B, Q, T, 4)."""
-        box_BQ4, boxes = query_boxes_BQ4, []
-        # unbind, not keys[:, t]: each slice's backward would zero-fill a whole (B, T, N, E) gradient.
-        for keys_BNE, values_BNE in zip(keys_BTNE.unbind(1), values_BTNE.unbind(1), strict=True):
-            prior_BQ4 = box_BQ4.detach() if self.detach_recurrence else box_BQ4
-            states_BQE = self.attend(self.query(prior_BQ4), keys_BNE, values_BNE)
-            box_BQ4 = self.box(states_BQE, keys_BNE, prior_BQ4)
-            boxes.append(box_BQ4)
-        return torch.stack(boxes, dim=2)
+    def _step(self, prior_XQ4: Tensor, keys_XNE: Tensor, values_XNE: Tensor) -> tuple[Tensor]:
+        """One frame: the boxes (X, Q, 4) of objects last boxed at prior_XQ4."""
+        return (self.box(self.attend(self.query(prior_XQ4), keys_XNE, values_XNE), keys_XNE, prior_XQ4),)
 
 
 class RelativePoseHead(nn.Module):

@@ -16,7 +16,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from eval.readouts import READOUT_WIDTH, BoxTrackHead, FourierEncoding, PointTrackHead, patch_centers
+from eval.readouts import (
+    READOUT_WIDTH,
+    BoxTrackHead,
+    FourierEncoding,
+    PointTrackHead,
+    free_running,
+    patch_centers,
+)
 from eval.tasks import Batch, build_task
 
 TASKS = ("classification", "depth", "point_tracking", "box_tracking", "camera_pose")
@@ -172,8 +179,8 @@ def test_batched_training_pass_equals_the_free_running_loop(name: str) -> None:
         features = features_BTNd.clone().requires_grad_(True)
         if loop:
             keys, values = readout.kv(features)
-            out = readout._chain(keys, values, batch[query_key])
-            out = out[0] if isinstance(out, tuple) else out
+            step = readout._step
+            out = free_running(step, keys, values, batch[query_key], detach=True, batch_training=False)[0]
         else:
             out = task.outputs(readout, features, batch)[output_key]
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()

@@ -79,6 +79,7 @@ MODEL_KEYS = (
     "objective.targets_per_clip",
     "objective.visible_fraction",
     "objective.memory",
+    "objective.recall_offsets",
 )
 """Dotted config keys that define the model and its objective: a checkpoint written under other
 values is refused on resume, naming each key with its old and new value."""

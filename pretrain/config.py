@@ -137,6 +137,12 @@ class ObjectiveConfig:
     """What the predictor reads of the core: 'all' source steps' outputs, or the 'last' step's only (then the
     core's state must summarize the past, as a streaming readout reads it, and the predictor cannot do the
     temporal work itself by attending across source frames)."""
+    recall_offsets: list[int] = field(default_factory=list)
+    """Recall: frames before the last source frame (k: frame S-1-k, a source frame) of which one, drawn per clip,
+    is predicted from the core's last state beside the future targets. Future frames can be predicted from
+    what is visible now; a past frame only from what the state kept of it, so recall asks the core to
+    remember events it can no longer see. Needs memory = "last" (with "all" the predictor would read that
+    frame's own memory). [] = none."""
 
     def __post_init__(self) -> None:
         check_choice("objective.memory", self.memory, get_args(Memory))
@@ -149,6 +155,18 @@ class ObjectiveConfig:
             "must be in [1, len(target_offsets)]",
         )
         check(0.0 <= self.visible_fraction < 1.0, "objective.visible_fraction", "must be in [0, 1)")
+        recall = self.recall_offsets
+        check(len(set(recall)) == len(recall), "objective.recall_offsets", f"{recall} must be distinct")
+        check(
+            all(0 < k < self.source_frames for k in recall),
+            "objective.recall_offsets",
+            f"{recall} must lie in [1, source_frames - 1 = {self.source_frames - 1}] (frame S-1-k is a source frame)",
+        )
+        check(
+            not recall or self.memory == "last",
+            "objective.recall_offsets",
+            'needs objective.memory = "last" (with "all" the predictor reads the recalled frame\'s memory directly)',
+        )
 
     @property
     def clip_frames(self) -> int:

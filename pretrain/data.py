@@ -181,11 +181,21 @@ def loader_config(cfg: Config, shards: str, *, evaluation: bool = False) -> Load
 
 
 def draw_offsets(cfg: Config, batch: int, generator: torch.Generator) -> Tensor:
-    """targets_per_clip sorted offsets per clip from objective.target_offsets, (B, K) int64."""
+    """targets_per_clip sorted offsets per clip from objective.target_offsets, (B, K) int64.
+
+    With objective.recall_offsets each clip also gets one recall target, -k for a k drawn from them, first
+    (K = targets_per_clip + 1); drawn after the future offsets, so a run without recall draws what it drew.
+    """
     offsets = torch.tensor(cfg.objective.target_offsets)
     k = cfg.objective.targets_per_clip
-    picks = [offsets[torch.randperm(len(offsets), generator=generator)[:k]].sort().values for _ in range(batch)]
-    return torch.stack(picks)
+    picks_BK = torch.stack(
+        [offsets[torch.randperm(len(offsets), generator=generator)[:k]].sort().values for _ in range(batch)]
+    )
+    recall = torch.tensor(cfg.objective.recall_offsets, dtype=torch.long)
+    if len(recall) == 0:
+        return picks_BK
+    recall_B1 = -recall[torch.randint(len(recall), (batch, 1), generator=generator)]
+    return torch.cat([recall_B1, picks_BK], dim=1)
 
 
 class ShardBatchSource:

@@ -101,6 +101,8 @@ class FuturePredictor(nn.Module):
         )
         self.source_time_embed = nn.Parameter(torch.zeros(spec.max_source_frames, d))
         self.offset_embed = nn.Embedding(spec.max_offset + 1, d)
+        # Only built with recall, so exports without it keep their parameters.
+        self.recall_embed = nn.Embedding(spec.max_recall + 1, d) if spec.max_recall else None
         self.mask_token = nn.Parameter(torch.zeros(d))
         self.register_buffer("pos_Nd", sincos_2d(spec.grid_h, spec.grid_w, d), persistent=False)
         self.layers = nn.ModuleList(
@@ -113,6 +115,8 @@ class FuturePredictor(nn.Module):
     def _init_weights(self) -> None:
         nn.init.normal_(self.source_time_embed, std=0.02)
         nn.init.normal_(self.offset_embed.weight, std=0.02)
+        if self.recall_embed is not None:
+            nn.init.normal_(self.recall_embed.weight, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         if self.spec.predictor.residual:
             # Zero head: the untrained model predicts the last source frame (copy-last).
@@ -152,6 +156,25 @@ class FuturePredictor(nn.Module):
         time_Sd = self.source_time_embed[:S].flip(0)
         return x_BSNd, memory_BSNd + time_Sd[None, :, None, :]
 
+    def _check_offsets(self, offsets_BK: Tensor) -> None:
+        """Future offsets in [1, max_offset]; recall offsets (negative) in [-max_recall, -1]."""
+        spec = self.spec
+        future = offsets_BK[offsets_BK > 0]
+        recall = -offsets_BK[offsets_BK <= 0]
+        if len(future) and future.max() > spec.max_offset:
+            raise ValueError(f"target offsets must be in [1, {spec.max_offset}], got {future.max().item()}")
+        if len(recall) and (recall.min() < 1 or recall.max() > spec.max_recall):
+            allowed = f"[-{spec.max_recall}, -1]" if spec.max_recall else "none (the model was built without recall)"
+            raise ValueError(f"recall offsets (target offsets <= 0) must be in {allowed}, got {-recall.max().item()}")
+
+    def offset_embedding(self, offsets_BK: Tensor) -> Tensor:
+        """(B, K, d): the future offset's embedding, or the recall embedding of -offset for a past frame."""
+        future_BKd = self.offset_embed(offsets_BK.clamp(min=0))
+        if self.recall_embed is None:
+            return future_BKd
+        recall_BKd = self.recall_embed((-offsets_BK).clamp(min=0))
+        return torch.where((offsets_BK < 0)[..., None], recall_BKd, future_BKd)
+
     def forward(
         self,
         source_BSND: Tensor,
@@ -168,8 +191,7 @@ class FuturePredictor(nn.Module):
         K = offsets_BK.shape[1]
         if self.num_tokens != N:
             raise ValueError(f"got {N} tokens per frame, model built for {self.num_tokens}")
-        if offsets_BK.max() > self.spec.max_offset or offsets_BK.min() < 1:
-            raise ValueError(f"target offsets must be in [1, {self.spec.max_offset}]")
+        self._check_offsets(offsets_BK)
         x_BSNd, memory_BSNd = self.memory(source_BSND, source_layers_BSLND)
         d = x_BSNd.shape[-1]
         if self.spec.memory == "last":
@@ -182,7 +204,7 @@ class FuturePredictor(nn.Module):
             visible_BKVd = self.adapter(visible_tokens_BKVD)
             index_BKVd = visible_idx_BKV.unsqueeze(-1).expand(-1, -1, -1, d)
             queries_BKNd = queries_BKNd.scatter(2, index_BKVd, visible_BKVd)
-        queries_BKNd = queries_BKNd + self.pos_Nd + self.offset_embed(offsets_BK)[:, :, None, :] + x_BSNd[:, -1:, :, :]
+        queries_BKNd = queries_BKNd + self.pos_Nd + self.offset_embedding(offsets_BK)[:, :, None, :] + x_BSNd[:, -1:]
 
         q_UNd = queries_BKNd.reshape(B * K, N, d)
         memory_UGd = memory_BSNd.reshape(B, 1, S * N, d).expand(B, K, S * N, d).reshape(B * K, S * N, d)
@@ -212,6 +234,7 @@ def spec_from_config(cfg: Config, encoder_dim: int, grid_h: int, grid_w: int) ->
         max_offset=max(cfg.objective.target_offsets),
         feature_layers=list(cfg.encoder.feature_layers),
         memory=cfg.objective.memory,
+        max_recall=max(cfg.objective.recall_offsets, default=0),
     )
 
 

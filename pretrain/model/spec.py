@@ -107,11 +107,14 @@ class ModelSpec:
     """Encoder blocks mixed by trainable adapters into the core's input; [] = final block only."""
     memory: Memory = "all"
     """The predictor attends to 'all' source steps' core outputs or the 'last' one's (objective.memory)."""
+    max_recall: int = 0
+    """Largest recall offset the recall embedding covers (max of objective.recall_offsets; 0 = no recall)."""
 
     def __post_init__(self) -> None:
         for key in ("encoder_dim", "grid_h", "grid_w", "max_source_frames", "max_offset"):
             check(getattr(self, key) > 0, f"model_spec.{key}", "must be > 0")
         check_choice("model_spec.memory", self.memory, typing.get_args(Memory))
+        check(self.max_recall >= 0, "model_spec.max_recall", "must be >= 0")
 
     @property
     def num_tokens(self) -> int:

@@ -1,6 +1,6 @@
 """What does the core carry through time? A linear probe of motion from one frame's features.
 
-    python -m eval.velocity_probe --export DIR [--out FILE.json] [--pool 512] [--test-videos 100] [--points]
+    python -m eval.velocity_probe --export DIR [--out FILE.json] [--pool 512] [--test-videos 100] [--points] [--order]
 
 A direct look at what pre-training put into the core's state, without a
 trained readout in the way: a ridge regression from the features of the
@@ -29,6 +29,15 @@ moving objects, ``point-background`` for points on the panning background.
 Every feature set above (``two-frames``: the encoder tokens of frames t-1
 and t at that patch) answers it; intervals come from a bootstrap over test
 clips.
+
+Memory of a discrete event (``--order``, the order-of-events task's question):
+the same ridge, on the order label as +-1 (which of two objects flashed
+first; the last frame shows no trace of either flash), scored by accuracy
+(chance 0.5). Beside the last-frame feature sets, ``all-frames-pooled``
+(each frame's encoder tokens averaged over patches, the T frames side by
+side) is the positive control: it shows whether the clip itself tells the
+order to a linear map, so that a last-frame set at chance means the state
+kept no trace of the flashes, not that the task is unlearnable.
 
 The regression is the dual (kernel) form of ridge on the flattened tokens of
 one frame, its penalty chosen by 5-fold cross-validation on the training pool
@@ -67,6 +76,8 @@ TARGETS = {"objects": (0, 2), "camera": (2, 4)}
 POINT_TARGETS = ("point-objects", "point-background")
 """Per-point targets (--points): the step of a point on an object, on the background."""
 POINTS = 16
+ORDER_TARGET = "order"
+"""The --order target: which of two objects flashed first, as +-1, scored by accuracy."""
 """Query points per clip, as the point-tracking task draws them (the first half on objects)."""
 
 
@@ -232,6 +243,48 @@ def point_r2(X: Tensor, y_SK: np.ndarray, clips_S: np.ndarray, test: np.ndarray,
     }
 
 
+def order_targets(clips: ClipSet) -> np.ndarray:
+    """(V, 1): the order label as -1 / +1."""
+    return np.array([[2.0 * truth.order_label - 1.0] for truth in clips.truths])
+
+
+def bootstrap_accuracy(correct_V: np.ndarray, draws: int = 1000) -> tuple[float, float]:
+    rng = np.random.default_rng(0)
+    values = correct_V[rng.integers(0, len(correct_V), size=(draws, len(correct_V)))].mean(1)
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def run_order_probe(
+    export_dir: Path, clips: ClipSet, test_idx: Tensor, pool_idx: Tensor, seeds: int = 3
+) -> dict[str, dict[str, Any]]:
+    """Accuracy with interval of the order label per feature set (the last frame's, and all frames pooled)."""
+    if min(truth.order_label for truth in clips.truths) < 0:
+        raise ValueError("--order needs procedural clips generated with temporal labels (order_label is -1)")
+    y_V1 = order_targets(clips)
+    features = last_frame_features(export_dir, clips, seeds)
+    features["all-frames-pooled"] = [clips.tokens_VTND.float().mean(2).flatten(1)]
+    train, test = pool_idx.numpy(), test_idx.numpy()
+    results: dict[str, dict[str, Any]] = {}
+    for name, matrices in features.items():
+        scores, intervals = [], []
+        for features_VF in matrices:
+            alpha = choose_alpha(features_VF[train], y_V1[train])
+            pred_V1 = ridge_predict(features_VF[train], y_V1[train], features_VF[test], alpha)
+            correct_V = (np.sign(pred_V1[:, 0]) == y_V1[test, 0]).astype(np.float64)
+            scores.append(float(correct_V.mean()))
+            intervals.append(bootstrap_accuracy(correct_V))
+        results[name] = {
+            ORDER_TARGET: {
+                "accuracy": float(np.mean(scores)),
+                "values": scores,
+                "ci95": [float(np.mean([i[0] for i in intervals])), float(np.mean([i[1] for i in intervals]))],
+                "features": int(matrices[0].shape[1]),
+            }
+        }
+        log.info("%s order: accuracy %.3f", name, results[name][ORDER_TARGET]["accuracy"])
+    return results
+
+
 def run_point_probe(
     export_dir: Path, clips: ClipSet, test_idx: Tensor, pool_idx: Tensor, seeds: int = 3
 ) -> dict[str, Any]:
@@ -286,22 +339,29 @@ def run_point_probe(
 
 
 def markdown(record: dict[str, Any]) -> str:
-    targets = list(next(iter(record["results"].values())))
+    targets = list(dict.fromkeys(t for per_target in record["results"].values() for t in per_target))
     lines = [
         f"# Motion probe: {record['export']}",
         "",
         f"Ridge from one frame's features to motion; R² on {record['test_videos']} test clips "
         f"(trained on {record['pool']}), 95% bootstrap interval over test clips. objects / camera: the last "
         "frame's tokens -> the last step's mean object velocity / camera pan; point-*: frame t's token where "
-        "a tracked point was at t-1 -> its step.",
+        "a tracked point was at t-1 -> its step; order: accuracy (chance 0.5) of which object flashed first.",
         "",
         "| features | " + " | ".join(targets) + " |",
         "|---|" + "---|" * len(targets),
     ]
     for name, per_target in record["results"].items():
-        cells = [f"{v['r2']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]" for v in per_target.values()]
+        cells = [_cell(per_target.get(target)) for target in targets]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(result: dict[str, Any] | None) -> str:
+    if result is None:
+        return "-"
+    value = result["accuracy"] if "accuracy" in result else result["r2"]
+    return f"{value:.3f} [{result['ci95'][0]:.3f}, {result['ci95'][1]:.3f}]"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -312,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test-videos", dest="test_videos", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=3, help="fresh cores for the random control")
     parser.add_argument("--points", action="store_true", help="also probe motion at tracked points")
+    parser.add_argument("--order", action="store_true", help="also probe the order of two flashes (memory)")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--encoder", default=None)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -329,6 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.points:
             for name, per_target in run_point_probe(args.export, clips, test_idx, pool_idx, args.seeds).items():
                 results[name].update(per_target)
+        if args.order:
+            for name, per_target in run_order_probe(args.export, clips, test_idx, pool_idx, args.seeds).items():
+                results.setdefault(name, {}).update(per_target)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

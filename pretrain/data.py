@@ -86,7 +86,8 @@ class ClipBatch:
     """
 
     offsets_BK: Tensor
-    """int64 target offsets (strided frames after the last source frame): frame S - 1 + offset is a target."""
+    """int64 target offsets (strided frames after the last source frame): frame S - 1 + offset is a target
+    (an offset -k <= -1 is a recall target, the source frame k before the last; objective.recall_offsets)."""
     keys: list[str] = dataclasses.field(default_factory=list)
     """Sample keys (``{source_sha256[:16]}-{clip_index:06d}`` for shards)."""
     frames_BTCHW: Tensor | None = None

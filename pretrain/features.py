@@ -61,7 +61,7 @@ class Features:
     target_BKND: Tensor
     """Final-block tokens of the target frames (the loss's targets, layer-normed there)."""
     offsets_BK: Tensor
-    """int64 target offsets in strided frames after the last source frame."""
+    """int64 target offsets in strided frames after the last source frame (negative: recall of a source frame)."""
     visible_idx_BKV: Tensor
     """int64 sorted visible patch indices of each target frame (V = 0: pure forecasting)."""
     visible_BKVD: Tensor

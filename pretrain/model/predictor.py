@@ -9,8 +9,9 @@ clip (S*N, or N with memory="last").
 The core reads adapted source tokens and its outputs at every source step are
 the memory. Each target frame is a set of N queries: a mask token (or the
 adapted visible token where a patch is visible) plus a 2-D position, a
-time-offset embedding and the adapted token of the last source frame at the
-same position. The predictor (self-attention over a frame's queries,
+time-offset embedding (a recall embedding for a past source frame,
+objective.recall_offsets) and the adapted token of the last source frame at
+the same position. The predictor (self-attention over a frame's queries,
 cross-attention to the memory, MLP) outputs features in the frozen encoder's
 layer-normed space. With ``residual`` it outputs a change from the last source
 frame's layer-normed token through a zero-initialized head, so an untrained

@@ -104,9 +104,9 @@ TASKS: tuple[str, ...] = (
     "camera_pose",
 )
 TEMPORAL_TASKS: tuple[str, ...] = TASKS[:5]
+"""The tasks the verdict counts: each needs information from earlier frames."""
 COST_ORDER: tuple[str, ...] = ("point_tracking", "box_tracking", "camera_pose", "depth")
 """Tasks whose readouts cost the most (dense or per-frame heads), started first so workers finish together."""
-"""The tasks the verdict counts: each needs information from earlier frames."""
 TARGET_TASKS = 3
 """The target: pre-training wins on at least this many temporal tasks at the two smallest budgets."""
 

@@ -143,6 +143,12 @@ class ObjectiveConfig:
     what is visible now; a past frame only from what the state kept of it, so recall asks the core to
     remember events it can no longer see. Needs memory = "last" (with "all" the predictor would read that
     frame's own memory). [] = none."""
+    change_weight: float = 0.0
+    """Weight of change in the training loss, in [0, 1]: each masked target patch's L1 is weighted by
+    (1 - w) + w * c / mean(c), c = how far its target lies from the last source frame's token there.
+    Most patches of a frame are static, so a plain per-patch L1 barely weighs small moving objects or a
+    one-frame event; 1 weights patches purely by their change. 0 = plain L1. Held-out evaluation stays
+    plain L1, so runs with different weights compare on one metric."""
 
     def __post_init__(self) -> None:
         check_choice("objective.memory", self.memory, get_args(Memory))
@@ -155,6 +161,7 @@ class ObjectiveConfig:
             "must be in [1, len(target_offsets)]",
         )
         check(0.0 <= self.visible_fraction < 1.0, "objective.visible_fraction", "must be in [0, 1)")
+        check(0.0 <= self.change_weight <= 1.0, "objective.change_weight", f"{self.change_weight} must be in [0, 1]")
         recall = self.recall_offsets
         check(len(set(recall)) == len(recall), "objective.recall_offsets", f"{recall} must be distinct")
         check(

@@ -59,13 +59,33 @@ class LossOutput:
     loss: Tensor
 
 
-def objective_loss(model: FuturePredictor, features: Features) -> LossOutput:
-    """L1 between predicted and layer-normed frozen features on masked target positions."""
+def change_weights(features: Features, mask_BKN: Tensor, change_weight: float) -> Tensor:
+    """Per-position loss weights (B, K, N), mean 1 over the masked positions (objective.change_weight).
+
+    c = L1 between a target's layer-normed token and the last source frame's at the same patch: how
+    much that patch changes. The weight mixes 1 with c / mean(c) so the loss keeps its scale.
+    """
+    if change_weight == 0.0:
+        return torch.ones_like(mask_BKN)
+    last_BKND = features.source_BSND[:, -1:].expand_as(features.target_BKND)
+    change_BKN = l1_per_position(normed_targets(last_BKND), features.target_BKND)
+    mean_change = (change_BKN * mask_BKN).sum() / mask_BKN.sum().clamp_min(1.0)
+    relative_BKN = change_BKN / mean_change.clamp_min(1e-6)
+    return (1.0 - change_weight) + change_weight * relative_BKN
+
+
+def objective_loss(model: FuturePredictor, features: Features, change_weight: float = 0.0) -> LossOutput:
+    """L1 between predicted and layer-normed frozen features on masked target positions.
+
+    ``change_weight`` > 0 weights each position by how much its target changes from the last source
+    frame (``change_weights``); 0 is the plain mean.
+    """
     N = features.source_BSND.shape[2]
     pred_BKND = predict(model, features)
     mask_BKN = masked_positions(features.visible_idx_BKV, N)
     l1_BKN = l1_per_position(pred_BKND, features.target_BKND)
-    loss = (l1_BKN * mask_BKN).sum() / mask_BKN.sum()
+    weight_BKN = change_weights(features, mask_BKN, change_weight).detach() * mask_BKN
+    loss = (l1_BKN * weight_BKN).sum() / mask_BKN.sum()
     return LossOutput(loss)
 
 

@@ -357,7 +357,7 @@ class Trainer:
             with torch.no_grad(), encode_clock:
                 features = frozen_features(self.encoder, batch, self.features, self.mask_generator)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                out = objective_loss(self.engine, features)
+                out = objective_loss(self.engine, features, self.cfg.objective.change_weight)
             self.engine.backward(out.loss)
             total_loss += out.loss.detach() / plan.grad_accum
         # Reading the loss synchronizes the device, so the encode clock can be read after it.

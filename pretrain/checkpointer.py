@@ -80,6 +80,7 @@ MODEL_KEYS = (
     "objective.visible_fraction",
     "objective.memory",
     "objective.recall_offsets",
+    "objective.change_weight",
 )
 """Dotted config keys that define the model and its objective: a checkpoint written under other
 values is refused on resume, naming each key with its old and new value."""

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
-from pretrain.config import Config, ConfigError
+from pretrain import trainer as trainer_module
+from pretrain.config import Config, ConfigError, load_config
 from pretrain.features import Features
 from pretrain.model.predictor import FuturePredictor, spec_from_config
 from pretrain.objective import change_weights, masked_positions, normed_targets, objective_loss
+from pretrain.trainer import Trainer
+from tests.conftest import tiny_overrides
 
 
 def _features(B: int = 2, S: int = 3, N: int = 16, D: int = 8, moving: int = 2, seed: int = 0) -> Features:
@@ -87,3 +91,18 @@ def test_gradient_does_not_flow_through_the_weights(tiny_cfg: Config) -> None:
     pred_BKND = model(f.source_BSND, f.offsets_BK, f.visible_idx_BKV, f.visible_BKVD)
     fixed = ((pred_BKND - normed_targets(f.target_BKND)).abs().mean(-1) * w_BKN).mean()
     torch.testing.assert_close(grad, torch.autograd.grad(fixed, f.source_BSND)[0])
+
+
+def test_the_trainer_trains_with_the_configured_weight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--objective.change_weight reaches the loss of every training step."""
+    seen: list[float] = []
+    real_loss = trainer_module.objective_loss
+
+    def spy(model, features, change_weight: float = 0.0):
+        seen.append(change_weight)
+        return real_loss(model, features, change_weight)
+
+    monkeypatch.setattr(trainer_module, "objective_loss", spy)
+    cfg = load_config("tiny-cpu", tiny_overrides(tmp_path, "--objective.change_weight=0.75"))
+    Trainer(cfg).train(stop_at=2)
+    assert seen and set(seen) == {0.75}

@@ -85,6 +85,14 @@ MODEL_KEYS = (
 """Dotted config keys that define the model and its objective: a checkpoint written under other
 values is refused on resume, naming each key with its old and new value."""
 
+ADDED_LATER: dict[str, Any] = {
+    "objective.recall_offsets": [],
+    "objective.change_weight": 0.0,
+}
+"""MODEL_KEYS added after checkpoints had been written, each with the value that reproduces what those
+checkpoints were trained under: a saved config without the key reads as that value, so a run from
+before the key existed resumes unless the new value differs."""
+
 RUNTIME_KEYS = {
     "encoder.source": "where the weights are read from; the weights themselves are compared by hash, "
     "so a moved or re-imported copy of the same weights resumes",
@@ -134,9 +142,15 @@ warned about in one line and recorded (MLflow params ``resumed_at_STEP.KEY``).""
 
 
 def key_changes(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
-    """``key -> (old, new)`` for every key on which two config dicts differ."""
-    pairs = {key: (config_value(saved, key), config_value(current, key)) for key in keys}
+    """``key -> (old, new)`` for every key on which two config dicts differ (``ADDED_LATER`` fills a
+    saved config's gaps)."""
+    pairs = {key: (_saved_value(saved, key), config_value(current, key)) for key in keys}
     return {key: pair for key, pair in pairs.items() if pair[0] != pair[1]}
+
+
+def _saved_value(saved: dict[str, Any], key: str) -> Any:
+    value = config_value(saved, key)
+    return ADDED_LATER.get(key, value) if value is _ABSENT else value
 
 
 def _show(value: Any) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pretrain.checkpoint import CheckpointError, load_checkpoint, write_manifest
-from pretrain.checkpointer import MODEL_KEYS, RUNTIME_KEYS, model_key_changes
+from pretrain.checkpointer import ADDED_LATER, MODEL_KEYS, RUNTIME_KEYS, model_key_changes
 from pretrain.config import Config, config_to_dict, load_config
 from pretrain.trainer import Trainer
 from tests.conftest import tiny_overrides
@@ -38,6 +38,17 @@ def test_model_key_changes_name_old_and_new_values() -> None:
     assert model_key_changes(saved, current) == ["core.depth: 1 -> 3"]
     del saved["objective"]["memory"]
     assert model_key_changes(saved, config_to_dict(Config())) == ["objective.memory: (absent) -> 'all'"]
+
+
+def test_a_checkpoint_from_before_a_later_key_resumes_under_its_old_behaviour() -> None:
+    """A key added after checkpoints existed reads as the value they were trained under, not as a change."""
+    assert set(ADDED_LATER) <= set(MODEL_KEYS)
+    saved = config_to_dict(Config())
+    del saved["objective"]["recall_offsets"], saved["objective"]["change_weight"]
+    assert model_key_changes(saved, config_to_dict(Config())) == []
+    current = config_to_dict(Config())
+    current["objective"]["change_weight"] = 1.0
+    assert model_key_changes(saved, current) == ["objective.change_weight: 0.0 -> 1.0"]
 
 
 def test_resume_after_changing_a_runtime_knob_is_exact(tmp_path: Path) -> None:

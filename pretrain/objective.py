@@ -65,8 +65,6 @@ def change_weights(features: Features, mask_BKN: Tensor, change_weight: float) -
     c = L1 between a target's layer-normed token and the last source frame's at the same patch: how
     much that patch changes. The weight mixes 1 with c / mean(c) so the loss keeps its scale.
     """
-    if change_weight == 0.0:
-        return torch.ones_like(mask_BKN)
     last_BKND = features.source_BSND[:, -1:].expand_as(features.target_BKND)
     change_BKN = l1_per_position(normed_targets(last_BKND), features.target_BKND)
     mean_change = (change_BKN * mask_BKN).sum() / mask_BKN.sum().clamp_min(1.0)
@@ -84,7 +82,10 @@ def objective_loss(model: FuturePredictor, features: Features, change_weight: fl
     pred_BKND = predict(model, features)
     mask_BKN = masked_positions(features.visible_idx_BKV, N)
     l1_BKN = l1_per_position(pred_BKND, features.target_BKND)
-    weight_BKN = change_weights(features, mask_BKN, change_weight).detach() * mask_BKN
+    # Plain L1 (the default) computes no change at all.
+    weight_BKN = (
+        mask_BKN if change_weight == 0.0 else change_weights(features, mask_BKN, change_weight).detach() * mask_BKN
+    )
     loss = (l1_BKN * weight_BKN).sum() / mask_BKN.sum()
     return LossOutput(loss)
 

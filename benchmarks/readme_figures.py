@@ -315,7 +315,7 @@ def efficiency_table(efficiency: Efficiency, shown_path: str) -> str:
             for v in TABLE_VARIANTS:
                 cells[v].append(_cell(at_budget.get(v), digits, v in bold, v in bracketed))
         control_cell = _cell(control, digits, False, False)
-        if control is not None and record.get("learnability", {}).get(task, "learnable") != "learnable":
+        if control is not None and record.get("learnability", {}).get(task, "learnable").startswith("not shown"):
             control_cell += " (not learnable here)"
         row_cells = [" / ".join(cells[v]) for v in TABLE_VARIANTS]
         task_label = _task_label(record, task, label, mine[0]["metric"])

@@ -18,7 +18,11 @@ trained on the same N clips for each variant and scored on one fixed test set:
 Positive control per task: ``control-allframes``, the identity path with the
 all-frames readout (every frame's tokens, no memory needed) on all labels; a
 task it cannot learn is reported as unlearnable here, not as a loss of the
-core. ``scratch`` at the largest budget is the end-to-end control.
+core. ``scratch`` at the largest budget is the end-to-end control. The floor
+every row is read against is the ``no-features`` answer (the training pool's
+majority class, the query carried unchanged, the pool's mean): a task is
+learnable here when the control or some variant beats that, and it separates
+variants when something also beats the worst variant.
 
 Seeds vary the readout init, the batch order, the fresh inits of ``scratch``
 and ``random`` and which labelled clips are drawn (the budgets of one seed
@@ -383,13 +387,92 @@ def verdict(rows: list[dict[str, Any]], cfg: EfficiencyConfig, reading: str) -> 
     }
 
 
-NOT_LEARNABLE = "not shown learnable (neither the control nor any variant above the worst variant's CI)"
+NO_FEATURES = "no-features"
+"""The answer of a readout that reads no feature; every row is read against it (``no_feature_outputs``)."""
+LEARNABLE = "learnable"
+LEARNABLE_FLAT = "learnable (above the no-feature answer), but nothing above the worst variant"
+NOT_LEARNABLE = "not shown learnable (neither the control nor any variant above the no-feature answer)"
+NOT_LEARNABLE_NO_FLOOR = "not shown learnable (neither the control nor any variant above the worst variant's CI)"
 
 
-def learnability(rows: list[dict[str, Any]], reading: str) -> dict[str, str]:
-    """Per task, whether it was shown learnable here: the positive control, or any variant, beat the worst
-    variant at the largest budget with CIs apart (a core that reads the task where the all-frames
-    probe cannot has shown it learnable too)."""
+def no_feature_outputs(task: Task, targets: Batch, pool_idx: torch.Tensor, test_idx: torch.Tensor) -> Batch | None:
+    """What a readout that reads no feature answers on the test clips, from the training pool's labels only.
+
+    Classification: the pool's majority class. Tracking: the query carried
+    unchanged to every frame (a point stays visible). Pose: the pool's mean
+    motion per frame pair. Depth: the pool's mean depth per pixel. None for
+    targets of another kind. A task is learnable here only if something
+    reads the features better than this.
+    """
+    test = {k: v[test_idx] for k, v in targets.items()}
+    if "label" in targets:
+        classes = int(getattr(task, "classes", None) or int(targets["label"].max()) + 1)
+        majority = int(torch.bincount(targets["label"][pool_idx], minlength=classes).argmax())
+        logits_VC = torch.zeros(len(test_idx), classes)
+        # Descending logits: the majority class first, the rest in class order (for top-k).
+        logits_VC[:] = -torch.arange(classes, dtype=torch.float32)
+        logits_VC[:, majority] = 1.0
+        return {"logits": logits_VC}
+    if "query_boxes" in targets:
+        frames = targets["boxes"].shape[2]
+        return {"boxes": test["query_boxes"][:, :, None].expand(-1, -1, frames, -1).clone()}
+    if "queries" in targets and "tracks" in targets:
+        frames = targets["tracks"].shape[2]
+        return {
+            "positions": test["queries"][:, :, None].expand(-1, -1, frames, -1).clone(),
+            "visibility_logits": torch.ones(test["visible"].shape),
+        }
+    if "translation" in targets:
+        return {
+            "translation": targets["translation"][pool_idx].mean(0, keepdim=True).expand_as(test["translation"]).clone(),
+            "rotation": targets["rotation"][pool_idx].mean(0, keepdim=True).expand_as(test["rotation"]).clone(),
+        }
+    if "depth" in targets:
+        depth = targets["depth"][pool_idx].flatten(0, 1)
+        # Zero marks a pixel without a reading: the mean is over the readings there are.
+        valid = (depth > 0).float()
+        mean_HW = (depth * valid).sum(0) / valid.sum(0).clamp(min=1)
+        mean_HW = torch.where(valid.sum(0) > 0, mean_HW, depth[depth > 0].mean())
+        return {"log_depth": mean_HW.log().expand_as(test["depth"]).clone()}
+    return None
+
+
+def no_features_row(
+    task: Task, targets: Batch, pool_idx: torch.Tensor, test_idx: torch.Tensor, cfg: EfficiencyConfig
+) -> dict[str, Any] | None:
+    """The no-feature answer's primary metric on the test set, with a 95% bootstrap interval over test clips."""
+    outputs = no_feature_outputs(task, targets, pool_idx, test_idx)
+    if outputs is None:
+        return None
+    test = {k: v[test_idx] for k, v in targets.items()}
+
+    def score(_: int, clips_C: np.ndarray) -> float:
+        return task.metrics(_index(outputs, clips_C), _index(test, clips_C))[task.primary]
+
+    samples = bootstrap_scores(score, BootstrapDraws.draw(1, len(test_idx), cfg.draws, seed=0))
+    low, high = percentile_interval(samples)
+    return {
+        "task": task.name,
+        "metric": task.primary,
+        "higher_is_better": task.higher_is_better,
+        "variant": NO_FEATURES,
+        "mean": float(score(0, np.arange(len(test_idx)))),
+        "ci95_low": low,
+        "ci95_high": high,
+    }
+
+
+def learnability(
+    rows: list[dict[str, Any]], reading: str, no_features: dict[str, dict[str, Any]] | None = None
+) -> dict[str, str]:
+    """Per task: was it shown learnable here, and does it separate variants?
+
+    Learnable: the positive control, or any variant at the largest budget, is
+    above the no-feature answer with CIs apart (a core that reads the task
+    where the all-frames probe cannot has shown it learnable too). It
+    separates variants when one of them is also above the worst variant.
+    Without a no-feature answer, only the second test is made.
+    """
     out = {}
     for task in dict.fromkeys(r["task"] for r in rows):
         control = next((r for r in rows if r["task"] == task and r["variant"] == CONTROL), None)
@@ -398,8 +481,14 @@ def learnability(rows: list[dict[str, Any]], reading: str) -> dict[str, str]:
         largest = max(r["budget"] for r in rows if r["task"] == task and r["variant"] != CONTROL)
         others = [r for r in rows if r["task"] == task and r["budget"] == largest and r["reading"] == reading]
         worst = min(others, key=lambda r: r["mean"] * (1 if r["higher_is_better"] else -1))
-        shown = any(row_above(r, worst) for r in (control, *others))
-        out[task] = "learnable" if shown else NOT_LEARNABLE
+        separates = any(row_above(r, worst) for r in (control, *others))
+        floor = (no_features or {}).get(task)
+        if floor is None:
+            out[task] = LEARNABLE if separates else NOT_LEARNABLE_NO_FLOOR
+        elif not any(row_above(r, floor) for r in (control, *others)):
+            out[task] = NOT_LEARNABLE
+        else:
+            out[task] = LEARNABLE if separates else LEARNABLE_FLAT
     return out
 
 
@@ -412,6 +501,7 @@ class TaskOutcome:
     fairness: dict[str, Any]
     readouts: dict[str, Any]
     seconds: float
+    no_features: dict[str, Any] | None = None
 
 
 def run_task(experiment: Experiment, task_name: str) -> TaskOutcome:
@@ -421,6 +511,7 @@ def run_task(experiment: Experiment, task_name: str) -> TaskOutcome:
     targets = task.targets(clips.truths, experiment.grid)
     start = time.perf_counter()
     outcome = TaskOutcome([], [], {}, {}, 0.0)
+    outcome.no_features = no_features_row(task, targets, experiment.pool_idx, experiment.test_idx, cfg)
     for reading in cfg.readings:
         runs: dict[tuple[str, int], list[Trained]] = {}
         for variant in (v for v in VARIANTS if v in cfg.variants):
@@ -486,6 +577,11 @@ def run_efficiency(export: Export, clips: ClipSet, cfg: EfficiencyConfig, worker
     comparisons = [c for outcome in outcomes for c in outcome.comparisons]
     fair = {k: v for outcome in outcomes for k, v in outcome.fairness.items()}
     readouts = {k: v for outcome in outcomes for k, v in outcome.readouts.items()}
+    no_features = {
+        name: outcome.no_features
+        for name, outcome in zip(cfg.tasks, outcomes, strict=True)
+        if outcome.no_features is not None
+    }
     seconds = {name: outcome.seconds for name, outcome in zip(cfg.tasks, outcomes, strict=True)}
     headline = cfg.readings[0]
     return {
@@ -500,8 +596,9 @@ def run_efficiency(export: Export, clips: ClipSet, cfg: EfficiencyConfig, worker
         "comparisons": comparisons,
         "fairness": fair,
         "readouts": readouts,
+        "no_features": no_features,
         "verdict": verdict(rows, cfg, headline),
-        "learnability": learnability(rows, headline),
+        "learnability": learnability(rows, headline, no_features),
         "seconds": seconds,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -578,6 +675,9 @@ def markdown(record: dict[str, Any]) -> str:
                     lines.append(
                         f"| {variant} | " + " | ".join(_cell(subset.get((variant, b))) for b in budgets) + " |"
                     )
+            floor = record.get("no_features", {}).get(task)
+            if floor is not None:
+                lines.append(f"| {NO_FEATURES} (any N) | " + " | ".join(_cell(floor) for _ in budgets) + " |")
             lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -611,6 +711,9 @@ def plot_task(record: dict[str, Any], task: str, path: Path) -> Path:
                 fmt="k*",
                 label=CONTROL,
             )
+        floor = record.get("no_features", {}).get(task)
+        if floor is not None:
+            ax.axhline(floor["mean"], color="grey", linestyle="--", linewidth=1, label=NO_FEATURES)
         ax.set_xscale("log")
         ticks = sorted({r["budget"] for r in rows})
         ax.set_xticks(ticks, [str(t) for t in ticks])

@@ -225,15 +225,60 @@ def _row(variant: str, mean: float, low: float, high: float, budget: int = 64) -
     }
 
 
-def test_a_task_is_learnable_when_the_control_or_any_variant_clears_the_worst() -> None:
-    from eval.efficiency import CONTROL, NOT_LEARNABLE, learnability
+def test_without_a_floor_a_task_is_learnable_when_the_control_or_any_variant_clears_the_worst() -> None:
+    from eval.efficiency import CONTROL, LEARNABLE, NOT_LEARNABLE_NO_FLOOR, learnability
 
     flat = [_row("identity", 0.25, 0.18, 0.32), _row("scratch", 0.27, 0.2, 0.35)]
-    assert learnability([*flat, _row(CONTROL, 0.3, 0.2, 0.4)], "streaming") == {"classification": NOT_LEARNABLE}
-    assert learnability([*flat, _row(CONTROL, 0.6, 0.5, 0.7)], "streaming") == {"classification": "learnable"}
+    control = _row(CONTROL, 0.3, 0.2, 0.4)
+    assert learnability([*flat, control], "streaming") == {"classification": NOT_LEARNABLE_NO_FLOOR}
+    assert learnability([*flat, _row(CONTROL, 0.6, 0.5, 0.7)], "streaming") == {"classification": LEARNABLE}
     # The all-frames control overlaps the worst variant, but the pre-trained core reads the task: learnable.
     core_reads_it = [*flat, _row("pretrained", 0.99, 0.95, 1.0), _row(CONTROL, 0.49, 0.28, 0.66)]
-    assert learnability(core_reads_it, "streaming") == {"classification": "learnable"}
+    assert learnability(core_reads_it, "streaming") == {"classification": LEARNABLE}
     # Only the largest budget counts.
     small = _row("pretrained", 0.99, 0.95, 1.0, budget=8)
-    assert learnability([*flat, small, _row(CONTROL, 0.3, 0.2, 0.4)], "streaming") == {"classification": NOT_LEARNABLE}
+    assert learnability([*flat, small, control], "streaming") == {"classification": NOT_LEARNABLE_NO_FLOOR}
+
+
+def test_the_no_feature_answer_separates_a_flat_but_learnable_task_from_an_unlearnable_one() -> None:
+    from eval.efficiency import CONTROL, LEARNABLE, LEARNABLE_FLAT, NOT_LEARNABLE, learnability
+
+    flat = [_row("identity", 0.32, 0.28, 0.36), _row("scratch", 0.35, 0.31, 0.39), _row(CONTROL, 0.37, 0.3, 0.44)]
+    # Box tracking's shape: every variant well above standing still, none above another.
+    standstill = {"classification": _row("no-features", 0.19, 0.16, 0.22)}
+    assert learnability(flat, "streaming", standstill) == {"classification": LEARNABLE_FLAT}
+    # Order's shape: everything where the majority class is.
+    majority = {"classification": _row("no-features", 0.34, 0.3, 0.38)}
+    assert learnability(flat, "streaming", majority) == {"classification": NOT_LEARNABLE}
+    clears = [*flat, _row("pretrained", 0.6, 0.55, 0.65)]
+    assert learnability(clears, "streaming", standstill) == {"classification": LEARNABLE}
+
+
+def test_the_no_feature_answers_are_the_majority_class_and_the_query_standing_still() -> None:
+    from eval.efficiency import no_feature_outputs
+    from eval.tasks import build_task
+
+    pool, test = torch.arange(0, 6), torch.arange(6, 9)
+    labels = {"label": torch.tensor([2, 2, 1, 2, 0, 3, 1, 2, 0])}
+    task = build_task("classification")
+    logits = no_feature_outputs(task, labels, pool, test)["logits"]
+    assert logits.argmax(-1).tolist() == [2, 2, 2]
+    assert task.metrics({"logits": logits}, {"label": labels["label"][test]})["top1"] == pytest.approx(1 / 3)
+
+    boxes_VQT4 = torch.rand(9, 2, 5, 4)
+    box_targets = {"query_boxes": boxes_VQT4[:, :, 0], "boxes": boxes_VQT4, "valid": torch.ones(9, 2, 5, dtype=bool)}
+    still = no_feature_outputs(build_task("box_tracking"), box_targets, pool, test)["boxes"]
+    assert still.shape == (3, 2, 5, 4) and torch.equal(still[:, :, 3], boxes_VQT4[6:, :, 0])
+
+    tracks_VQT2 = torch.rand(9, 4, 5, 2)
+    points = {"queries": tracks_VQT2[:, :, 0], "tracks": tracks_VQT2, "visible": torch.ones(9, 4, 5, dtype=bool)}
+    out = no_feature_outputs(build_task("point_tracking"), points, pool, test)
+    assert torch.equal(out["positions"][:, :, 4], tracks_VQT2[6:, :, 0]) and (out["visibility_logits"] > 0).all()
+
+
+def test_an_efficiency_report_carries_the_no_feature_answer_per_task(tiny_record: dict) -> None:
+    record = tiny_record["first"]
+    assert set(record["no_features"]) == {"classification", "point_tracking"}
+    for task, floor in record["no_features"].items():
+        assert floor["task"] == task and floor["ci95_low"] <= floor["mean"] <= floor["ci95_high"]
+    assert "| no-features (any N) |" in (tiny_record["out"] / "efficiency.md").read_text()

@@ -423,10 +423,8 @@ def no_feature_outputs(task: Task, targets: Batch, pool_idx: torch.Tensor, test_
             "visibility_logits": torch.ones(test["visible"].shape),
         }
     if "translation" in targets:
-        return {
-            "translation": targets["translation"][pool_idx].mean(0, keepdim=True).expand_as(test["translation"]).clone(),
-            "rotation": targets["rotation"][pool_idx].mean(0, keepdim=True).expand_as(test["rotation"]).clone(),
-        }
+        pose = ("translation", "rotation")
+        return {k: targets[k][pool_idx].mean(0, keepdim=True).expand_as(test[k]).clone() for k in pose}
     if "depth" in targets:
         depth = targets["depth"][pool_idx].flatten(0, 1)
         # Zero marks a pixel without a reading: the mean is over the readings there are.

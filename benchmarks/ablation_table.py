@@ -32,7 +32,8 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 def heldout_gains(config: dict[str, Any]) -> str:
     """Held-out gain over copy-last per offset, e.g. '+12 / +20 / +24 %'."""
-    gains = [100 * (1 - r["model_l1"] / r["copy_last_l1"]) for r in config.get("heldout", [])]
+    future = [r for r in config.get("heldout", []) if r["offset"] > 0]
+    gains = [100 * (1 - r["model_l1"] / r["copy_last_l1"]) for r in future]
     return " / ".join(f"{g:+.0f}" for g in gains) + " %" if gains else "-"
 
 

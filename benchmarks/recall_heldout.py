@@ -3,11 +3,12 @@
     python -m benchmarks.recall_heldout --config procedural-cpu --exports runs/A/export,runs/B/export
         [--recall 2,8,11] [--set objective.recall_offsets=[2,4,8,11]]
 
-The trainer's held-out table covers future offsets only; this scores recall
-targets (offset -k: the source frame k before the last) on the config's
-data.eval_shards, with copy-last (the last source frame) as the baseline, for
-each export, e.g. a core trained with objective.recall_offsets beside its
-identity-core control: what the control cannot recall, only memory can.
+The trainer scores the recall offsets it trained with (offset -k: the source
+frame k before the last) in its held-out table; this scores chosen k on the
+config's data.eval_shards, with copy-last (the last source frame) as the
+baseline, for several exports side by side, e.g. a core trained with
+objective.recall_offsets beside its identity-core control: what the control
+cannot recall, only memory can.
 """
 
 from __future__ import annotations

@@ -38,7 +38,11 @@ USER_ERRORS = (
 
 
 def _verdict(heldout: list, identity: dict) -> str:
-    """Copy-last first, then the identity-core control: only a win over both is a temporal one."""
+    """Copy-last first, then the identity-core control: only a win over both is a temporal one.
+
+    Future offsets only: a recall row (offset -k) answers another question, shown in the table.
+    """
+    heldout = [r for r in heldout if r.offset > 0]
     beaten = [r.offset for r in heldout if r.model_l1 < r.copy_last_l1]
     if not beaten:
         return "the pre-trained core does NOT beat copy-last on held-out frames (too little video to generalise)."
@@ -74,7 +78,8 @@ def format_report(result: TrainResult) -> str:
     identity = {r.offset: r for r in result.identity.heldout} if result.identity else {}
     lines += [
         "",
-        "held-out future-feature prediction, masked-token L1 vs layer-normed frozen features (lower is better)",
+        "held-out future-feature prediction, masked-token L1 vs layer-normed frozen features (lower is better)"
+        + ("; offset -k: recall of the source frame k before the last" if min(untrained, default=1) < 0 else ""),
         f"{'offset':>6} {'windows':>7} {'copy-last':>10} {'untrained':>10} {'identity':>10} {'pre-trained':>11} "
         f"{'vs copy-last':>12} {'vs identity':>11}",
     ]

@@ -500,13 +500,19 @@ class Trainer:
             self.logger.log_artifact(plot)
 
     def evaluate(self, model: FuturePredictor) -> list[HeldoutResult]:
-        """Held-out prediction error on data.eval_shards (data.source='videos': the videos' held-out clips)."""
+        """Held-out prediction error on data.eval_shards (data.source='videos': the videos' held-out clips).
+
+        One result per future offset, then one per objective.recall_offsets k as offset -k (the source
+        frame k before the last, predicted from the core's last state), each against copy-last.
+        """
         data_cfg = self.shards.cfg
         if not data_cfg.data.eval_shards:
             log.info("no held-out shards (data.eval_shards): skipping the held-out evaluation")
             return []
         hash_ = self.encoder.weights_hash
-        by_offset = {o: eval_batches(data_cfg, hash_, o) for o in data_cfg.objective.target_offsets}
+        objective = data_cfg.objective
+        offsets = [*objective.target_offsets, *(-k for k in sorted(objective.recall_offsets))]
+        by_offset = {o: eval_batches(data_cfg, hash_, o) for o in offsets}
         return evaluate_batches(model, self.encoder, by_offset, self.features)
 
     def evaluate_and_log(self) -> list[HeldoutResult]:
@@ -527,11 +533,13 @@ class Trainer:
     def _log_heldout(self, results: list[HeldoutResult]) -> None:
         for r in results:
             gain = r.gain if r.copy_last_l1 else float("nan")
+            # offset1 for the future frame 1 ahead, recall2 for the source frame 2 before the last.
+            suffix = f"offset{r.offset}" if r.offset > 0 else f"recall{-r.offset}"
             self.logger.log_metrics(
                 {
-                    f"heldout_l1_offset{r.offset}": r.model_l1,
-                    f"copy_last_l1_offset{r.offset}": r.copy_last_l1,
-                    f"gain_vs_copy_last_offset{r.offset}": gain,
+                    f"heldout_l1_{suffix}": r.model_l1,
+                    f"copy_last_l1_{suffix}": r.copy_last_l1,
+                    f"gain_vs_copy_last_{suffix}": gain,
                 },
                 step=self.state.step,
             )

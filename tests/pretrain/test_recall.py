@@ -129,3 +129,29 @@ def test_recall_trains_a_state_that_keeps_the_past() -> None:
     """A frame only memory can recall: a temporal core learns it, the identity core (no memory) cannot."""
     with_memory, without = _recall_loss_after_training("gmmix"), _recall_loss_after_training("identity")
     assert with_memory < 0.85 * without, (with_memory, without)
+
+
+def test_the_trainer_scores_held_out_recall_beside_the_future_and_the_verdict_reads_the_future_only(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pretrain.trainer as trainer_module
+    from pretrain.config import load_config
+    from pretrain.train import _verdict, format_report
+    from pretrain.trainer import Trainer
+    from tests.conftest import tiny_overrides
+    from tests.pretrain.test_trainer import _RecordingLogger
+
+    logger = _RecordingLogger()
+    monkeypatch.setattr(trainer_module, "build_logger", lambda *args, **kwargs: logger)
+    overrides = tiny_overrides(tmp_path, "--objective.memory=last", "--objective.recall_offsets=[3,1]")
+    result = Trainer(load_config("tiny-cpu", overrides)).train()
+    assert sorted(r.offset for r in result.heldout) == [-3, -1, 1, 2, 4]
+    assert all(r.windows > 0 and r.copy_last_l1 > 0 for r in result.heldout)
+    for k in (1, 3):
+        for name in ("heldout_l1", "copy_last_l1", "gain_vs_copy_last"):
+            assert logger.steps_of(f"{name}_recall{k}") == [result.step], name
+    assert "offset -k: recall" in format_report(result)
+    # A recall row that beats copy-last never makes a future verdict.
+    losing = [dataclasses.replace(r, model_l1=2 * r.copy_last_l1) if r.offset > 0 else r for r in result.heldout]
+    recall_wins = [dataclasses.replace(r, model_l1=0.5 * r.copy_last_l1) if r.offset < 0 else r for r in losing]
+    assert "does NOT beat copy-last" in _verdict(recall_wins, {})

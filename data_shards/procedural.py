@@ -85,6 +85,14 @@ ORDER_NAMES: tuple[str, ...] = ("disc_first", "rect_first")
 """order_label classes (temporal_labels=True): which of objects 0 and 1 (one disc, one rect) flashes first."""
 # Brightness a flashing object's pixels are pulled towards white (fraction of the way to 255).
 _FLASH_MIX = 0.75
+ORDER_EVENTS: tuple[str, ...] = ("object", "frame")
+"""order_events choices. "object": objects 0 and 1 flash for one frame each (ORDER_NAMES). "frame": the
+whole frame is pulled towards white for FRAME_EVENT_FRAMES frames at the first event and towards black
+at the second, or the other way round (FRAME_ORDER_NAMES): an event every patch shows."""
+FRAME_ORDER_NAMES: tuple[str, ...] = ("bright_first", "dark_first")
+"""order_label classes with order_events="frame": which event, the bright or the dark, comes first."""
+FRAME_EVENT_FRAMES = 3
+"""Frames a whole-frame event lasts (cut short by the next event and by the last frame)."""
 
 ANCHOR_FRAMES: tuple[str, ...] = ("middle", "last")
 """anchor_frame choices: the frame at which object positions are drawn uniformly (module docstring)."""
@@ -291,6 +299,7 @@ def generate_video(
     anchor_frame: str = "middle",
     pan_speed: tuple[float, float] = (0.5, 1.5),
     speed_change: bool = False,
+    order_events: str = "object",
 ) -> GroundTruth:
     """Write a procedural H.264 mp4 to ``path`` and return its ground truth.
 
@@ -324,8 +333,12 @@ def generate_video(
             change: with temporal_labels, speed_label is the bin of that mean
             speed (the speeds before and after k may each lie outside it).
             Needs frames >= 4.
+        order_events: with temporal_labels, what the two ordered events are:
+            "object" (objects 0 and 1 flash; ORDER_NAMES) or "frame" (the whole
+            frame brightens, then darkens, or the reverse, for FRAME_EVENT_FRAMES
+            frames each; FRAME_ORDER_NAMES). The same event frames either way.
 
-    The defaults of the last three give exactly the video made before they
+    The defaults of the last four give exactly the video made before they
     existed; each option draws from its own random stream, so turning one on
     changes nothing that it does not have to (objects, colours, camera, label).
     """
@@ -342,6 +355,7 @@ def generate_video(
         anchor_frame=anchor_frame,
         pan_speed=pan_speed,
         speed_change=speed_change,
+        order_events=order_events,
     )
     Path(path).write_bytes(encode_clip_mp4(frames_THWC, fps=Fraction(fps).limit_denominator(100_000), crf=crf))
     return truth
@@ -361,6 +375,7 @@ def render_video(
     anchor_frame: str = "middle",
     pan_speed: tuple[float, float] = (0.5, 1.5),
     speed_change: bool = False,
+    order_events: str = "object",
 ) -> tuple[np.ndarray, GroundTruth]:
     """The frames of generate_video before encoding, uint8 (T, H, W, 3), and its ground truth; writes nothing.
 
@@ -368,6 +383,8 @@ def render_video(
     """
     height, width = size
     _check_video_args(frames, height, width, num_objects, fps, temporal_labels, anchor_frame, pan_speed, speed_change)
+    if order_events not in ORDER_EVENTS:
+        raise ValueError(f"order_events must be one of {ORDER_EVENTS}, got {order_events!r}")
 
     rng = np.random.default_rng(seed)
     # Separate streams, so the main one draws exactly what it drew before these options existed.
@@ -387,7 +404,10 @@ def render_video(
     flash_frames_O = None
     if events_rng is not None:
         flash_frames_O = _flash_frames(events_rng, objects, visible_fraction_OT, order_label)
-        _flash(frames_THWC, masks_THW, flash_frames_O)
+        if order_events == "object":
+            _flash(frames_THWC, masks_THW, flash_frames_O)
+        else:
+            _frame_events(frames_THWC, flash_frames_O, order_label)
 
     depths_O = np.array([obj.depth for obj in objects], np.float32)
     depth_THW = None
@@ -617,6 +637,24 @@ def _flash(frames_THWC: np.ndarray, masks_THW: np.ndarray, flash_frames_O: np.nd
         seen_HW = masks_THW[t] == o + 1
         pixels = frames_THWC[t][seen_HW].astype(np.float32)
         frames_THWC[t][seen_HW] = np.round(pixels + _FLASH_MIX * (255.0 - pixels)).astype(np.uint8)
+
+
+def _frame_events(frames_THWC: np.ndarray, flash_frames_O: np.ndarray, order_label: int) -> None:
+    """order_events="frame": pull whole frames towards white or black from each event frame on (in place).
+
+    The first event (the earlier of the two event frames) is the bright one
+    when FRAME_ORDER_NAMES[order_label] is "bright_first"; each lasts
+    FRAME_EVENT_FRAMES frames, cut short by the next event, and never reaches
+    the last frame (it would give the order away).
+    """
+    T = len(frames_THWC)
+    starts = sorted(int(t) for t in flash_frames_O if t >= 0)
+    bright_first = FRAME_ORDER_NAMES[order_label] == "bright_first"
+    for rank, start in enumerate(starts):
+        end = min(start + FRAME_EVENT_FRAMES, T - 1, *(s for s in starts if s > start))
+        target = 255.0 if (rank == 0) == bright_first else 0.0
+        pixels = frames_THWC[start:end].astype(np.float32)
+        frames_THWC[start:end] = np.round(pixels + _FLASH_MIX * (target - pixels)).astype(np.uint8)
 
 
 def _camera_offsets(

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from data_shards import GroundTruth, decode_video, file_sha256, generate_dataset
 from data_shards.io import output_dir, write_bytes_atomic, write_text_atomic
+from data_shards.procedural import ORDER_EVENTS
 from eval.features import encode_frames
 from pretrain.encoder import FrozenEncoder
 from pretrain.encoder.weights import default_cache_root
@@ -66,6 +67,9 @@ class ProceduralConfig:
     direction or speed: the data-efficiency experiment's setting)."""
     pan_speed: tuple[float, float] = (0.5, 1.5)
     """Camera pan speed range, pixels per frame."""
+    order_events: str = "object"
+    """The two ordered events of classify_order: "object" flashes or whole-"frame" brightness events
+    (data_shards.procedural.ORDER_EVENTS)."""
 
     def __post_init__(self) -> None:
         for name in ("train_videos", "test_videos", "num_objects"):
@@ -75,6 +79,8 @@ class ProceduralConfig:
             raise ValueError(f"frames must be >= 2 (pose and tracking need pairs), got {self.frames}")
         if self.size < 16 or self.size % 2:
             raise ValueError(f"size must be even and >= 16, got {self.size}")
+        if self.order_events not in ORDER_EVENTS:
+            raise ValueError(f"order_events must be one of {ORDER_EVENTS}, got {self.order_events!r}")
         if self.temporal_labels and (self.frames < 4 or self.num_objects < 2):
             raise ValueError(
                 f"temporal_labels needs frames >= 4 and num_objects >= 2, got {self.frames} and {self.num_objects}"
@@ -108,7 +114,7 @@ class ClipSet:
 
 
 # Fields added after caches existed: part of the key only when set, so earlier caches stay valid.
-_LATER_FIELDS = {"anchor_frame": "middle", "pan_speed": (0.5, 1.5)}
+_LATER_FIELDS = {"anchor_frame": "middle", "pan_speed": (0.5, 1.5), "order_events": "object"}
 
 
 def _config_defaults(cfg: ProceduralConfig) -> set[str]:

@@ -140,6 +140,9 @@ class EfficiencyConfig:
     """Procedural frame side in pixels."""
     data_seed: int = 1000
     """Seed of the procedural eval set (disjoint from the pre-training corpus)."""
+    order_events: str = "object"
+    """What classify_order orders: "object" flashes (one frame, one object) or whole-"frame" brightness
+    events (see data_shards.procedural.ORDER_EVENTS); "frame" makes another set, so another dataset hash."""
     draws: int = 400
     """Bootstrap draws per comparison."""
 
@@ -186,6 +189,7 @@ def procedural_config(cfg: EfficiencyConfig) -> ProceduralConfig:
         seed=cfg.data_seed,
         anchor_frame="last",
         pan_speed=(2.0, 6.0),
+        order_events=cfg.order_events,
     )
 
 
@@ -760,7 +764,7 @@ def config_from_args(args: argparse.Namespace) -> EfficiencyConfig:
         fields["readings"] = tuple(args.readings.split(","))
     if args.variants:
         fields["variants"] = tuple(args.variants.split(","))
-    for name in ("seeds", "test_videos", "draws", "frames", "size"):
+    for name in ("seeds", "test_videos", "draws", "frames", "size", "order_events"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     readout: dict[str, Any] = {"finetune_lr": 5e-4}
@@ -792,6 +796,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=None, help="frames per procedural clip (default 16)")
     parser.add_argument("--size", type=int, default=None, help="procedural frame side in pixels (default 112)")
     parser.add_argument("--steps", type=int, default=None, help="readout optimizer steps")
+    parser.add_argument(
+        "--order-events",
+        dest="order_events",
+        default=None,
+        help='what classify_order orders: "object" flashes (default) or whole-"frame" brightness events',
+    )
     parser.add_argument("--encoder", default=None, help="encoder weights source, when the recorded one is not here")
     parser.add_argument("--cache-dir", type=Path, default=None, help="procedural videos and token cache")
     parser.add_argument("--workers", type=int, default=2, help="task processes (one thread each; 1 = in process)")

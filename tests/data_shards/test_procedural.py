@@ -471,3 +471,37 @@ def test_speed_change_is_one_break_in_a_straight_line(tmp_path: Path) -> None:
     # Without speed changes the record has no such fields (it is the record written before they existed).
     assert "speed_change_frames_O" not in json.loads(plain.to_json())
     assert GroundTruth.from_json(plain.to_json()).speed_factors_O is None
+
+
+def test_whole_frame_order_events_brighten_then_darken_as_the_label_says() -> None:
+    from data_shards.procedural import FRAME_EVENT_FRAMES, FRAME_ORDER_NAMES
+
+    labels = set()
+    for seed in range(8):
+        kwargs = {"seed": seed, "frames": 12, "size": (32, 32), "dense": True, "temporal_labels": True}
+        objects_THWC, truth = render_video(**kwargs)
+        frames_THWC, framed = render_video(**kwargs, order_events="frame")
+        labels.add(FRAME_ORDER_NAMES[framed.order_label])
+        # Same draws: only the event frames differ from the object-flash video (whose flashes fall on
+        # the events' first frames).
+        assert framed.to_json() == truth.to_json()
+        first, second = sorted(int(t) for t in framed.flash_frames_O if t >= 0)
+        assert first >= 1 and second <= 12 - 2
+        changed_T = (frames_THWC != objects_THWC).any(axis=(1, 2, 3))
+        bright_first = FRAME_ORDER_NAMES[framed.order_label] == "bright_first"
+        shift_T = frames_THWC.reshape(12, -1).mean(1) - objects_THWC.reshape(12, -1).mean(1)
+        first_frames = range(first, min(first + FRAME_EVENT_FRAMES, second))
+        second_frames = range(second, min(second + FRAME_EVENT_FRAMES, 12 - 1))
+        assert all((shift_T[t] > 0) == bright_first and abs(shift_T[t]) > 20 for t in first_frames)
+        assert all((shift_T[t] < 0) == bright_first and abs(shift_T[t]) > 20 for t in second_frames)
+        # Nothing else changes, and never the last frame (it would give the order away).
+        assert changed_T.nonzero()[0].tolist() == [*first_frames, *second_frames] and not changed_T[-1]
+        assert objects_THWC.shape == frames_THWC.shape
+    assert labels == set(FRAME_ORDER_NAMES)
+
+
+def test_order_events_default_is_the_object_flash_and_a_bad_value_is_named() -> None:
+    kwargs = {"seed": 2, "frames": 8, "size": (32, 32), "temporal_labels": True}
+    np.testing.assert_array_equal(render_video(**kwargs)[0], render_video(**kwargs, order_events="object")[0])
+    with pytest.raises(ValueError, match="order_events must be one of"):
+        render_video(**kwargs, order_events="global")

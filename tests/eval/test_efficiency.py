@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -282,3 +283,16 @@ def test_an_efficiency_report_carries_the_no_feature_answer_per_task(tiny_record
     for task, floor in record["no_features"].items():
         assert floor["task"] == task and floor["ci95_low"] <= floor["mean"] <= floor["ci95_high"]
     assert "| no-features (any N) |" in (tiny_record["out"] / "efficiency.md").read_text()
+
+
+def test_frame_order_events_make_another_set_and_the_default_keeps_its_cache_key() -> None:
+    from eval.data import ProceduralConfig, _config_key
+    from eval.efficiency import config_from_args, parse_args, procedural_config
+
+    cfg = config_from_args(parse_args(["--export", "x", "--order-events", "frame"]))
+    assert cfg.order_events == "frame" and procedural_config(cfg).order_events == "frame"
+    default = procedural_config(EfficiencyConfig())
+    assert _config_key(default) == _config_key(dataclasses.replace(default, order_events="object"))
+    assert _config_key(default) != _config_key(procedural_config(cfg))
+    with pytest.raises(ValueError, match="order_events must be one of"):
+        ProceduralConfig(order_events="global")

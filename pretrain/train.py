@@ -58,6 +58,9 @@ def _verdict(heldout: list, identity: dict) -> str:
     return f"the pre-trained core beats copy-last at {vs_copy} and the identity-core control at offset(s) {temporal}."
 
 
+RECALL_NOTE = "; offset -k: recall of the source frame k before the last"
+
+
 def format_report(result: TrainResult) -> str:
     lines = [f"run: {result.run_dir}  (step {result.step})"]
     if result.stopped_early:
@@ -79,7 +82,7 @@ def format_report(result: TrainResult) -> str:
     lines += [
         "",
         "held-out future-feature prediction, masked-token L1 vs layer-normed frozen features (lower is better)"
-        + ("; offset -k: recall of the source frame k before the last" if min(untrained, default=1) < 0 else ""),
+        + (RECALL_NOTE if any(r.offset < 0 for r in result.heldout) else ""),
         f"{'offset':>6} {'windows':>7} {'copy-last':>10} {'untrained':>10} {'identity':>10} {'pre-trained':>11} "
         f"{'vs copy-last':>12} {'vs identity':>11}",
     ]

@@ -202,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     try:
-        cfg = EfficiencyConfig(**fields)
+        # The question here is about one-frame object flashes (which object, at its patches): that set.
+        cfg = EfficiencyConfig(order_events="object", **fields)
         steps = [int(s) for s in args.steps.split(",")]
         record = run(args.export, cfg, steps, args.seeds, args.cache_dir)
     except (FileNotFoundError, ValueError) as err:

@@ -53,7 +53,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TABLE_TASKS: tuple[tuple[str, str], ...] = (
     ("classification", "direction"),
     ("classify_speed", "speed"),
-    ("classify_order", "order of flashes"),
+    ("classify_order", "order of events"),
     ("point_tracking", "point tracking"),
     ("box_tracking", "box tracking"),
 )
@@ -277,7 +277,13 @@ def _cell(row: dict[str, Any] | None, digits: int, bold: bool, bracket: bool) ->
     return text + (f" [{row['ci95_low']:.{digits}f}, {row['ci95_high']:.{digits}f}]" if bracket else "")
 
 
+# What classify_order's two events are, by the record's config.order_events (reports before it existed: flashes).
+ORDER_EVENT_LABELS = {"frame": "order of brightness events", "object": "order of flashes"}
+
+
 def _task_label(record: dict[str, Any], task: str, label: str, metric: str) -> str:
+    if task == "classify_order":
+        label = ORDER_EVENT_LABELS[record.get("config", {}).get("order_events", "object")]
     if metric != "top1":
         return f"{label} ({METRIC_LABELS.get(metric, metric)})"
     classes = record.get("readouts", {}).get(f"{task}/{HEADLINE_READING}", {}).get("classes")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from data_shards.build import HELDOUT_DIR, BuildArgs, BuildArgsError, NoInputsError, build_shards
 from data_shards.io import OutputDirError
-from data_shards.procedural import CorpusArgs, write_corpus
+from data_shards.procedural import ORDER_EVENTS, CorpusArgs, write_corpus
 
 # Refusals of the build command: each message names the path and what to do.
 _BUILD_REFUSALS = (BuildArgsError, NoInputsError, OutputDirError)
@@ -206,6 +206,12 @@ def add_procedural_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--clip-frames", type=int, default=defaults.clip_frames, help="frames per clip" + _DEFAULT)
     parser.add_argument("--fps", type=float, default=defaults.fps, help="frame rate written into the clips" + _DEFAULT)
+    parser.add_argument(
+        "--order-events",
+        choices=ORDER_EVENTS,
+        default=defaults.order_events,
+        help="each video's two timed events: one-frame object flashes or whole-frame brightness changes" + _DEFAULT,
+    )
     _add_encoding_arguments(parser, crf=defaults.crf, max_samples_per_shard=defaults.max_samples_per_shard)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar" + _DEFAULT)
 
@@ -220,6 +226,7 @@ def run_procedural(namespace: argparse.Namespace) -> int:
             size=namespace.size,
             clip_frames=namespace.clip_frames,
             fps=namespace.fps,
+            order_events=namespace.order_events,
             crf=namespace.crf,
             max_samples_per_shard=namespace.max_samples_per_shard,
         )

@@ -820,6 +820,10 @@ class CorpusArgs:
     """Moving objects per video (>= 2: objects 0 and 1 flash and occlude each other)."""
     pan_speed: tuple[float, float] = (2.0, 6.0)
     """Camera pan speed range in pixels per frame: large enough to read, as the eval is to use."""
+    order_events: str = "frame"
+    """The two timed events of each video (render_video's order_events): whole-"frame" brightness changes,
+    as in the eval's default set (eval.efficiency's order_events), or one-frame "object" flashes. Unlabeled
+    here; the eval's classify_order asks which came first."""
     crf: int = 23
     """x264 constant rate factor of the clips (the build's default)."""
     max_samples_per_shard: int = 256
@@ -840,6 +844,8 @@ class CorpusArgs:
             raise ValueError(f"crf must be in [0, 51], got {self.crf}")
         if self.max_samples_per_shard < 1:
             raise ValueError(f"max_samples_per_shard must be >= 1, got {self.max_samples_per_shard}")
+        if self.order_events not in ORDER_EVENTS:
+            raise ValueError(f"order_events must be one of {ORDER_EVENTS}, got {self.order_events!r}")
         # The rest (size, fps, num_objects, pan_speed) are checked as render_video would check them.
         _check_video_args(
             self.frames, self.size, self.size, self.num_objects, self.fps, True, "last", self.pan_speed, True
@@ -858,6 +864,7 @@ class CorpusArgs:
             "anchor_frame": "last",
             "pan_speed": tuple(self.pan_speed),
             "speed_change": True,
+            "order_events": self.order_events,
         }
 
     def manifest_args(self) -> dict[str, Any]:

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from data_shards.io import OutputDirError, check_output_dir, output_dir
+from data_shards.procedural import ORDER_EVENTS
 from eval.data import ClipSet, ProceduralConfig, load_procedural
 from eval.features import (
     EncoderMismatchError,
@@ -140,9 +141,12 @@ class EfficiencyConfig:
     """Procedural frame side in pixels."""
     data_seed: int = 1000
     """Seed of the procedural eval set (disjoint from the pre-training corpus)."""
-    order_events: str = "object"
-    """What classify_order orders: "object" flashes (one frame, one object) or whole-"frame" brightness
-    events (see data_shards.procedural.ORDER_EVENTS); "frame" makes another set, so another dataset hash."""
+    order_events: str = "frame"
+    """What classify_order orders: whole-"frame" brightness events (3 frames each, bright then dark or the
+    reverse) or one-frame "object" flashes (see data_shards.procedural.ORDER_EVENTS). The default is
+    "frame" because no readout, not even the all-frames control with 512 labels, learned the order of
+    one-frame flashes of a 1-2-patch object (benchmarks/results/2026-12-06-cpu-efficiency-no-features-
+    order-cue.md); "object" makes the earlier set, whose dataset hash the older results name."""
     draws: int = 400
     """Bootstrap draws per comparison."""
 
@@ -800,7 +804,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--order-events",
         dest="order_events",
         default=None,
-        help='what classify_order orders: "object" flashes (default) or whole-"frame" brightness events',
+        choices=ORDER_EVENTS,
+        help='what classify_order orders: whole-"frame" brightness events (default) or one-frame "object" flashes',
     )
     parser.add_argument("--encoder", default=None, help="encoder weights source, when the recorded one is not here")
     parser.add_argument("--cache-dir", type=Path, default=None, help="procedural videos and token cache")

@@ -66,7 +66,9 @@ class Task(Protocol):
     def config(self) -> dict[str, Any]: ...
 
 
-# What each classification task reads from the ground truth: (GroundTruth field, class names).
+# What each classification task reads from the ground truth: (GroundTruth field, class names). Order's names
+# are the object flashes'; with whole-frame events (order_events="frame") the same two indices mean
+# FRAME_ORDER_NAMES (bright_first, dark_first).
 CLASS_LABELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "direction": ("label", LABEL_NAMES),
     "speed": ("speed_label", SPEED_NAMES),

@@ -31,13 +31,15 @@ and t at that patch) answers it; intervals come from a bootstrap over test
 clips.
 
 Memory of a discrete event (``--order``, the order-of-events task's question):
-the same ridge, on the order label as +-1 (which of two objects flashed
-first; the last frame shows no trace of either flash), scored by accuracy
+the same ridge, on the order label as +-1 (which of the two timed events came
+first: by default whole-frame brightening and darkening, with
+``--order-events object`` which of two objects flashed; the last frame shows
+no trace of either event), scored by accuracy
 (chance 0.5). Beside the last-frame feature sets, ``all-frames-pooled``
 (each frame's encoder tokens averaged over patches, the T frames side by
 side) is the positive control: it shows whether the clip itself tells the
 order to a linear map, so that a last-frame set at chance means the state
-kept no trace of the flashes, not that the task is unlearnable.
+kept no trace of the events, not that the task is unlearnable.
 
 The regression is the dual (kernel) form of ridge on the flattened tokens of
 one frame, its penalty chosen by 5-fold cross-validation on the training pool
@@ -61,6 +63,7 @@ import torch
 from torch import Tensor
 
 from data_shards.io import write_text_atomic
+from data_shards.procedural import ORDER_EVENTS
 from eval.data import ClipSet, load_procedural
 from eval.efficiency import EfficiencyConfig, procedural_config, split
 from eval.features import build_feature_path, load_checked_encoder, read_export
@@ -76,9 +79,9 @@ TARGETS = {"objects": (0, 2), "camera": (2, 4)}
 POINT_TARGETS = ("point-objects", "point-background")
 """Per-point targets (--points): the step of a point on an object, on the background."""
 POINTS = 16
-ORDER_TARGET = "order"
-"""The --order target: which of two objects flashed first, as +-1, scored by accuracy."""
 """Query points per clip, as the point-tracking task draws them (the first half on objects)."""
+ORDER_TARGET = "order"
+"""The --order target: which of the two timed events came first, as +-1, scored by accuracy."""
 
 
 def motion_targets(clips: ClipSet) -> np.ndarray:
@@ -346,7 +349,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"Ridge from one frame's features to motion; R² on {record['test_videos']} test clips "
         f"(trained on {record['pool']}), 95% bootstrap interval over test clips. objects / camera: the last "
         "frame's tokens -> the last step's mean object velocity / camera pan; point-*: frame t's token where "
-        "a tracked point was at t-1 -> its step; order: accuracy (chance 0.5) of which object flashed first.",
+        "a tracked point was at t-1 -> its step; order: accuracy (chance 0.5) of which timed event came first.",
         "",
         "| features | " + " | ".join(targets) + " |",
         "|---|" + "---|" * len(targets),
@@ -372,7 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test-videos", dest="test_videos", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=3, help="fresh cores for the random control")
     parser.add_argument("--points", action="store_true", help="also probe motion at tracked points")
-    parser.add_argument("--order", action="store_true", help="also probe the order of two flashes (memory)")
+    parser.add_argument("--order", action="store_true", help="also probe the order of two timed events (memory)")
+    parser.add_argument(
+        "--order-events",
+        choices=ORDER_EVENTS,
+        default=EfficiencyConfig().order_events,
+        help="the set's timed events, as eval.efficiency --order-events (default: %(default)s)",
+    )
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--encoder", default=None)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -381,7 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        cfg = EfficiencyConfig(budgets=(args.pool,), test_videos=args.test_videos, seeds=2)
+        cfg = EfficiencyConfig(
+            budgets=(args.pool,), test_videos=args.test_videos, seeds=2, order_events=args.order_events
+        )
         export = read_export(args.export)
         encoder = load_checked_encoder(export, args.encoder)
         clips = load_procedural(procedural_config(cfg), encoder, args.cache_dir)

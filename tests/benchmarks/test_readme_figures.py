@@ -234,3 +234,15 @@ def test_missing_input_is_one_error_and_nothing_written(
     if case != "no markers":
         assert "`make procedural`" in err
     assert _snapshot(docs, readme) == before
+
+
+def test_the_order_row_names_the_events_the_report_ordered() -> None:
+    """config.order_events picks the order row's label; a report from before the field existed had flashes."""
+    from benchmarks.readme_figures import _task_label
+
+    record = efficiency_record("0" * 64)
+    record["readouts"]["classify_order/streaming"] = {"classes": 2}
+    assert _task_label(record, "classify_order", "order of events", "top1") == "order of flashes (chance 0.5)"
+    record["config"]["order_events"] = "frame"
+    assert _task_label(record, "classify_order", "order of events", "top1") == "order of brightness events (chance 0.5)"
+    assert _task_label(record, "classification", "direction", "top1") == "direction (chance 0.25)"

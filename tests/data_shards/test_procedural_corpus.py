@@ -160,8 +160,37 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: py
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"videos": 0}, {"frames": 3, "clip_frames": 2}, {"frames": 8, "clip_frames": 16}, {"size": 30 + 1}, {"crf": 60}],
+    [
+        {"videos": 0},
+        {"frames": 3, "clip_frames": 2},
+        {"frames": 8, "clip_frames": 16},
+        {"size": 30 + 1},
+        {"crf": 60},
+        {"order_events": "global"},
+    ],
 )
-def test_invalid_corpus_args(kwargs: dict[str, int]) -> None:
+def test_invalid_corpus_args(kwargs: dict[str, int | str]) -> None:
     with pytest.raises(ValueError):
         CorpusArgs(**{"videos": 1, **kwargs})
+
+
+def test_frame_order_events_brighten_and_darken_whole_corpus_frames(tmp_path: Path) -> None:
+    """The default events: each video gets one brightened and one darkened stretch of whole frames."""
+    args = CorpusArgs(videos=2, frames=16, size=32, clip_frames=16)
+    assert args.order_events == "frame" and args.video_kwargs()["order_events"] == "frame"
+    seed = corpus_seeds(1, 0)[0]
+    framed_THWC, truth = render_video(seed=seed, **args.video_kwargs())
+    flashes = CorpusArgs(videos=2, frames=16, size=32, clip_frames=16, order_events="object")
+    plain_THWC, _ = render_video(seed=seed, **flashes.video_kwargs())
+    brightness_T = framed_THWC.astype(float).mean(axis=(1, 2, 3)) - plain_THWC.astype(float).mean(axis=(1, 2, 3))
+    starts = sorted(int(t) for t in truth.flash_frames_O if t >= 0)
+    assert len(starts) == 2
+    # Both events move a whole frame's mean by tens of levels, one up and one down; frame 0 and the last are untouched.
+    assert {np.sign(brightness_T[t]) for t in starts} == {-1.0, 1.0}
+    assert min(abs(brightness_T[t]) for t in starts) > 20
+    assert brightness_T[0] == 0 and brightness_T[-1] == 0
+
+    argv = ["procedural", "--out", str(tmp_path / "f"), "--videos", "1", "--frames", "8", "--size", "32"]
+    assert main([*argv, "--clip-frames", "8", "--order-events", "object", "--workers", "0", "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert manifest["args"]["procedural"]["order_events"] == "object"

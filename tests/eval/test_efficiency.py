@@ -285,14 +285,20 @@ def test_an_efficiency_report_carries_the_no_feature_answer_per_task(tiny_record
     assert "| no-features (any N) |" in (tiny_record["out"] / "efficiency.md").read_text()
 
 
-def test_frame_order_events_make_another_set_and_the_default_keeps_its_cache_key() -> None:
+def test_order_events_default_to_whole_frames_and_object_flashes_keep_their_cache_key() -> None:
     from eval.data import ProceduralConfig, _config_key
     from eval.efficiency import config_from_args, parse_args, procedural_config
 
-    cfg = config_from_args(parse_args(["--export", "x", "--order-events", "frame"]))
-    assert cfg.order_events == "frame" and procedural_config(cfg).order_events == "frame"
-    default = procedural_config(EfficiencyConfig())
-    assert _config_key(default) == _config_key(dataclasses.replace(default, order_events="object"))
-    assert _config_key(default) != _config_key(procedural_config(cfg))
+    default = procedural_config(config_from_args(parse_args(["--export", "x"])))
+    assert default.order_events == "frame" and EfficiencyConfig().order_events == "frame"
+    flashes = procedural_config(config_from_args(parse_args(["--export", "x", "--order-events", "object"])))
+    assert flashes.order_events == "object"
+    # The object-flash set is the one made before order_events existed (ProceduralConfig's own default):
+    # the same cache key, so the same cached videos and tokens.
+    fields = {f.name: getattr(flashes, f.name) for f in dataclasses.fields(flashes) if f.name != "order_events"}
+    assert _config_key(flashes) == _config_key(ProceduralConfig(**fields))
+    assert _config_key(default) != _config_key(flashes)
     with pytest.raises(ValueError, match="order_events must be one of"):
         ProceduralConfig(order_events="global")
+    with pytest.raises(SystemExit):
+        parse_args(["--export", "x", "--order-events", "global"])

@@ -89,6 +89,17 @@ ORDER_EVENTS: tuple[str, ...] = ("object", "frame")
 """order_events choices. "object": objects 0 and 1 flash for one frame each (ORDER_NAMES). "frame": the
 whole frame is pulled towards white for FRAME_EVENT_FRAMES frames at the first event and towards black
 at the second, or the other way round (FRAME_ORDER_NAMES): an event every patch shows."""
+DEFAULT_ORDER_EVENTS = "frame"
+"""The events of the eval's order set and of the pre-training corpus, unless asked otherwise (no readout
+learned the order of one-frame object flashes; render_video keeps "object" so old videos stay byte-equal)."""
+
+
+def check_order_events(order_events: str) -> None:
+    """Raise ValueError naming order_events unless it is one of ORDER_EVENTS."""
+    if order_events not in ORDER_EVENTS:
+        raise ValueError(f"order_events must be one of {ORDER_EVENTS}, got {order_events!r}")
+
+
 FRAME_ORDER_NAMES: tuple[str, ...] = ("bright_first", "dark_first")
 """order_label classes with order_events="frame": which event, the bright or the dark, comes first."""
 FRAME_EVENT_FRAMES = 3
@@ -383,8 +394,7 @@ def render_video(
     """
     height, width = size
     _check_video_args(frames, height, width, num_objects, fps, temporal_labels, anchor_frame, pan_speed, speed_change)
-    if order_events not in ORDER_EVENTS:
-        raise ValueError(f"order_events must be one of {ORDER_EVENTS}, got {order_events!r}")
+    check_order_events(order_events)
 
     rng = np.random.default_rng(seed)
     # Separate streams, so the main one draws exactly what it drew before these options existed.
@@ -820,9 +830,9 @@ class CorpusArgs:
     """Moving objects per video (>= 2: objects 0 and 1 flash and occlude each other)."""
     pan_speed: tuple[float, float] = (2.0, 6.0)
     """Camera pan speed range in pixels per frame: large enough to read, as the eval is to use."""
-    order_events: str = "frame"
+    order_events: str = DEFAULT_ORDER_EVENTS
     """The two timed events of each video (render_video's order_events): whole-"frame" brightness changes,
-    as in the eval's default set (eval.efficiency's order_events), or one-frame "object" flashes. Unlabeled
+    as in the eval's default set, or one-frame "object" flashes. Unlabeled
     here; the eval's classify_order asks which came first."""
     crf: int = 23
     """x264 constant rate factor of the clips (the build's default)."""
@@ -844,8 +854,7 @@ class CorpusArgs:
             raise ValueError(f"crf must be in [0, 51], got {self.crf}")
         if self.max_samples_per_shard < 1:
             raise ValueError(f"max_samples_per_shard must be >= 1, got {self.max_samples_per_shard}")
-        if self.order_events not in ORDER_EVENTS:
-            raise ValueError(f"order_events must be one of {ORDER_EVENTS}, got {self.order_events!r}")
+        check_order_events(self.order_events)
         # The rest (size, fps, num_objects, pan_speed) are checked as render_video would check them.
         _check_video_args(
             self.frames, self.size, self.size, self.num_objects, self.fps, True, "last", self.pan_speed, True

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from data_shards import GroundTruth, decode_video, file_sha256, generate_dataset
 from data_shards.io import output_dir, write_bytes_atomic, write_text_atomic
-from data_shards.procedural import ORDER_EVENTS
+from data_shards.procedural import check_order_events
 from eval.features import encode_frames
 from pretrain.encoder import FrozenEncoder
 from pretrain.encoder.weights import default_cache_root
@@ -79,8 +79,7 @@ class ProceduralConfig:
             raise ValueError(f"frames must be >= 2 (pose and tracking need pairs), got {self.frames}")
         if self.size < 16 or self.size % 2:
             raise ValueError(f"size must be even and >= 16, got {self.size}")
-        if self.order_events not in ORDER_EVENTS:
-            raise ValueError(f"order_events must be one of {ORDER_EVENTS}, got {self.order_events!r}")
+        check_order_events(self.order_events)
         if self.temporal_labels and (self.frames < 4 or self.num_objects < 2):
             raise ValueError(
                 f"temporal_labels needs frames >= 4 and num_objects >= 2, got {self.frames} and {self.num_objects}"

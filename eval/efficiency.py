@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from data_shards.io import OutputDirError, check_output_dir, output_dir
-from data_shards.procedural import ORDER_EVENTS
+from data_shards.procedural import DEFAULT_ORDER_EVENTS, ORDER_EVENTS
 from eval.data import ClipSet, ProceduralConfig, load_procedural
 from eval.features import (
     EncoderMismatchError,
@@ -141,7 +141,7 @@ class EfficiencyConfig:
     """Procedural frame side in pixels."""
     data_seed: int = 1000
     """Seed of the procedural eval set (disjoint from the pre-training corpus)."""
-    order_events: str = "frame"
+    order_events: str = DEFAULT_ORDER_EVENTS
     """What classify_order orders: whole-"frame" brightness events (3 frames each, bright then dark or the
     reverse) or one-frame "object" flashes (see data_shards.procedural.ORDER_EVENTS). The default is
     "frame" because no readout, not even the all-frames control with 512 labels, learned the order of

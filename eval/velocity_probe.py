@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from data_shards.io import write_text_atomic
-from data_shards.procedural import ORDER_EVENTS
+from data_shards.procedural import DEFAULT_ORDER_EVENTS, ORDER_EVENTS
 from eval.data import ClipSet, load_procedural
 from eval.efficiency import EfficiencyConfig, procedural_config, split
 from eval.features import build_feature_path, load_checked_encoder, read_export
@@ -379,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--order-events",
         choices=ORDER_EVENTS,
-        default=EfficiencyConfig().order_events,
+        default=DEFAULT_ORDER_EVENTS,
         help="the set's timed events, as eval.efficiency --order-events (default: %(default)s)",
     )
     parser.add_argument("--cache-dir", type=Path, default=None)

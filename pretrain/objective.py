@@ -7,7 +7,8 @@ model's inputs also carry the sources' chosen blocks
 targets and copy-last are final-block.
 
 Targets are the frozen encoder's own layer-normed features of later frames;
-the loss is L1 on the masked positions (every patch that is not visible).
+the loss is L1 on the masked positions (every patch that is not visible;
+every patch of a recalled past frame, which shows none).
 The loss reads tensors only (``pretrain.features.Features``): the frozen
 encoder runs before it, in ``pretrain.features.frozen_features``.
 """
@@ -27,11 +28,18 @@ from pretrain.features import Features, FeatureSettings, frozen_features
 from pretrain.model.predictor import FuturePredictor
 
 
-def masked_positions(visible_idx_BKV: Tensor, N: int) -> Tensor:
-    """1.0 where a patch is masked (a prediction target), (B, K, N) float."""
+def masked_positions(visible_idx_BKV: Tensor, N: int, offsets_BK: Tensor | None = None) -> Tensor:
+    """1.0 where a patch is masked (a prediction target), (B, K, N) float.
+
+    With ``offsets_BK``, a recall target (offset < 0) is masked everywhere: the predictor is shown none
+    of a recalled frame's tokens (``FuturePredictor.forward``), so every patch of it is a target.
+    """
     B, K, _ = visible_idx_BKV.shape
     mask_BKN = torch.ones(B, K, N, device=visible_idx_BKV.device)
-    return mask_BKN.scatter(2, visible_idx_BKV, 0.0)
+    mask_BKN = mask_BKN.scatter(2, visible_idx_BKV, 0.0)
+    if offsets_BK is None:
+        return mask_BKN
+    return torch.where((offsets_BK < 0)[..., None].to(mask_BKN.device), 1.0, mask_BKN)
 
 
 def normed_targets(target_tokens_BKND: Tensor) -> Tensor:
@@ -80,7 +88,7 @@ def objective_loss(model: FuturePredictor, features: Features, change_weight: fl
     """
     N = features.source_BSND.shape[2]
     pred_BKND = predict(model, features)
-    mask_BKN = masked_positions(features.visible_idx_BKV, N)
+    mask_BKN = masked_positions(features.visible_idx_BKV, N, features.offsets_BK)
     l1_BKN = l1_per_position(pred_BKND, features.target_BKND)
     # Plain L1 (the default) computes no change at all.
     weight_BKN = (
@@ -133,7 +141,7 @@ def evaluate_batches(
             pred_BKND = predict(model, features)
             # Copy-last stays the final block's token: the baseline does not depend on feature_layers.
             copy_last_BKND = normed_targets(features.source_BSND[:, -1:]).expand_as(pred_BKND)
-            mask_BKN = masked_positions(features.visible_idx_BKV, N)
+            mask_BKN = masked_positions(features.visible_idx_BKV, N, features.offsets_BK)
             model_sum += (l1_per_position(pred_BKND, features.target_BKND) * mask_BKN).sum().item()
             copy_sum += (l1_per_position(copy_last_BKND, features.target_BKND) * mask_BKN).sum().item()
             count += mask_BKN.sum().item()

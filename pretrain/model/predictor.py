@@ -204,7 +204,11 @@ class FuturePredictor(nn.Module):
         if visible_idx_BKV.shape[-1] > 0:
             visible_BKVd = self.adapter(visible_tokens_BKVD)
             index_BKVd = visible_idx_BKV.unsqueeze(-1).expand(-1, -1, -1, d)
-            queries_BKNd = queries_BKNd.scatter(2, index_BKVd, visible_BKVd)
+            shown_BKNd = queries_BKNd.scatter(2, index_BKVd, visible_BKVd)
+            # A recalled past frame shows nothing of itself: a few of its tokens would give away what the
+            # state was asked to keep (a whole-frame event is in every patch), so recall rows stay masked.
+            recall_BK11 = (offsets_BK < 0)[:, :, None, None]
+            queries_BKNd = torch.where(recall_BK11, queries_BKNd, shown_BKNd)
         queries_BKNd = queries_BKNd + self.pos_Nd + self.offset_embedding(offsets_BK)[:, :, None, :] + x_BSNd[:, -1:]
 
         q_UNd = queries_BKNd.reshape(B * K, N, d)

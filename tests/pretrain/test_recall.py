@@ -12,7 +12,7 @@ from pretrain.data import ClipBatch, draw_offsets
 from pretrain.features import FeatureSettings, frozen_features
 from pretrain.model.predictor import FuturePredictor, ModelSpec
 from pretrain.model.spec import CoreConfig, PredictorConfig
-from pretrain.objective import objective_loss
+from pretrain.objective import masked_positions, objective_loss
 
 SPEC = ModelSpec(
     encoder_dim=24,
@@ -101,6 +101,24 @@ def test_without_recall_the_parameters_are_those_of_exports_before_it() -> None:
     record.pop("max_recall")
     assert ModelSpec.from_dict(record).max_recall == 0
     assert set(FuturePredictor(SPEC).state_dict()) - names == {"recall_embed.weight"}
+
+
+def test_a_recalled_frame_shows_none_of_its_tokens_and_all_of_it_is_scored() -> None:
+    """Visible tokens of a past frame would give away what the state was asked to keep."""
+    torch.manual_seed(0)
+    model = FuturePredictor(SPEC).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.1)
+    source_BSND = torch.randn(1, 5, 9, 24)
+    offsets_BK = torch.tensor([[-2, 1]])
+    visible_idx_BKV = torch.tensor([[[0, 4], [0, 4]]])
+    with torch.no_grad():
+        shown_a = model(source_BSND, offsets_BK, visible_idx_BKV, torch.randn(1, 2, 2, 24))
+        shown_b = model(source_BSND, offsets_BK, visible_idx_BKV, torch.randn(1, 2, 2, 24))
+    torch.testing.assert_close(shown_a[:, 0], shown_b[:, 0])  # recall: the shown tokens change nothing
+    assert (shown_a[:, 1] - shown_b[:, 1]).abs().max() > 1e-4  # future: they are read
+    mask_BKN = masked_positions(visible_idx_BKV, 9, offsets_BK)
+    assert mask_BKN[0, 0].tolist() == [1.0] * 9
+    assert mask_BKN[0, 1, [0, 4]].tolist() == [0.0, 0.0] and mask_BKN[0, 1].sum() == 7
 
 
 def _recall_loss_after_training(core_kind: str) -> float:

@@ -21,6 +21,7 @@ from data_shards.io import OutputDirError
 from pretrain import distributed
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, describe_config, field_docs, load_config
+from pretrain.objective import HeldoutResult
 from pretrain.trainer import NonFiniteLossError, StopFlag, Trainer, TrainResult
 
 log = logging.getLogger("pretrain")
@@ -35,6 +36,11 @@ USER_ERRORS = (
     ValueError,
     OutputDirError,
 )
+
+
+def _l1_cell(result: HeldoutResult | None) -> str:
+    """A 10-wide held-out L1 cell of the report table, "-" where that model was not evaluated."""
+    return f"{result.model_l1:>10.4f}" if result is not None else f"{'-':>10}"
 
 
 def _verdict(heldout: list, identity: dict) -> str:
@@ -86,13 +92,13 @@ def format_report(result: TrainResult) -> str:
         f"{'offset':>6} {'windows':>7} {'copy-last':>10} {'untrained':>10} {'identity':>10} {'pre-trained':>11} "
         f"{'vs copy-last':>12} {'vs identity':>11}",
     ]
-    nan = float("nan")
     for r in result.heldout:
         u, i = untrained.get(r.offset), identity.get(r.offset)
-        vs_identity = 100 * (1 - r.model_l1 / i.model_l1) if i else nan
+        # A column with nothing to show (no identity-core control was trained) reads "-", not nan.
+        vs_identity = f"{100 * (1 - r.model_l1 / i.model_l1):>+10.1f}%" if i else f"{'-':>11}"
         lines.append(
-            f"{r.offset:>6} {r.windows:>7} {r.copy_last_l1:>10.4f} {u.model_l1 if u else nan:>10.4f} "
-            f"{i.model_l1 if i else nan:>10.4f} {r.model_l1:>11.4f} {100 * r.gain:>+11.1f}% {vs_identity:>+10.1f}%"
+            f"{r.offset:>6} {r.windows:>7} {r.copy_last_l1:>10.4f} {_l1_cell(u)} {_l1_cell(i)} {r.model_l1:>11.4f} "
+            f"{100 * r.gain:>+11.1f}% {vs_identity}"
         )
     verdict = _verdict(result.heldout, identity)
     lines += ["", f"finding: {verdict}", f"export: {result.export_dir}", f"tracking: {result.tracking}"]

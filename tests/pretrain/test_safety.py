@@ -466,6 +466,17 @@ def test_report_separates_copy_last_from_the_identity_control() -> None:
     assert "NOT the identity-core control" in report
 
 
+def test_report_without_an_identity_control_shows_dashes_not_nan() -> None:
+    from pretrain.objective import HeldoutResult
+
+    heldout = [HeldoutResult(1, 10, 0.50, 0.60)]
+    report = format_report(TrainResult(6, False, Path("r"), heldout=heldout, tracking="t"))
+    (row,) = [line for line in report.splitlines() if line.split()[:1] == ["1"]]
+    assert "nan" not in report
+    assert row.split() == ["1", "10", "0.6000", "-", "-", "0.5000", "+16.7%", "-"]
+    assert "no identity-core control was trained" in report
+
+
 def test_report_ui_hint_runs_without_an_activated_venv() -> None:
     """The hint names the interpreter that trained (it has mlflow), not a bare `mlflow` that may not be on PATH."""
     from pretrain.objective import HeldoutResult

@@ -141,8 +141,8 @@ class ObjectiveConfig:
     """Recall: frames before the last source frame (k: frame S-1-k, a source frame) of which one, drawn per clip,
     is predicted from the core's last state beside the future targets. Future frames can be predicted from
     what is visible now; a past frame only from what the state kept of it, so recall asks the core to
-    remember events it can no longer see. Needs memory = "last" (with "all" the predictor would read that
-    frame's own memory). [] = none."""
+    remember events it can no longer see; none of the recalled frame's tokens is shown, and all are scored.
+    Needs memory = "last" (with "all" the predictor would read that frame's own memory). [] = none."""
     change_weight: float = 0.0
     """Weight of change in the training loss, in [0, 1]: each masked target patch's L1 is weighted by
     (1 - w) + w * c / mean(c), c = how far its target lies from the last source frame's token there.

@@ -28,17 +28,14 @@ from pretrain.features import Features, FeatureSettings, frozen_features
 from pretrain.model.predictor import FuturePredictor
 
 
-def masked_positions(visible_idx_BKV: Tensor, N: int, offsets_BK: Tensor | None = None) -> Tensor:
+def masked_positions(visible_idx_BKV: Tensor, N: int, offsets_BK: Tensor) -> Tensor:
     """1.0 where a patch is masked (a prediction target), (B, K, N) float.
 
-    With ``offsets_BK``, a recall target (offset < 0) is masked everywhere: the predictor is shown none
-    of a recalled frame's tokens (``FuturePredictor.forward``), so every patch of it is a target.
+    A recall target (offset < 0) is masked everywhere: the predictor is shown none of a recalled
+    frame's tokens (``FuturePredictor.forward``), so every patch of it is a target.
     """
     B, K, _ = visible_idx_BKV.shape
-    mask_BKN = torch.ones(B, K, N, device=visible_idx_BKV.device)
-    mask_BKN = mask_BKN.scatter(2, visible_idx_BKV, 0.0)
-    if offsets_BK is None:
-        return mask_BKN
+    mask_BKN = torch.ones(B, K, N, device=visible_idx_BKV.device).scatter(2, visible_idx_BKV, 0.0)
     return torch.where((offsets_BK < 0)[..., None].to(mask_BKN.device), 1.0, mask_BKN)
 
 

@@ -39,7 +39,7 @@ def test_bad_change_weight_names_the_key(tiny_cfg: Config) -> None:
 
 def test_weights_are_one_without_change_weight_and_mean_one_with_it() -> None:
     f = _features()
-    mask_BKN = masked_positions(f.visible_idx_BKV, 16)
+    mask_BKN = masked_positions(f.visible_idx_BKV, 16, f.offsets_BK)
     assert torch.equal(change_weights(f, mask_BKN, 0.0), torch.ones_like(mask_BKN))
     full_BKN = change_weights(f, mask_BKN, 1.0)
     # Static patches get no weight, the two changed patches all of it; the mean stays 1.
@@ -53,7 +53,7 @@ def test_weights_are_one_without_change_weight_and_mean_one_with_it() -> None:
 def test_weights_skip_visible_patches_when_normalizing() -> None:
     f = _features(B=1, N=4, moving=1)
     visible = torch.tensor([[[0]]])  # the one changed patch is visible: not a target
-    mask_BKN = masked_positions(visible, 4)
+    mask_BKN = masked_positions(visible, 4, f.offsets_BK)
     f.visible_idx_BKV = visible
     w_BKN = change_weights(f, mask_BKN, 1.0)
     # Only static patches are masked; their mean change is ~0, so the clamp keeps weights finite.

@@ -29,7 +29,7 @@ def test_visible_tokens_do_not_see_masked_pixels(tiny_cfg: Config) -> None:
     patch = encoder.arch.patch_size
     grid = encoder.grid
     changed = frames_BKCHW.clone()
-    mask_BKN = masked_positions(visible_BKV, encoder.num_tokens).bool()
+    mask_BKN = masked_positions(visible_BKV, encoder.num_tokens, torch.ones(2, 1, dtype=torch.long)).bool()
     for b in range(2):
         for n in torch.nonzero(mask_BKN[b, 0]).flatten().tolist():
             r, c = divmod(n, grid)
@@ -55,7 +55,7 @@ def test_num_visible() -> None:
 
 def test_masked_positions_exclude_visible() -> None:
     visible = torch.tensor([[[0, 3]]])
-    mask = masked_positions(visible, 5)
+    mask = masked_positions(visible, 5, torch.ones(1, 1, dtype=torch.long))
     assert mask.tolist() == [[[0.0, 1.0, 1.0, 0.0, 1.0]]]
 
 

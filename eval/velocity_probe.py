@@ -39,7 +39,10 @@ no trace of either event), scored by accuracy
 (each frame's encoder tokens averaged over patches, the T frames side by
 side) is the positive control: it shows whether the clip itself tells the
 order to a linear map, so that a last-frame set at chance means the state
-kept no trace of the events, not that the task is unlearnable.
+kept no trace of the events, not that the task is unlearnable. The same
+pooling over only the last 2, 4 or 8 frames (``last-K-pooled``) tells how
+much history the answer needs: a state that keeps about K frames should
+read the order about as well as ``last-K-pooled``.
 
 The regression is the dual (kernel) form of ridge on the flattened tokens of
 one frame, its penalty chosen by 5-fold cross-validation on the training pool
@@ -257,15 +260,31 @@ def bootstrap_accuracy(correct_V: np.ndarray, draws: int = 1000) -> tuple[float,
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
+ORDER_HISTORY: tuple[int, ...] = (2, 4, 8)
+"""The --order probe's history controls: the encoder tokens of the last K frames, each averaged over
+patches, side by side (``last-K-pooled``). They tell how far back a state must remember to answer:
+a whole-frame event may end one frame before the last, so two frames already tell some clips' order."""
+
+
+def history_features(tokens_VTND: Tensor) -> dict[str, list[Tensor]]:
+    """The pooled-history feature sets of the --order probe: the last K frames (K in ORDER_HISTORY, K < T)
+    and all T frames (``all-frames-pooled``, the positive control), each frame averaged over patches."""
+    pooled_VTD = tokens_VTND.float().mean(2)
+    frames = pooled_VTD.shape[1]
+    sets = {f"last-{k}-pooled": [pooled_VTD[:, -k:].flatten(1)] for k in ORDER_HISTORY if k < frames}
+    sets["all-frames-pooled"] = [pooled_VTD.flatten(1)]
+    return sets
+
+
 def run_order_probe(
     export_dir: Path, clips: ClipSet, test_idx: Tensor, pool_idx: Tensor, seeds: int = 3
 ) -> dict[str, dict[str, Any]]:
-    """Accuracy with interval of the order label per feature set (the last frame's, and all frames pooled)."""
+    """Accuracy with interval of the order label per feature set (the last frame's, and history_features)."""
     if min(truth.order_label for truth in clips.truths) < 0:
         raise ValueError("--order needs procedural clips generated with temporal labels (order_label is -1)")
     y_V1 = order_targets(clips)
     features = last_frame_features(export_dir, clips, seeds)
-    features["all-frames-pooled"] = [clips.tokens_VTND.float().mean(2).flatten(1)]
+    features.update(history_features(clips.tokens_VTND))
     train, test = pool_idx.numpy(), test_idx.numpy()
     results: dict[str, dict[str, Any]] = {}
     for name, matrices in features.items():
@@ -349,7 +368,8 @@ def markdown(record: dict[str, Any]) -> str:
         f"Ridge from one frame's features to motion; R² on {record['test_videos']} test clips "
         f"(trained on {record['pool']}), 95% bootstrap interval over test clips. objects / camera: the last "
         "frame's tokens -> the last step's mean object velocity / camera pan; point-*: frame t's token where "
-        "a tracked point was at t-1 -> its step; order: accuracy (chance 0.5) of which timed event came first.",
+        "a tracked point was at t-1 -> its step; order: accuracy (chance 0.5) of which timed event came first "
+        "(last-K-pooled / all-frames-pooled: the encoder's last K / all frames, each averaged over patches).",
         "",
         "| features | " + " | ".join(targets) + " |",
         "|---|" + "---|" * len(targets),

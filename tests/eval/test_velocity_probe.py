@@ -64,23 +64,35 @@ def test_two_frames_carry_motion_that_one_frame_does_not(tiny_export: Path) -> N
     assert all(per["camera"]["r2"] < 0.3 for per in results.values())
 
 
-def test_order_probe_reads_an_early_event_from_all_frames_not_from_the_last(tiny_export: Path) -> None:
-    """The label is written into frame 0 only: the pooled frames tell it, no last-frame set can."""
+def test_order_probe_reads_an_early_event_from_a_long_enough_history_not_from_the_last(tiny_export: Path) -> None:
+    """The label is written into frame 1 of 5 only: the pooled last 4 frames and all frames tell it; the
+    last 2 frames and every last-frame set cannot."""
     spec = read_export(tiny_export).spec
-    videos, frames, tokens = 80, 3, spec.grid_h * spec.grid_w
+    videos, frames, tokens = 80, 5, spec.grid_h * spec.grid_w
     gen = torch.Generator().manual_seed(2)
     labels_V = torch.randint(0, 2, (videos,), generator=gen)
     tokens_VTND = torch.randn(videos, frames, tokens, spec.encoder_dim, generator=gen)
-    tokens_VTND[:, 0, :, :4] += 3.0 * (2.0 * labels_V[:, None, None] - 1.0)
+    tokens_VTND[:, 1, :, :4] += 3.0 * (2.0 * labels_V[:, None, None] - 1.0)
     truths = [SimpleNamespace(order_label=int(label)) for label in labels_V]
     clips = SimpleNamespace(tokens_VTND=tokens_VTND, truths=truths)
     results = run_order_probe(tiny_export, clips, torch.arange(30), torch.arange(30, videos), seeds=2)
-    assert set(results) == {"encoder", "two-frames", "identity", "pretrained", "random", "all-frames-pooled"}
-    assert results["all-frames-pooled"]["order"]["accuracy"] > 0.9
-    for name in ("encoder", "two-frames", "identity"):
+    assert set(results) == {
+        "encoder",
+        "two-frames",
+        "identity",
+        "pretrained",
+        "random",
+        "last-2-pooled",
+        "last-4-pooled",
+        "all-frames-pooled",
+    }
+    for name in ("last-4-pooled", "all-frames-pooled"):
+        assert results[name]["order"]["accuracy"] > 0.9, (name, results[name])
+    for name in ("encoder", "two-frames", "identity", "last-2-pooled"):
         assert results[name]["order"]["accuracy"] < 0.8, (name, results[name])
     record = {"export": "x", "test_videos": 30, "pool": 50, "results": results}
     assert "| all-frames-pooled | " in markdown(record)
+    assert "| last-4-pooled | " in markdown(record)
 
 
 def _drifting_points(gen: torch.Generator, videos: int, points: int, frames: int) -> np.ndarray:

@@ -662,6 +662,9 @@ def markdown(record: dict[str, Any]) -> str:
         f"- verdict ({record['verdict']['reading']}): {record['verdict']['statement']}",
         f"- test set: {cfg['test_videos']} procedural clips; seeds: {cfg['seeds']}; readout steps: "
         f"{cfg['readout']['steps']}; 95% intervals from a bootstrap over seeds and test clips",
+        # labelled_subset permutes the whole pool, so another budget ladder draws other clips per seed.
+        f"- labelled clips: each seed draws its own from a pool of {max(cfg['budgets'])} (dataset hash "
+        f"{record['dataset_hash'][:12]}); another report's rows line up draw for draw only under the same hash",
         "",
     ]
     rows = record["rows"]

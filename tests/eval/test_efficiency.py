@@ -83,6 +83,9 @@ def test_labelled_subsets_are_nested_and_shared_by_variants() -> None:
     assert torch.equal(large[:8], small)
     assert len(set(large.tolist())) == 32
     assert not torch.equal(labelled_subset(1, 8, 100), small)
+    # Another ladder (a pool of the largest budget) draws other clips for the same seed and budget:
+    # why a report names its pool and dataset hash.
+    assert set(labelled_subset(0, 8, 32).tolist()) != set(labelled_subset(0, 8, 512).tolist())
 
 
 def test_scratch_starts_fresh_and_seeds_differ(tiny_export: Path) -> None:
@@ -134,7 +137,9 @@ def test_efficiency_cli_writes_json_markdown_and_plots(tiny_record: dict) -> Non
     assert record["export_sha256"] and record["dataset_hash"]
     assert record["verdict"]["statement"] and record["gate"]["statement"]
     assert any(c.get("mcnemar") for c in record["comparisons"] if c["task"] == "classification")
-    assert "| pretrained |" in (out / "efficiency.md").read_text()
+    report = (out / "efficiency.md").read_text()
+    assert "| pretrained |" in report
+    assert f"from a pool of 4 (dataset hash {record['dataset_hash'][:12]})" in report
 
 
 def test_fairness_invariants_hold_per_variant(tiny_record: dict) -> None:

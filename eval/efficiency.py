@@ -114,6 +114,9 @@ COST_ORDER: tuple[str, ...] = ("point_tracking", "box_tracking", "camera_pose", 
 """Tasks whose readouts cost the most (dense or per-frame heads), started first so workers finish together."""
 TARGET_TASKS = 3
 """The target: pre-training wins on at least this many temporal tasks at the two smallest budgets."""
+DEFAULT_FINETUNE_LR = 5e-4
+"""The feature path's learning rate in every fine-tuned variant (pretrained-ft, scratch, identity-ft): one
+rate for all, so a comparison is not one of step sizes; ``--finetune-lr`` sweeps it."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -133,7 +136,7 @@ class EfficiencyConfig:
     variants: tuple[str, ...] = (*VARIANTS, CONTROL)
     """Variants to train. A subset (e.g. only ``pretrained`` when ablating pre-training, whose controls
     do not change with the objective) costs less; the verdict needs pretrained(-ft), scratch and identity."""
-    readout: ReadoutConfig = dataclasses.field(default_factory=lambda: ReadoutConfig(finetune_lr=5e-4))
+    readout: ReadoutConfig = dataclasses.field(default_factory=lambda: ReadoutConfig(finetune_lr=DEFAULT_FINETUNE_LR))
     """Readout training: steps, batch, learning rates (the feature path's in finetune variants)."""
     frames: int = 16
     """Frames per procedural clip."""
@@ -774,11 +777,13 @@ def config_from_args(args: argparse.Namespace) -> EfficiencyConfig:
     for name in ("seeds", "test_videos", "draws", "frames", "size", "order_events"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
-    readout: dict[str, Any] = {"finetune_lr": 5e-4}
+    readout: dict[str, Any] = {"finetune_lr": DEFAULT_FINETUNE_LR}
     if args.quick:
         readout["steps"] = QUICK_READOUT_STEPS
     if args.steps is not None:
         readout["steps"] = args.steps
+    if args.finetune_lr is not None:
+        readout["finetune_lr"] = args.finetune_lr
     return EfficiencyConfig(readout=ReadoutConfig(**readout), **fields)
 
 
@@ -803,6 +808,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=None, help="frames per procedural clip (default 16)")
     parser.add_argument("--size", type=int, default=None, help="procedural frame side in pixels (default 112)")
     parser.add_argument("--steps", type=int, default=None, help="readout optimizer steps")
+    parser.add_argument(
+        "--finetune-lr",
+        dest="finetune_lr",
+        type=float,
+        default=None,
+        help=f"learning rate of the feature path in every fine-tuned variant (default {DEFAULT_FINETUNE_LR:g})",
+    )
     parser.add_argument(
         "--order-events",
         dest="order_events",

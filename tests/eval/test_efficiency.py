@@ -218,6 +218,17 @@ def test_quick_trains_fewer_readout_steps_unless_told() -> None:
     assert config_from_args(parse_args(["--export", "x", "--quick", "--steps", "7"])).readout.steps == 7
 
 
+def test_finetune_lr_is_one_rate_for_every_finetuned_variant_and_can_be_swept() -> None:
+    from eval.efficiency import DEFAULT_FINETUNE_LR, config_from_args, parse_args
+
+    assert config_from_args(parse_args(["--export", "x"])).readout.finetune_lr == DEFAULT_FINETUNE_LR
+    assert EfficiencyConfig().readout.finetune_lr == DEFAULT_FINETUNE_LR
+    swept = config_from_args(parse_args(["--export", "x", "--quick", "--finetune-lr", "2e-3"]))
+    assert swept.readout.finetune_lr == 2e-3 and swept.readout.lr == EfficiencyConfig().readout.lr
+    with pytest.raises(ValueError, match="finetune_lr must be > 0"):
+        config_from_args(parse_args(["--export", "x", "--finetune-lr", "0"]))
+
+
 def _row(variant: str, mean: float, low: float, high: float, budget: int = 64) -> dict:
     return {
         "task": "classification",

@@ -139,6 +139,8 @@ def test_efficiency_cli_writes_json_markdown_and_plots(tiny_record: dict) -> Non
     assert any(c.get("mcnemar") for c in record["comparisons"] if c["task"] == "classification")
     report = (out / "efficiency.md").read_text()
     assert "| pretrained |" in report
+    assert record["verdict_paired"]["statement"] in report and "Paired gains" in report
+    assert "| pretrained-ft − scratch |" in report
     assert f"from a pool of 4 (dataset hash {record['dataset_hash'][:12]})" in report
 
 
@@ -240,6 +242,71 @@ def _row(variant: str, mean: float, low: float, high: float, budget: int = 64) -
         "ci95_high": high,
         "higher_is_better": True,
     }
+
+
+def _gain(variant: str, against: str, budget: int, low: float, high: float) -> dict:
+    return {
+        "task": "classify_speed",
+        "reading": "streaming",
+        "variant": variant,
+        "against": against,
+        "budget": budget,
+        "gain": (low + high) / 2,
+        "gain_ci95": [low, high],
+        "mcnemar": {"only_ours_right": 20, "only_theirs_right": 5, "p": 0.004},
+    }
+
+
+def test_the_paired_verdict_needs_one_variant_above_both_controls_at_both_small_budgets() -> None:
+    from eval.efficiency import headline_metrics, markdown, paired_verdict, verdict
+
+    cfg = EfficiencyConfig(budgets=(8, 32, 128), tasks=("classify_speed",), readings=("streaming",))
+    clear = [_gain("pretrained", against, b, 0.03, 0.19) for against in ("scratch", "identity") for b in (8, 32)]
+    assert paired_verdict(clear, cfg, "streaming")["wins"] == {"classify_speed": True}
+    # Overlapping unpaired intervals (speed's shape): the strict verdict says no where the paired one says yes.
+    rows = [
+        {**_row(v, m, lo, hi, budget=b), "task": "classify_speed", "metric": "top1"}
+        for b in (8, 32)
+        for v, m, lo, hi in (
+            ("pretrained", 0.8, 0.66, 0.91),
+            ("scratch", 0.69, 0.57, 0.8),
+            ("identity", 0.53, 0.47, 0.59),
+        )
+    ]
+    assert verdict(rows, cfg, "streaming")["wins"] == {"classify_speed": False}
+    # An interval that reaches 0 at one small budget loses the task; the third budget is not asked.
+    reaches_zero = [
+        g if (g["against"], g["budget"]) != ("identity", 32) else {**g, "gain_ci95": [-0.01, 0.2]} for g in clear
+    ]
+    assert paired_verdict(reaches_zero, cfg, "streaming")["wins"] == {"classify_speed": False}
+    assert paired_verdict([*clear, _gain("pretrained", "scratch", 128, -0.2, -0.1)], cfg, "streaming")["wins"] == {
+        "classify_speed": True
+    }
+    # One variant must clear both controls: frozen over scratch and fine-tuned over identity is not a win.
+    split = [g for g in clear if g["against"] == "scratch"] + [
+        {**g, "variant": "pretrained-ft"} for g in clear if g["against"] == "identity"
+    ]
+    assert paired_verdict(split, cfg, "streaming")["wins"] == {"classify_speed": False}
+    # Another reading's gains do not count.
+    elsewhere = [{**g, "reading": "all-frames"} for g in clear]
+    assert paired_verdict(elsewhere, cfg, "streaming")["wins"] == {"classify_speed": False}
+
+    record = {
+        "config": {"test_videos": 100, "seeds": 6, "readout": {"steps": 150}, "budgets": [8, 32, 128]},
+        "export": {"dir": "runs/x/export"},
+        "dataset_hash": "6ef73575f3c2f430",
+        "gate": {"statement": "gate"},
+        "rows": rows,
+        "comparisons": clear,
+        "learnability": {},
+        "verdict": verdict(rows, cfg, "streaming"),
+        "verdict_paired": paired_verdict(clear, cfg, "streaming"),
+    }
+    report = markdown(record)
+    assert "gain over scratch and identity is above 0 on 1 of 1 temporal tasks" in report
+    assert "| pretrained − scratch | +0.110 [+0.030, +0.190], McNemar p = 0.004 |" in report
+    assert headline_metrics(record)["verdict.tasks_won"] == 0.0
+    assert headline_metrics(record)["verdict_paired.tasks_won"] == 1.0
 
 
 def test_without_a_floor_a_task_is_learnable_when_the_control_or_any_variant_clears_the_worst() -> None:

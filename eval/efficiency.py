@@ -30,7 +30,9 @@ are nested: the first N of one permutation of the training pool); seed s of
 every variant sees the same clips. Means are over seeds of the metric on the
 whole test set; intervals and paired differences come from a hierarchical
 bootstrap over seeds and test clips (``eval.stats``), plus an exact McNemar
-test for classification. Readings: ``streaming`` (the headline: every answer
+test for classification. The verdict asks for intervals apart (``verdict``);
+the paired one, printed beside it, for paired gains above 0
+(``paired_verdict``). Readings: ``streaming`` (the headline: every answer
 read from one frame's core output, so whatever a task needs from the past
 must come through the core) and ``all-frames`` (a 4DS-style probe over every
 frame's outputs).

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -208,6 +209,8 @@ def setup(cfg: Config) -> DistContext:
     timeout = timedelta(seconds=cfg.distributed.timeout_s)
     _default_group_timeout(timeout)
     store = _make_store(env, timeout)
+    global _EXIT_STORE
+    _EXIT_STORE = store if ctx.world_size > 1 else None
     dist.init_process_group(
         backend, store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout, device_id=_device_id(device)
     )
@@ -255,7 +258,44 @@ def _make_store(env: LaunchEnv | None, timeout: timedelta) -> dist.Store:
     return dist.PrefixStore(f"pretrain/attempt_{env.restart_count}", tcp)
 
 
-def shutdown() -> None:
-    """Leave the process group (a clean exit; gloo aborts noisily when it is left open)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+_EXIT_STORE: dist.Store | None = None
+"""The store this process's group was built on (None in a world of one): ranks count themselves out on it."""
+LEFT_KEY = "left_group"
+EXIT_WAIT_S = 60.0
+
+
+def shutdown(together: bool = True) -> None:
+    """Leave the process group; after a finished run, wait (bounded) until every rank has left it.
+
+    gloo closes its connections in ``destroy_process_group``. A rank that
+    exits while a peer is still in there was seen to abort that peer after a
+    finished, exported run ("terminate called without an active exception",
+    exit -6, so the launcher reported a failure). So ranks leave together:
+    each counts itself out on the store and waits for the rest. ``together``
+    is False on an error path, where a peer may never arrive.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    dist.destroy_process_group()
+    store = _EXIT_STORE
+    if together and store is not None and world > 1:
+        wait_for_all_to_leave(store, world, EXIT_WAIT_S)
+
+
+def wait_for_all_to_leave(store: dist.Store, world_size: int, timeout_s: float) -> int:
+    """Count this rank out on ``store`` and wait until ``world_size`` ranks have; returns how many had."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        left = int(store.add(LEFT_KEY, 1))
+        while left < world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = int(store.add(LEFT_KEY, 0))
+    except (RuntimeError, dist.DistError) as err:
+        # The store's host (rank 0 or torchrun's agent) is gone, which it only is once
+        # every rank has counted itself out: nothing is left to wait for.
+        log.debug("store closed while leaving the group: %s", err)
+        return world_size
+    if left < world_size:
+        log.warning("left the process group after %.0f s with %d of %d ranks out", timeout_s, left, world_size)
+    return left

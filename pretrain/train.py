@@ -142,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     # Other ranks log warnings and errors only, each line tagged with its rank.
     level = args.log_level if rank == 0 else "WARNING"
     logging.basicConfig(level=level, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    finished = False
     try:
         # SIGTERM is handled from here on: start-up (encoder loading, video encoding) included.
         with StopFlag() as stop:
             cfg = load_config(args.config, overrides)
             result = Trainer(cfg, stop=stop).train()
+        finished = True
     except USER_ERRORS as err:
         # One line for the user; the traceback with --log-level DEBUG (a ValueError may also be a bug).
         log.debug("traceback of the error below", exc_info=True)
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 3
     finally:
-        distributed.shutdown()
+        distributed.shutdown(together=finished)
     if rank == 0:
         print(format_report(result))
     return 0

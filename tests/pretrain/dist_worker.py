@@ -96,6 +96,7 @@ def main() -> int:
     parser.add_argument("--stop-at", type=int, default=None)
     args, overrides = parser.parse_known_args()
     cfg = load_config("tiny-cpu", overrides)
+    finished = False
     try:
         trainer = Trainer(cfg)
         if args.mode == "keys":
@@ -116,11 +117,12 @@ def main() -> int:
             _hooks(trainer, args.out)
             trainer.train()
             _dump(trainer, args.out, "final")
+        finished = True
     except distributed.CollectiveTimeoutError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
     finally:
-        distributed.shutdown()
+        distributed.shutdown(together=finished)
     return 0
 
 

@@ -101,6 +101,40 @@ def test_launch_env_from_torchrun_and_deepspeed_launcher() -> None:
         launch_env({k: v for k, v in torchrun.items() if k != "MASTER_PORT"})
 
 
+def test_ranks_leave_the_group_together_and_a_missing_rank_only_delays_the_exit_by_the_bound(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+    import threading
+
+    import torch.distributed as dist
+
+    from pretrain.distributed import LEFT_KEY, wait_for_all_to_leave
+
+    already_out = dist.HashStore()
+    already_out.add(LEFT_KEY, 1)
+    assert wait_for_all_to_leave(already_out, 2, timeout_s=5.0) == 2
+    # A peer still tearing its group down: this rank waits for it.
+    late = dist.HashStore()
+    threading.Timer(0.3, lambda: late.add(LEFT_KEY, 1)).start()
+    start = time.monotonic()
+    assert wait_for_all_to_leave(late, 2, timeout_s=5.0) == 2
+    assert 0.25 <= time.monotonic() - start < 5.0
+    # A peer that never comes: the exit is delayed by the bound, not forever, and the log says so.
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="pretrain.distributed"):
+        assert wait_for_all_to_leave(dist.HashStore(), 2, timeout_s=0.3) == 1
+    assert 0.3 <= time.monotonic() - start < 5.0
+    assert "1 of 2 ranks out" in caplog.text
+
+    class HostGone:
+        def add(self, key: str, value: int) -> int:
+            raise RuntimeError("Connection reset by peer")
+
+    # The store's host only closes it once every rank is out.
+    assert wait_for_all_to_leave(HostGone(), 2, timeout_s=5.0) == 2
+
+
 def test_deepspeed_config_is_generated_from_the_typed_config(tmp_path: Path) -> None:
     cfg = load_config(
         "tiny-cpu",

@@ -55,7 +55,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -370,31 +370,44 @@ def row_above(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return separated and (a["mean"] > b["mean"]) == a["higher_is_better"]
 
 
+PRETRAINED_VARIANTS = ("pretrained", "pretrained-ft")
+CONTROL_VARIANTS = ("scratch", "identity")
+
+
+def _tasks_won(cfg: EfficiencyConfig, beats: Callable[[str, str, str, int], bool]) -> dict[str, bool]:
+    """Per temporal task: does one pre-trained variant beat every control at each of the two smallest budgets?
+
+    ``beats(task, ours, control, budget)`` is the test of one pair (intervals
+    apart for ``verdict``, paired gain above 0 for ``paired_verdict``).
+    """
+    return {
+        task: all(
+            any(all(beats(task, ours, control, budget) for control in CONTROL_VARIANTS) for ours in PRETRAINED_VARIANTS)
+            for budget in cfg.budgets[:2]
+        )
+        for task in TEMPORAL_TASKS
+        if task in cfg.tasks
+    }
+
+
 def verdict(rows: list[dict[str, Any]], cfg: EfficiencyConfig, reading: str) -> dict[str, Any]:
     """The target: pretrained(-ft) above scratch and identity, CIs apart, at the two smallest budgets."""
     table = {(r["task"], r["variant"], r["budget"]): r for r in rows if r["reading"] == reading}
-    small = cfg.budgets[:2]
-    wins: dict[str, bool] = {}
-    for task in (t for t in TEMPORAL_TASKS if t in cfg.tasks):
 
-        def wins_at(budget: int, task: str = task) -> bool:
-            controls = [table.get((task, v, budget)) for v in ("scratch", "identity")]
-            if any(c is None for c in controls):
-                return False
-            return any(
-                (ours := table.get((task, v, budget))) is not None and all(row_above(ours, c) for c in controls)
-                for v in ("pretrained", "pretrained-ft")
-            )
+    def beats(task: str, ours: str, control: str, budget: int) -> bool:
+        a, b = table.get((task, ours, budget)), table.get((task, control, budget))
+        return a is not None and b is not None and row_above(a, b)
 
-        wins[task] = all(wins_at(b) for b in small)
+    small = list(cfg.budgets[:2])
+    wins = _tasks_won(cfg, beats)
     met = sum(wins.values()) >= TARGET_TASKS
     return {
         "reading": reading,
-        "budgets": list(small),
+        "budgets": small,
         "wins": wins,
         "met": met,
         "statement": (
-            f"pre-training wins on {sum(wins.values())} of {len(wins)} temporal tasks at budgets {list(small)} "
+            f"pre-training wins on {sum(wins.values())} of {len(wins)} temporal tasks at budgets {small} "
             f"(target: {TARGET_TASKS}); {'MET' if met else 'NOT MET'}"
         ),
     }
@@ -408,29 +421,24 @@ def paired_verdict(comparisons: list[dict[str, Any]], cfg: EfficiencyConfig, rea
     whose two unpaired intervals overlap. It is the weaker claim, reported
     beside ``verdict``, never instead of it.
     """
-    gains = {
+    gain_low = {
         (c["task"], c["variant"], c["against"], c["budget"]): c["gain_ci95"][0]
         for c in comparisons
         if c["reading"] == reading
     }
-    small = cfg.budgets[:2]
-    wins: dict[str, bool] = {}
-    for task in (t for t in TEMPORAL_TASKS if t in cfg.tasks):
 
-        def wins_at(budget: int, task: str = task) -> bool:
-            return any(
-                all(gains.get((task, ours, against, budget), -np.inf) > 0 for against in ("scratch", "identity"))
-                for ours in ("pretrained", "pretrained-ft")
-            )
+    def beats(task: str, ours: str, control: str, budget: int) -> bool:
+        return gain_low.get((task, ours, control, budget), -np.inf) > 0
 
-        wins[task] = all(wins_at(b) for b in small)
+    small = list(cfg.budgets[:2])
+    wins = _tasks_won(cfg, beats)
     return {
         "reading": reading,
-        "budgets": list(small),
+        "budgets": small,
         "wins": wins,
         "statement": (
             f"paired on the same clips, pre-training's gain over scratch and identity is above 0 on "
-            f"{sum(wins.values())} of {len(wins)} temporal tasks at budgets {list(small)}"
+            f"{sum(wins.values())} of {len(wins)} temporal tasks at budgets {small}"
         ),
     }
 

@@ -278,9 +278,8 @@ def shutdown(together: bool = True) -> None:
         return
     world = dist.get_world_size()
     dist.destroy_process_group()
-    store = _EXIT_STORE
-    if together and store is not None and world > 1:
-        wait_for_all_to_leave(store, world, EXIT_WAIT_S)
+    if together and _EXIT_STORE is not None:
+        wait_for_all_to_leave(_EXIT_STORE, world, EXIT_WAIT_S)
 
 
 def wait_for_all_to_leave(store: dist.Store, world_size: int, timeout_s: float) -> int:

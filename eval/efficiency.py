@@ -3,6 +3,7 @@
     python -m eval.efficiency --export DIR --out OUT [--quick] [--tasks a,b] [--budgets 8,32,128,512]
         [--variants pretrained,...] [--seeds 3] [--test-videos 100] [--steps 150]
         [--readings streaming,all-frames] [--labelled-draw uniform|balanced] [--encoder PATH] [--no-mlflow]
+        [--check]
 
 For every task and every budget N of labelled clips, the same readout is
 trained on the same N clips for each variant and scored on one fixed test set:
@@ -923,6 +924,14 @@ def config_from_args(args: argparse.Namespace) -> EfficiencyConfig:
     return EfficiencyConfig(readout=ReadoutConfig(**readout), **fields)
 
 
+def describe_check(cfg: EfficiencyConfig) -> str:
+    """One line of what a run with these settings would do (``--check``)."""
+    return (
+        f"tasks {','.join(cfg.tasks)}; budgets {','.join(map(str, cfg.budgets))}; {cfg.seeds} seeds; "
+        f"{cfg.test_videos} test clips of {cfg.frames} frames at {cfg.size} px"
+    )
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m eval.efficiency", description=__doc__.splitlines()[0])
     parser.add_argument("--export", type=Path, required=True)
@@ -969,6 +978,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=None, help="procedural videos and token cache")
     parser.add_argument("--workers", type=int, default=2, help="task processes (one thread each; 1 = in process)")
     parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the arguments and OUT, then exit without reading the export (a script's first step, "
+        "so that a typo fails before hours of pre-training, not after)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
 
@@ -984,6 +999,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Refuse the output before anything heavy runs (a refused OUT must cost the user nothing).
         check_out_root(args.out)
         check_output_dir(args.out, is_ours=is_efficiency_report, what="an efficiency report")
+        if args.check:
+            print(f"ok: {describe_check(cfg)}; report to {args.out}")
+            return 0
         export = read_export(args.export)
         encoder = load_checked_encoder(export, args.encoder)
         clips = load_procedural(procedural_config(cfg), encoder, args.cache_dir)

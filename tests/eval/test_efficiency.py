@@ -437,3 +437,21 @@ def test_order_events_default_to_whole_frames_and_object_flashes_keep_their_cach
         ProceduralConfig(order_events="global")
     with pytest.raises(SystemExit):
         parse_args(["--export", "x", "--order-events", "global"])
+
+
+def test_check_validates_the_arguments_and_out_without_reading_the_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing_export, out = tmp_path / "not-trained-yet", tmp_path / "out"
+    args = ["--export", str(missing_export), "--out", str(out), "--check", "--budgets=8,32", "--seeds=2"]
+    assert efficiency.main(args) == 0
+    assert "ok: tasks" in capsys.readouterr().out
+    assert not out.exists() and not missing_export.exists()
+    # A bad setting fails the same way it would after pre-training, naming the setting.
+    assert efficiency.main([*args, "--test-videos=8"]) == 2
+    assert "test_videos must be >= 10" in capsys.readouterr().err
+    # So does an OUT that is someone else's directory.
+    out.mkdir()
+    (out / "notes.txt").write_text("x")
+    assert efficiency.main(args) == 2
+    assert str(out) in capsys.readouterr().err

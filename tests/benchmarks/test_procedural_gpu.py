@@ -73,11 +73,14 @@ def test_procedural_gpu_script_runs_every_step_and_a_rerun_continues(tmp_path: P
         ("classification", "scratch", 4),
     }
 
-    # A rerun keeps the corpus, the features and the finished run: same export bytes.
+    # A rerun keeps the corpus, the features and the finished run (it resumes at the last step rather
+    # than training again): the same export bytes.
     before = (export / "model.safetensors").read_bytes()
     second = _run(tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "already there" in second.stdout + second.stderr
+    said = second.stdout + second.stderr
+    assert "already there" in said
+    assert "resumed from" in said and "at step 2" in said
     assert (export / "model.safetensors").read_bytes() == before
 
 

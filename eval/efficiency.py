@@ -23,7 +23,9 @@ core. ``scratch`` at the largest budget is the end-to-end control. The floor
 every row is read against is the ``no-features`` answer (the training pool's
 majority class, the query carried unchanged, the pool's mean): a task is
 learnable here when the control or some variant beats that, and it separates
-variants when something also beats the worst variant.
+variants when something also beats the worst variant. A ``scratch`` that beats
+it at no budget is named in the report (``scratch_learned``): a win over a
+control that never learns says little about pre-training.
 
 Seeds vary the readout init, the batch order, the fresh inits of ``scratch``
 and ``random`` and which labelled clips are drawn (the budgets of one seed
@@ -588,6 +590,39 @@ def learnability(
     return out
 
 
+def scratch_learned(
+    rows: list[dict[str, Any]], reading: str, no_features: dict[str, dict[str, Any]] | None
+) -> dict[str, bool]:
+    """Per task: did scratch, at some budget, rise above the no-feature answer (intervals apart)?
+
+    A control that learns nothing at any budget makes a weak comparison: a win over it may come from
+    scratch's training recipe (its rate, the readout's steps) rather than from what pre-training put in
+    the state. A GMMix core trained from scratch at the shared rate stayed at the floor up to 512 labels
+    while, given 4x the steps and the rate, it learned speed (benchmarks/results/
+    2026-12-07-cpu-gmmix-full-ladder.md). Tasks without scratch rows or a no-feature answer are left out.
+    """
+    out = {}
+    for task, floor in (no_features or {}).items():
+        scratch = [r for r in rows if r["task"] == task and r["variant"] == "scratch" and r["reading"] == reading]
+        if scratch:
+            out[task] = any(row_above(r, floor) for r in scratch)
+    return out
+
+
+def scratch_caution(record: dict[str, Any]) -> str | None:
+    """The report's line naming the tasks whose scratch control never learned, or None."""
+    never = [task for task, learned in record.get("scratch_learned", {}).items() if not learned]
+    if not never:
+        return None
+    largest = max(record["config"]["budgets"])
+    return (
+        f"caution: scratch is not above the no-feature answer at any budget up to N={largest} on "
+        f"{', '.join(never)}; a win over it may come from scratch's training recipe rather than from "
+        "pre-training, or from too few labels; the full budget ladder, or --variants scratch --finetune-lr 2e-3 "
+        "--steps 600 beside this report, tells which"
+    )
+
+
 @dataclass(slots=True)
 class TaskOutcome:
     """Everything one task contributes to the record."""
@@ -696,6 +731,7 @@ def run_efficiency(export: Export, clips: ClipSet, cfg: EfficiencyConfig, worker
         "verdict": verdict(rows, cfg, headline),
         "verdict_paired": paired_verdict(comparisons, cfg, headline),
         "learnability": learnability(rows, headline, no_features),
+        "scratch_learned": scratch_learned(rows, headline, no_features),
         "seconds": seconds,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -761,6 +797,7 @@ def markdown(record: dict[str, Any]) -> str:
             if "verdict_paired" in record
             else []
         ),
+        *([f"- {caution}"] if (caution := scratch_caution(record)) else []),
         f"- test set: {cfg['test_videos']} procedural clips; seeds: {cfg['seeds']}; readout steps: "
         f"{cfg['readout']['steps']}; 95% intervals from a bootstrap over seeds and test clips",
         # labelled_subset permutes the whole pool, so another budget ladder draws other clips per seed.

@@ -455,3 +455,39 @@ def test_check_validates_the_arguments_and_out_without_reading_the_export(
     (out / "notes.txt").write_text("x")
     assert efficiency.main(args) == 2
     assert str(out) in capsys.readouterr().err
+
+
+def test_a_scratch_control_that_never_learns_is_named_in_the_report() -> None:
+    from eval.efficiency import markdown, scratch_caution, scratch_learned
+
+    floor = {"classification": _row("no-features", 0.28, 0.2, 0.38)}
+    # The GMMix's shape: scratch at the floor at every budget, pre-training far above it.
+    stuck = [_row("scratch", 0.24, 0.18, 0.3, budget=b) for b in (8, 32, 512)]
+    stuck.append(_row("pretrained", 0.97, 0.93, 0.99, budget=512))
+    assert scratch_learned(stuck, "streaming", floor) == {"classification": False}
+    # Above the floor at one budget is enough; another reading's rows do not count.
+    learns = [*stuck[:2], _row("scratch", 0.91, 0.85, 0.96, budget=512)]
+    assert scratch_learned(learns, "streaming", floor) == {"classification": True}
+    elsewhere = [{**r, "reading": "all-frames"} for r in learns]
+    assert scratch_learned([*stuck, *elsewhere], "streaming", floor) == {"classification": False}
+    # No floor or no scratch rows: nothing to say.
+    assert scratch_learned(stuck, "streaming", {}) == {}
+    assert scratch_learned(stuck[3:], "streaming", floor) == {}
+
+    record = {
+        "config": {"test_videos": 100, "seeds": 3, "readout": {"steps": 150}, "budgets": [8, 32, 512]},
+        "export": {"dir": "runs/x/export"},
+        "dataset_hash": "9d2b6033a6e7",
+        "gate": {"statement": "gate"},
+        "rows": [{**r, "metric": "top1"} for r in stuck],
+        "learnability": {},
+        "verdict": {"reading": "streaming", "statement": "verdict"},
+        "scratch_learned": {"classification": False, "classify_speed": True},
+    }
+    line = scratch_caution(record)
+    assert line is not None and "up to N=512 on classification;" in line and "classify_speed" not in line
+    assert f"- {line}" in markdown(record)
+    # A report from before the check, or one where scratch learned everything, carries no caution.
+    assert scratch_caution({**record, "scratch_learned": {"classification": True}}) is None
+    del record["scratch_learned"]
+    assert "caution" not in markdown(record)
